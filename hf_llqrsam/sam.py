@@ -1,0 +1,301 @@
+"""The SAM family as one "preconditioned SAM" template, in pure torch (`algorithm.md` §8).
+
+One step of every method is
+
+    v = probe (g, g − σḡ, or an EMA),  C = perturbation geometry,  ν = ‖Cv‖₂ or √(vᵀCv)
+    ε = ρ · C v / √(ν² + eps),  g̃ = ∇L(θ + ε),  θ ← OuterOpt(θ, P g̃)      (θ restored by copy first)
+
+| mode          | v                 | C                               | ν            | P | state   |
+|---------------|-------------------|---------------------------------|--------------|---|---------|
+| sam           | g                 | I or U                          | ‖Cv‖ / √vᵀCv | I or U | –  |
+| asam          | g                 | T², T = |θ| + η (biases T = 1) | ‖T g‖        | I or U | –  |
+| fsam          | g − σ ḡ           | I or U                          | ‖Cv‖ / √vᵀCv | I or U | ḡ  |
+| fisher_sam    | g                 | 1/(g² + η) or 1/(1 + η g²)      | √(gᵀCg)      | I | –       |
+| gsam          | g                 | I                               | ‖g‖          | d = g̃ − α g⊥ | – |
+| vasso         | d = (1−θ)d + θ g  | I                               | ‖d‖          | I | d       |
+| infosam       | g                 | 1/(b + δ), b = noise estimate   | ‖Cg‖         | I | m (, v) |
+
+Sources: SAM arXiv 2010.01412; ASAM (Kwon et al., ICML 2021); FSAM (Li et al., CVPR 2024); Fisher-SAM (Kim et al.,
+ICML 2022); GSAM (Zhuang et al., ICLR 2022); VaSSO (Li & Giannakis, NeurIPS 2023); infoSAM arXiv 2501.06603 (built
+from the authors' prototype, see `infosam.md`); LLQR+SAM arXiv 2605.16134, where C = P = U is the learned LLQR
+preconditioner that enters through [`Preconditioner`].
+
+All math runs in fp32. Weights are restored by copying a backup, never by subtracting ε, because (θ + ε) − ε ≠ θ in
+floating point.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .config import SAMConfig
+
+__all__ = [
+    "IdentityPreconditioner",
+    "Perturbation",
+    "Preconditioner",
+    "SAMState",
+    "apply_perturbation_",
+    "batchnorm_buffers",
+    "compute_perturbation",
+    "gsam_descent_",
+    "restore_",
+    "total_norm",
+]
+
+
+class Preconditioner(Protocol):
+    """A linear operator U on parameter-shaped tensors, keyed by canonical parameter name.
+
+    It enters the perturbation as C = U and the descent as P = U (`algorithm.md` §8.2). Tensors are aligned with
+    `names`; `apply` returns new fp32 tensors, `apply_` writes U·t into `tensors` in place.
+    """
+
+    def apply(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[Tensor]: ...
+
+    def apply_(self, names: Sequence[str], tensors: Sequence[Tensor]) -> None: ...
+
+
+class IdentityPreconditioner:
+    """U = I: the default geometry, under which every LLQR row reduces to its plain row (`algorithm.md` S2)."""
+
+    def apply(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[Tensor]:
+        return list(tensors)
+
+    def apply_(self, names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+        return None
+
+
+def _materialize(x: Tensor) -> Tensor:
+    # FSDP2 params/grads are DTensors: a reduction over local shards is a Partial DTensor until gathered.
+    full = getattr(x, "full_tensor", None)
+    return full() if full is not None else x
+
+
+def total_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """‖(t₁, …, t_n)‖₂ over all tensors, in fp32 (DTensor-aware)."""
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm([t.float() for t in tensors])
+    return _materialize(torch.linalg.vector_norm(torch.stack([_materialize(n) for n in norms])))
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    if not a:
+        return torch.zeros(())
+    return torch.stack([_materialize((x * y).sum()) for x, y in zip(a, b, strict=True)]).sum()
+
+
+@dataclass
+class Perturbation:
+    """Result of [`compute_perturbation`].
+
+    eps (`list[Tensor]`): ε per parameter (fp32), empty when the ascent was skipped.
+    finite (`bool`): False when the pass-1 gradient was non-finite; then ε = 0 and no state was updated.
+    grad_norm / probe_norm / perturbation_norm (`float`): ‖g‖ (true units), ‖v‖ and ‖ε‖.
+    clean_grads (`list[Tensor]`): an fp32 copy of g, kept only for GSAM's descent correction.
+    """
+
+    eps: list[Tensor]
+    finite: bool
+    grad_norm: float
+    probe_norm: float = 0.0
+    perturbation_norm: float = 0.0
+    clean_grads: list[Tensor] = field(default_factory=list)
+
+
+class SAMState:
+    """Per-mode state, keyed by canonical parameter name, fp32: FSAM ḡ, VaSSO d, infoSAM m and v.
+
+    `ascents` counts successful ascents (it decides "first step" behaviour); `skipped_ascent` counts non-finite
+    pass-1 gradients. [`state_dict`] holds only tensors and primitives (loads with `weights_only=True`).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, dict[str, Tensor]] = {}
+        self.ascents = 0
+        self.skipped_ascent = 0
+
+    def get(self, kind: str, names: Sequence[str], like: Sequence[Tensor]) -> list[Tensor]:
+        """The `kind` buffers for `names`, created as zeros shaped like `like` on first use."""
+        store = self.buffers.setdefault(kind, {})
+        out = []
+        for name, t in zip(names, like, strict=True):
+            buf = store.get(name)
+            if buf is None:
+                buf = store[name] = torch.zeros_like(t, dtype=torch.float32)
+            out.append(buf)
+        return out
+
+    def has(self, kind: str) -> bool:
+        return bool(self.buffers.get(kind))
+
+    def state_dict(self) -> dict:
+        return {
+            "ascents": self.ascents,
+            "skipped_ascent": self.skipped_ascent,
+            "buffers": {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        self.ascents = int(state["ascents"])
+        self.skipped_ascent = int(state["skipped_ascent"])
+        self.buffers = {
+            k: {n: t.to(device=device, dtype=torch.float32) for n, t in v.items()} for k, v in state["buffers"].items()
+        }
+
+
+def compute_perturbation(
+    cfg: SAMConfig,
+    state: SAMState,
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    rho: float,
+    geometry: Preconditioner | None = None,
+    grad_scale: float = 1.0,
+) -> Perturbation:
+    """ε = ρ · C v / √(ν(v)² + eps) for `cfg.mode`, updating the mode's state (`algorithm.md` §8.1–8.4).
+
+    Args:
+        cfg (`SAMConfig`): the run's SAM settings.
+        state (`SAMState`): per-mode state; updated only when the gradient is finite.
+        names, params, grads (`Sequence`): aligned canonical names, parameters and their pass-1 gradients.
+        rho (`float`): the radius at this step (from the ρ schedule).
+        geometry (`Preconditioner`, *optional*): C = U for the `sam`/`fsam` rows; `None` is C = I.
+        grad_scale (`float`, *optional*, defaults to 1.0): the fp16 loss scale S the gradients carry; modes that
+            are not scale-invariant (FSAM, Fisher-SAM, VaSSO, infoSAM) work on g / S (`integration.md` §6).
+    """
+    # g: fp32 view of the pass-1 gradient in true units (a copy only when a cast or unscale is needed).
+    g = [t.float() for t in grads]
+    if grad_scale != 1.0:
+        g = torch._foreach_div(g, grad_scale)
+    grad_norm = float(total_norm(g))
+    if not torch.isfinite(torch.tensor(grad_norm)):
+        state.skipped_ascent += 1
+        return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
+
+    mode = cfg.mode
+    first = state.ascents == 0
+    v: list[Tensor] = g
+    norm_sq: Tensor | None = None  # ν², when the mode fixes its own normaliser
+    if mode in ("sam", "gsam"):
+        cv = geometry.apply(names, v) if geometry is not None else v
+    elif mode == "fsam":
+        gbar = state.get("gbar", names, g)
+        if not (first and cfg.fsam_init == "first_grad"):
+            v = torch._foreach_add(g, gbar, alpha=-cfg.fsam_sigma)  # uses the pre-update ḡ
+        cv = geometry.apply(names, v) if geometry is not None else v
+        if first and cfg.fsam_init == "first_grad":
+            torch._foreach_copy_(gbar, g)
+        else:
+            torch._foreach_lerp_(gbar, g, 1.0 - cfg.fsam_beta)  # ḡ ← β ḡ + (1 − β) g, clean and raw
+    elif mode == "asam":
+        # T = |θ| + η, with T = 1 for biases (Kwon et al. 2021, reference `asam_eta`).
+        t = [torch.ones_like(p, dtype=torch.float32) if n.endswith("bias") else p.detach().float().abs() + cfg.asam_eta
+             for n, p in zip(names, params, strict=True)]
+        tg = torch._foreach_mul(t, g)
+        norm_sq = total_norm(tg) ** 2
+        cv = torch._foreach_mul(tg, t)
+    elif mode == "fisher_sam":
+        g2 = torch._foreach_mul(g, g)
+        if cfg.fisher_sam_form == "reference":  # C = 1/(g² + η), reference `fisher_sam_eta`
+            denom = torch._foreach_add(g2, cfg.fisher_sam_eta)
+        else:  # paper form C = 1/(1 + η g²)
+            denom = torch._foreach_add(torch._foreach_mul(g2, cfg.fisher_sam_eta), 1.0)
+        cv = torch._foreach_div(g, denom)
+        norm_sq = _dot(g, cv)
+    elif mode == "vasso":
+        d = state.get("d", names, g)
+        torch._foreach_lerp_(d, g, cfg.vasso_theta)  # d ← (1 − θ) d + θ g
+        v = cv = d
+    elif mode == "infosam":
+        cv = _infosam_direction(cfg, state, names, g, first)
+    else:
+        raise ValueError(f"Invalid sam_mode={mode!r} for compute_perturbation.")
+
+    if norm_sq is None:
+        norm_sq = _dot(v, cv) if cfg.norm == "matrix" else total_norm(cv) ** 2
+    scale = rho / float(torch.sqrt(norm_sq + cfg.eps))
+    eps = torch._foreach_mul(cv, scale)
+    state.ascents += 1
+    return Perturbation(
+        eps=eps,
+        finite=True,
+        grad_norm=grad_norm,
+        probe_norm=grad_norm if v is g else float(total_norm(v)),
+        perturbation_norm=float(total_norm(eps)),
+        clean_grads=[t.clone() for t in g] if mode == "gsam" else [],
+    )
+
+
+def _infosam_direction(
+    cfg: SAMConfig, state: SAMState, names: Sequence[str], g: list[Tensor], first: bool
+) -> list[Tensor]:
+    """u = g / (b + δ), b the per-coordinate noise estimate (`infosam.md`, prototype `INFOSAM` with its fixes).
+
+    First step: m = g and b = 1, i.e. plain SAM. Later: m ← α m + (1 − α) g, then b = (m − g)² (`instant`, as
+    coded in the prototype) or v ← α v + (1 − α)(g − m_prev)² (`ema`, our extension; v starts at its first sample).
+    """
+    m = state.get("m", names, g)
+    if first:
+        torch._foreach_copy_(m, g)
+        return g
+    if cfg.infosam_variance == "instant":
+        torch._foreach_lerp_(m, g, 1.0 - cfg.infosam_alpha)
+        diff = torch._foreach_sub(m, g)
+        b = torch._foreach_mul(diff, diff)
+    else:
+        diff = torch._foreach_sub(g, m)
+        sample = torch._foreach_mul(diff, diff)
+        had_v = state.has("v")
+        var = state.get("v", names, g)
+        if had_v:
+            torch._foreach_lerp_(var, sample, 1.0 - cfg.infosam_alpha)
+        else:
+            torch._foreach_copy_(var, sample)
+        torch._foreach_lerp_(m, g, 1.0 - cfg.infosam_alpha)
+        b = var
+    return torch._foreach_div(g, torch._foreach_add(b, cfg.infosam_damping))
+
+
+def apply_perturbation_(params: Sequence[Tensor], eps: Sequence[Tensor]) -> list[Tensor]:
+    """θ ← θ + ε in place; returns the exact backups of θ for [`restore_`]."""
+    with torch.no_grad():
+        backups = [p.detach().clone() for p in params]
+        for p, e in zip(params, eps, strict=True):
+            p.add_(e.to(p.dtype))
+    return backups
+
+
+def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """θ ← backup by copy (bit-exact), never θ − ε."""
+    with torch.no_grad():
+        torch._foreach_copy_([p.detach() for p in params], list(backups))
+
+
+def gsam_descent_(perturbed: Sequence[Tensor], clean: Sequence[Tensor], alpha: float) -> None:
+    """GSAM descent in place: g̃ ← g̃ − α g⊥ with g⊥ = g − (g·ĝ̃) ĝ̃ (Zhuang et al., ICLR 2022, Alg. 1).
+
+    Works on fp16-scaled gradients too, as long as both passes carry the same scale.
+    """
+    gt = [t.float() for t in perturbed]
+    coef = float(_dot(clean, gt) / (total_norm(gt) ** 2 + 1e-24))
+    g_perp = torch._foreach_add(clean, gt, alpha=-coef)  # g − (g·g̃/‖g̃‖²) g̃
+    for p_grad, gp in zip(perturbed, g_perp, strict=True):
+        p_grad.sub_(gp.to(p_grad.dtype), alpha=alpha)
+
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def batchnorm_buffers(module: nn.Module) -> list[Tensor]:
+    """The running statistics of every BatchNorm layer (`running_mean`, `running_var`, `num_batches_tracked`)."""
+    out: list[Tensor] = []
+    for m in module.modules():
+        if isinstance(m, _BN_TYPES):
+            out.extend(b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None)
+    return out
