@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from .compat import validate_setup_args
+
 SAMMode = Literal["none", "sam", "asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam"]
 SAM_MODES: tuple[str, ...] = SAMMode.__args__  # type: ignore[attr-defined]
-
-README_SUPPORT = "See the support matrix in the hf_llqrsam README."
 
 
 @dataclass
@@ -205,6 +205,7 @@ def validate_llqrsam_args(args: Any) -> None:
         )
 
     _validate_llqr_args(args, mode)
+    validate_setup_args(args)
 
 
 def _validate_llqr_args(args: Any, mode: str) -> None:

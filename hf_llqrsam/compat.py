@@ -1,0 +1,95 @@
+"""The support matrix in code (`integration.md` §10): unsupported setups raise at construction, naming the flag."""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_SEE = "See the support matrix in the hf_llqrsam README."
+
+
+def llqrsam_active(args: Any) -> bool:
+    """True when the run deviates from the stock Trainer path (SAM or LLQR on)."""
+    return args.sam_mode != "none" or args.llqr
+
+
+def _fsdp_version(args: Any) -> int | None:
+    if not args.fsdp:
+        return None
+    config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+    return int(config.get("version", 2))
+
+
+def validate_setup_args(args: Any) -> None:
+    """Reject, from the arguments alone, the setups SAM/LLQR cannot run on. A no-op when both are off."""
+    if not llqrsam_active(args):
+        return
+    optim = str(getattr(args.optim, "value", args.optim))
+    if args.deepspeed:
+        raise NotImplementedError(
+            "Invalid deepspeed with sam_mode/llqr: DeepSpeed runs engine.step() inside backward and partitions grads "
+            f"and params, so the two-pass step cannot be built on it. {_SEE}"
+        )
+    if optim in ("lomo", "adalomo"):
+        raise ValueError(f"Invalid optim={optim!r} with sam_mode/llqr: LOMO updates weights inside backward. {_SEE}")
+    if optim.endswith("_layerwise"):
+        raise ValueError(
+            f"Invalid optim={optim!r} with sam_mode/llqr: layerwise optimizers step in post-accumulate-grad hooks, "
+            f"which would update the weights during pass 1. Use the non-layerwise variant. {_SEE}"
+        )
+    if args.ddp_static_graph:
+        raise ValueError(
+            "Invalid ddp_static_graph=True with sam_mode/llqr: static graphs crash with no_sync "
+            f"(pytorch/pytorch#143580) and then silently stop syncing (pytorch/pytorch#187732). {_SEE}"
+        )
+    if args.parallelism_config is not None:
+        raise ValueError(
+            "Invalid parallelism_config with sam_mode/llqr: tensor/context/sequence parallelism adds a gradient "
+            f"sync path our sync control does not cover. {_SEE}"
+        )
+    version = _fsdp_version(args)
+    if version is None:
+        return
+    if args.use_cpu:
+        raise ValueError(
+            f"Invalid fsdp={args.fsdp!r} with use_cpu=True: Accelerate would silently fall back to DDP. {_SEE}"
+        )
+    if version == 1:
+        raise ValueError(f"Invalid fsdp_config version=1 with sam_mode/llqr: FSDP1 is not supported, use 2. {_SEE}")
+    if args.llqr:
+        raise ValueError(f"Invalid llqr=True with fsdp: LLQR under FSDP2 is not supported in v1. {_SEE}")
+    if args.sam_accumulation == "micro":
+        raise ValueError(
+            "Invalid sam_accumulation='micro' with fsdp: FSDP2 no_sync keeps unsharded grads; use 'window'. " + _SEE
+        )
+
+
+def validate_setup_model(args: Any, model: nn.Module, train_dataset: Any) -> None:
+    """Reject the model- and data-level setups LLQR cannot run on (`integration.md` §10)."""
+    if not args.llqr:
+        return
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable):
+        raise ValueError(
+            "Invalid llqr=True with half-precision trainable parameters: the curvature problem is validated in fp32 "
+            f"only. Load the model in float32 and use --bf16 for mixed precision. {_SEE}"
+        )
+    config = getattr(model, "config", None)
+    attn = str(getattr(config, "_attn_implementation", "") or "")
+    if attn.startswith("flash"):
+        raise ValueError(
+            f"Invalid llqr=True with attn_implementation={attn!r}: flash attention has no double backward. "
+            f"Use 'sdpa' or 'eager'. {_SEE}"
+        )
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type in ("regression", "multi_label_classification"):
+        raise ValueError(
+            f"Invalid llqr=True with problem_type={problem_type!r}: the curvature is defined for categorical "
+            f"outputs only. {_SEE}"
+        )
+    if isinstance(train_dataset, torch.utils.data.IterableDataset) or type(train_dataset).__name__ == (
+        "IterableDataset"
+    ):
+        raise ValueError(
+            f"Invalid llqr=True with an IterableDataset: the curvature batch must be drawn by index. {_SEE}"
+        )

@@ -1,0 +1,76 @@
+"""The typed, frozen LLQR config: the only settings object the `hf_llqrsam.llqr` math modules accept."""
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+Structure = Literal["diagonal", "scalar", "kfac", "ekfac", "sep_ekfac"]
+Divergence = Literal["ngd", "newton", "renyi", "reverse_kl"]
+
+__all__ = ["Divergence", "LLQRConfig", "Structure"]
+
+
+@dataclass(frozen=True)
+class LLQRConfig:
+    """Settings of the learned LLQR inverse preconditioner U (arXiv 2605.04230; defaults from `algorithm.md` §12.1).
+
+    Each field `x` mirrors the CLI field `llqr_x` of [`~hf_llqrsam.args.LLQRSAMFields`], except `label_smoothing`,
+    which comes from `label_smoothing_factor` so that the curvature problem uses the training loss (`algorithm.md` §3).
+
+    Args:
+        structure (`str`, *optional*, defaults to `"diagonal"`):
+            Block structure of U: `diagonal`, `scalar`, `kfac`, `ekfac` or `sep_ekfac` (`algorithm.md` §6.1).
+        divergence (`str`, *optional*, defaults to `"ngd"`):
+            Curvature G of J(U) = −gᵀUg + ½ (Ug)ᵀ(G + λI)(Ug): `ngd`, `newton`, `renyi` or `reverse_kl` (§3).
+        ngd_scaling (`str`, *optional*, defaults to `"sum"`):
+            `sum`: G = Σ_r J_rᵀF_rJ_r (reference); `mean`: G = (1/N) Σ_r J_rᵀF_rJ_r.
+        renyi_alpha (`float`, *optional*, defaults to `0.5`): order α of `renyi`, G = α·GGN_mean.
+        update_interval (`int`, *optional*, defaults to `1000`): refresh U every E optimizer steps.
+        update_until (`int`, *optional*): no refresh at or after this step; `None` never stops.
+        batch_size (`int`, *optional*, defaults to `64`): examples in the curvature batch.
+        inner_steps (`int`, *optional*, defaults to `50`): inner SGD-momentum steps T per refresh.
+        inner_lr (`float`, *optional*, defaults to `1e-3`): inner-loop learning rate.
+        inner_momentum (`float`, *optional*, defaults to `0.9`): inner-loop heavy-ball momentum.
+        clip_norm (`float`, *optional*, defaults to `5.0`): per-group U-gradient clip, scale min(1, c/‖group‖₂).
+        clip_groups (`str`, *optional*, defaults to `"module"`): `module` (one group per leaf module) or `tensor`.
+        ema_decay (`float`, *optional*, defaults to `0.95`): EMA merge U ← βU + (1 − β)V of the structure parameters.
+        warm_start (`bool`, *optional*, defaults to `True`): start the inner loop from U (else from the identity).
+        damping (`float`, *optional*, defaults to `0.0`): λ in G + λI.
+        min_diag (`float`, *optional*, defaults to `1e-8`): positivity clamp of `diagonal` / `scalar` U.
+        allow_inversion (`bool`, *optional*, defaults to `False`): skip the positivity clamp.
+        identity_scaling (`float`, *optional*, defaults to `1.0`): store s·U and divide by s when applying.
+        include_pad_rows (`bool`, *optional*, defaults to `False`): count `labels == -100` rows, as the reference.
+        curvature_sharding (`str`, *optional*, defaults to `"replicated"`): `replicated` or `sharded` (§5.6).
+        chunk_size (`int`, *optional*): recompute the curvature batch in chunks of this many examples (§4.5).
+        apply (`str`, *optional*, defaults to `"gradient"`): precondition the gradient or the optimizer's update.
+        label_smoothing (`float`, *optional*, defaults to `0.0`): ε_ls of the training loss.
+    """
+
+    structure: Structure = "diagonal"
+    divergence: Divergence = "ngd"
+    ngd_scaling: Literal["sum", "mean"] = "sum"
+    renyi_alpha: float = 0.5
+    update_interval: int = 1000
+    update_until: int | None = None
+    batch_size: int = 64
+    inner_steps: int = 50
+    inner_lr: float = 1e-3
+    inner_momentum: float = 0.9
+    clip_norm: float = 5.0
+    clip_groups: Literal["module", "tensor"] = "module"
+    ema_decay: float = 0.95
+    warm_start: bool = True
+    damping: float = 0.0
+    min_diag: float = 1e-8
+    allow_inversion: bool = False
+    identity_scaling: float = 1.0
+    include_pad_rows: bool = False
+    curvature_sharding: Literal["replicated", "sharded"] = "replicated"
+    chunk_size: int | None = None
+    apply: Literal["gradient", "update"] = "gradient"
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: Any) -> "LLQRConfig":
+        """Build from an object carrying the `llqr_*` fields and `label_smoothing_factor` (training arguments)."""
+        values = {f.name: getattr(args, f"llqr_{f.name}") for f in fields(cls) if f.name != "label_smoothing"}
+        return cls(**values, label_smoothing=args.label_smoothing_factor)
