@@ -69,6 +69,11 @@ class IdentityPreconditioner:
         return None
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    # fp16/bf16 grads are promoted; fp32 and fp64 pass through without a copy.
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _materialize(x: Tensor) -> Tensor:
     # FSDP2 params/grads are DTensors: a reduction over local shards is a Partial DTensor until gathered.
     full = getattr(x, "full_tensor", None)
@@ -79,7 +84,7 @@ def total_norm(tensors: Sequence[Tensor]) -> Tensor:
     """‖(t₁, …, t_n)‖₂ over all tensors, in fp32 (DTensor-aware)."""
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm([t.float() for t in tensors])
+    norms = torch._foreach_norm([_at_least_fp32(t) for t in tensors])
     return _materialize(torch.linalg.vector_norm(torch.stack([_materialize(n) for n in norms])))
 
 
@@ -126,7 +131,7 @@ class SAMState:
         for name, t in zip(names, like, strict=True):
             buf = store.get(name)
             if buf is None:
-                buf = store[name] = torch.zeros_like(t, dtype=torch.float32)
+                buf = store[name] = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
             out.append(buf)
         return out
 
@@ -144,7 +149,7 @@ class SAMState:
         self.ascents = int(state["ascents"])
         self.skipped_ascent = int(state["skipped_ascent"])
         self.buffers = {
-            k: {n: t.to(device=device, dtype=torch.float32) for n, t in v.items()} for k, v in state["buffers"].items()
+            k: {n: t.to(device=device) for n, t in v.items()} for k, v in state["buffers"].items()
         }
 
 
@@ -170,7 +175,7 @@ def compute_perturbation(
             are not scale-invariant (FSAM, Fisher-SAM, VaSSO, infoSAM) work on g / S (`integration.md` §6).
     """
     # g: fp32 view of the pass-1 gradient in true units (a copy only when a cast or unscale is needed).
-    g = [t.float() for t in grads]
+    g = [_at_least_fp32(t) for t in grads]
     if grad_scale != 1.0:
         g = torch._foreach_div(g, grad_scale)
     grad_norm = float(total_norm(g))
@@ -195,8 +200,8 @@ def compute_perturbation(
             torch._foreach_lerp_(gbar, g, 1.0 - cfg.fsam_beta)  # ḡ ← β ḡ + (1 − β) g, clean and raw
     elif mode == "asam":
         # T = |θ| + η, with T = 1 for biases (Kwon et al. 2021, reference `asam_eta`).
-        t = [torch.ones_like(p, dtype=torch.float32) if n.endswith("bias") else p.detach().float().abs() + cfg.asam_eta
-             for n, p in zip(names, params, strict=True)]
+        t = [torch.ones_like(gi) if n.endswith("bias") else _at_least_fp32(p.detach()).abs() + cfg.asam_eta
+             for n, p, gi in zip(names, params, g, strict=True)]
         tg = torch._foreach_mul(t, g)
         norm_sq = total_norm(tg) ** 2
         cv = torch._foreach_mul(tg, t)
@@ -282,7 +287,7 @@ def gsam_descent_(perturbed: Sequence[Tensor], clean: Sequence[Tensor], alpha: f
 
     Works on fp16-scaled gradients too, as long as both passes carry the same scale.
     """
-    gt = [t.float() for t in perturbed]
+    gt = [_at_least_fp32(t) for t in perturbed]
     coef = float(_dot(clean, gt) / (total_norm(gt) ** 2 + 1e-24))
     g_perp = torch._foreach_add(clean, gt, alpha=-coef)  # g − (g·g̃/‖g̃‖²) g̃
     for p_grad, gp in zip(perturbed, g_perp, strict=True):

@@ -38,4 +38,6 @@ def rho_at(schedule: str, step: int, rho: float, rho_min: float = 0.0, lr: float
             return iwslt14_cosine_ramp(step, rho)
         case "lr_proportional":
             return lr_proportional(lr, lr_max, 0.0, rho, rho_min)
-    raise ValueError(f"Invalid sam_rho_schedule={schedule!r}. Must be constant, iwslt14_cosine_ramp or lr_proportional.")
+    raise ValueError(
+        f"Invalid sam_rho_schedule={schedule!r}. Must be constant, iwslt14_cosine_ramp or lr_proportional."
+    )

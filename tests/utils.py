@@ -31,7 +31,10 @@ def image_dataset(n: int = 16, seed: int = 1, num_labels: int = 3) -> datasets.D
 
 
 def batches(ds: datasets.Dataset, bs: int) -> list[dict]:
-    return [{"pixel_values": ds[i : i + bs]["pixel_values"], "labels": ds[i : i + bs]["labels"]} for i in range(0, len(ds), bs)]
+    return [
+        {"pixel_values": ds[i : i + bs]["pixel_values"], "labels": ds[i : i + bs]["labels"]}
+        for i in range(0, len(ds), bs)
+    ]
 
 
 class SequentialTrainer(LLQRSAMTrainer):

@@ -2,14 +2,14 @@
 
 A kernel is written in the reference orientation X ∈ R^{m×n}, m the fan-in side and n the fan-out side:
 
-| tensor                                   | `kind`      | X                                  | dense-factor exception      |
-|------------------------------------------|-------------|------------------------------------|-----------------------------|
-| `nn.Linear.weight` (out, in)             | `out_in`    | Wᵀ (m = in, n = out)               | LM head: n side diagonal    |
-| `nn.Conv{1,2,3}d.weight` (cout, cin, k…) | `out_in`    | view (cout, cin·∏k), transposed    |                             |
-| HF `Conv1D.weight` (in, out)             | `in_out`    | W                                  |                             |
-| `nn.Embedding.weight` (V, d)             | `embedding` | W (m = V)                          | m (vocab) side diagonal     |
-| ViT `position_embeddings` (1, T, d)      | `matrix`    | view (T, d)                        |                             |
-| anything else (biases, norms, cls token) | `diagonal`  | –                                  |                             |
+| tensor                                   | `kind`      | X                                | vocab side      |
+|------------------------------------------|-------------|----------------------------------|-----------------|
+| `nn.Linear.weight` (out, in)             | `out_in`    | Wᵀ (m = in, n = out)             | LM head: n      |
+| `nn.Conv{1,2,3}d.weight` (cout, cin, k…) | `out_in`    | view (cout, cin·∏k), transposed  |                 |
+| HF `Conv1D.weight` (in, out)             | `in_out`    | W                                |                 |
+| `nn.Embedding.weight` (V, d)             | `embedding` | W (m = V)                        | m               |
+| ViT `position_embeddings` (1, T, d)      | `matrix`    | view (T, d)                      |                 |
+| anything else (biases, norms, cls token) | `diagonal`  | –                                |                 |
 
 The vocab-side rule follows the reference's GPT e-kfac variant (github.com/SimonDufLab/LLQR, d2c62b3,
 `block_structures.py:GPTEKFACBlock`): a V×V factor is never stored. An untied LM head is recognised as an
@@ -140,9 +140,7 @@ def tensor_layouts(model: nn.Module, names: Sequence[str] | None = None) -> list
     if names is not None:
         wanted = set(names)
         params = [(n, p) for n, p in params if n in wanted]
-    vocab_sizes = {
-        m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad
-    }
+    vocab_sizes = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad}
     out = []
     for name, p in params:
         module_name = name.rsplit(".", 1)[0] if "." in name else ""

@@ -176,8 +176,9 @@ class Structure:
                 raise ValueError(f"LLQR block {name!r} has tensors {sorted(saved)}, expected {sorted(blk)}.")
             for k, t in blk.items():
                 if tuple(saved[k].shape) != tuple(t.shape):
-                    raise ValueError(f"LLQR block {name!r}.{k} has shape {tuple(saved[k].shape)}, expected "
-                                     f"{tuple(t.shape)}.")
+                    raise ValueError(
+                        f"LLQR block {name!r}.{k} has shape {tuple(saved[k].shape)}, expected {tuple(t.shape)}."
+                    )
                 t.copy_(saved[k])
 
 

@@ -93,7 +93,8 @@ def test_micro_mode_one_perturbation_per_micro_batch(tmp_path):
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
     SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", sam_accumulation="micro",
-                      per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4), train_dataset=ds).train()
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),
+                      train_dataset=ds).train()
     params = list(ref.parameters())
     micro = batches(ds, 2)
     for step in range(4):

@@ -20,7 +20,8 @@ class OracleSAM:
     """One object per run; `step(model, batch)` performs one optimizer step."""
 
     def __init__(self, mode: str, rho: float, lr: float, *, eps: float = 1e-12, asam_eta: float = 0.01,
-                 fsam_beta: float = 0.9, fsam_sigma: float = 1.0, fisher_eta: float = 0.1, fisher_form: str = "reference",
+                 fsam_beta: float = 0.9, fsam_sigma: float = 1.0, fisher_eta: float = 0.1,
+                 fisher_form: str = "reference",
                  gsam_alpha: float = 0.4, vasso_theta: float = 0.4, infosam_alpha: float = 0.9,
                  infosam_damping: float = 1e-8, norm: str = "euclidean", u: torch.Tensor | None = None,
                  u_on_update: bool = True):

@@ -1,0 +1,30 @@
+"""LLQR: the learned, block-structured inverse preconditioner U of arXiv 2605.04230, in pure torch.
+
+Modules: `config` (LLQRConfig), `curvature` (g and G·v), `layout` (tensor views, clip groups), `structures` (the
+parameterisations of U), `fit` (surrogate U-gradient, inner loop) and `preconditioner` (LLQRPreconditioner).
+"""
+
+from .config import LLQRConfig
+from .curvature import curvature_problem, logits_and_targets
+from .preconditioner import LLQRPreconditioner
+from .structures import (
+    DiagonalStructure,
+    EKFACStructure,
+    KFACStructure,
+    ScalarStructure,
+    SepEKFACStructure,
+    Structure,
+)
+
+__all__ = [
+    "DiagonalStructure",
+    "EKFACStructure",
+    "KFACStructure",
+    "LLQRConfig",
+    "LLQRPreconditioner",
+    "ScalarStructure",
+    "SepEKFACStructure",
+    "Structure",
+    "curvature_problem",
+    "logits_and_targets",
+]

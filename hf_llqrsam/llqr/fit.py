@@ -1,0 +1,160 @@
+"""Learning U: the surrogate U-gradient and the inner loop of one LLQR update (`algorithm.md` §2.1, §5.1–5.2).
+
+The objective is J(U) = gᵀδ + ½ δᵀ(G + λI)δ with δ = −U g. With r = g + (G + λI)δ,
+
+    ∂J/∂U = (∂δ/∂U)ᵀ r,   so   s(U) = ⟨stop_grad(r), δ(U)⟩   has   ∇_U s = ∇_U J
+
+and one curvature product per inner step is enough for every structure (for U = diag(d): ∂J/∂d = −g ⊙ r).
+The reference computes the same quantity with a control-adjoint sweep and an analytic pull-back per structure
+(github.com/SimonDufLab/LLQR, d2c62b3, `preconditioner.py:BasePreconditioner`).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .structures import Structure
+
+__all__ = ["FitStats", "clip_by_groups_", "fit_structure", "group_index", "sanitize_", "surrogate_gradient"]
+
+ProductFn = Callable[[list[Tensor]], list[Tensor]]
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+
+
+def surrogate_gradient(structure: Structure, g: Sequence[Tensor], gv: ProductFn) -> tuple[Tensor, list[Tensor]]:
+    """J(U) and ∂J/∂(structure parameters) with one product (G + λI)·δ (`algorithm.md` §5.1).
+
+    Args:
+        structure (`Structure`): U; its [`~Structure.parameters`] must be leaves that require grad.
+        g (`Sequence[Tensor]`): the curvature-batch gradient, aligned with `structure.layouts`.
+        gv (`Callable`): v ↦ (G + λI)·v on lists aligned with `structure.layouts`.
+
+    Returns:
+        `tuple[Tensor, list[Tensor]]`: J (0-dim, detached) and the gradients, aligned with `structure.parameters()`.
+    """
+    params = structure.parameters()
+    with torch.enable_grad():
+        delta = [-u for u in structure.apply(g)]
+        delta_d = [d.detach() for d in delta]
+        g_delta = gv(delta_d)
+        objective = _dot(g, delta_d) + 0.5 * _dot(delta_d, g_delta)
+        residual = [gi + gd for gi, gd in zip(g, g_delta, strict=True)]
+        surrogate = _dot(residual, delta)
+        got = torch.autograd.grad(surrogate, params, allow_unused=True)
+    return objective.detach(), [torch.zeros_like(p) if t is None else t for p, t in zip(params, got, strict=True)]
+
+
+def sanitize_(tensors: Sequence[Tensor]) -> Tensor:
+    """nan → 0, +inf → +1, −inf → −1 in place (the reference's U-gradient sanitisation); returns the count replaced."""
+    bad = sum((~torch.isfinite(t)).sum() for t in tensors)
+    for t in tensors:
+        torch.nan_to_num_(t, nan=0.0, posinf=1.0, neginf=-1.0)
+    return torch.as_tensor(bad)
+
+
+def group_index(groups: Sequence[Sequence[int]], device: torch.device | None = None) -> Tensor:
+    """For each tensor, the index of its clip group (`groups` must partition the tensors)."""
+    n = sum(len(group) for group in groups)
+    out = torch.full((n,), -1, dtype=torch.long)
+    for k, group in enumerate(groups):
+        out[list(group)] = k
+    if (out < 0).any():
+        raise ValueError("Clip groups must cover every tensor.")
+    return out.to(device)
+
+
+def clip_by_groups_(tensors: Sequence[Tensor], group_of: Tensor, clip_norm: float) -> tuple[Tensor, Tensor]:
+    """Scale each group by min(1, clip_norm / ‖group‖₂) in place (`algorithm.md` §5.2, §6.3).
+
+    Args:
+        tensors (`Sequence[Tensor]`): the U-gradient, one tensor per structure parameter.
+        group_of (`Tensor`): group index of each tensor (from [`group_index`]).
+        clip_norm (`float`): the per-group bound.
+
+    Returns:
+        `tuple[Tensor, Tensor]`: the global norm before clipping and whether any group was clipped (0-dim, no sync).
+    """
+    sq = torch.stack(torch._foreach_norm(list(tensors))) ** 2
+    # at most one group per tensor; unused group slots have norm 0 and factor 1
+    group_norm = torch.zeros(len(sq), dtype=sq.dtype, device=sq.device).index_add_(0, group_of, sq).sqrt()
+    factor = (clip_norm / group_norm).clamp(max=1.0)  # ‖group‖ = 0 gives inf, hence 1
+    torch._foreach_mul_(list(tensors), list(factor[group_of].unbind()))
+    return sq.sum().sqrt(), (factor < 1.0).any()
+
+
+@dataclass
+class FitStats:
+    """Inner-loop summaries, logged as `llqr/*` (`integration.md` §11).
+
+    Args:
+        objective_start (`float`): J at the first inner step (NaN when there are none).
+        objective_end (`float`): J at the last inner step, before its SGD step (NaN when there are none).
+        ugrad_norm (`float`): mean over inner steps of the sanitised, unclipped U-gradient norm.
+        clip_fraction (`float`): share of inner steps where at least one group was clipped.
+        nonfinite_ugrad (`int`): non-finite U-gradient entries replaced, summed over inner steps.
+    """
+
+    objective_start: float
+    objective_end: float
+    ugrad_norm: float
+    clip_fraction: float
+    nonfinite_ugrad: int
+
+
+def fit_structure(
+    structure: Structure,
+    g: Sequence[Tensor],
+    gv: ProductFn,
+    steps: int,
+    lr: float,
+    momentum: float,
+    clip_norm: float,
+) -> FitStats:
+    """The inner loop on V = `structure` in place: `steps` clipped SGD-momentum steps, then V ← nan_to_num(V).
+
+    A new `torch.optim.SGD` (dampening 0, no Nesterov) is built on every call, so the momentum buffer never
+    outlives one update. Its heavy-ball step buf ← ∇ + μ·buf, V ← V − η·buf is the reference's solver
+    (`algorithm.md` §5.2). g and G are frozen during the loop.
+
+    Args:
+        structure (`Structure`): V; its parameters are made leaves that require grad.
+        g (`Sequence[Tensor]`), gv (`Callable`): the curvature problem, aligned with `structure.layouts`.
+        steps (`int`): T. lr (`float`): η. momentum (`float`): μ. clip_norm (`float`): per-group clip.
+    """
+    params = structure.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    group_of = group_index(structure.clip_groups(), params[0].device if params else None)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=0.0, nesterov=False)
+    nan = torch.tensor(float("nan"))
+    first = last = nan
+    norms, clipped, bad = [], [], []
+    for step in range(steps):
+        objective, grads = surrogate_gradient(structure, g, gv)
+        if step == 0:
+            first = objective
+        last = objective
+        bad.append(sanitize_(grads))
+        norm, any_clipped = clip_by_groups_(grads, group_of, clip_norm)
+        norms.append(norm)
+        clipped.append(any_clipped)
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
+        opt.step()
+    with torch.no_grad():
+        for p in params:
+            p.grad = None
+            torch.nan_to_num_(p)
+            p.requires_grad_(False)
+    return FitStats(
+        objective_start=float(first),
+        objective_end=float(last),
+        ugrad_norm=float(torch.stack(norms).mean()) if norms else float("nan"),
+        clip_fraction=float(torch.stack(clipped).float().mean()) if clipped else 0.0,
+        nonfinite_ugrad=int(torch.stack(bad).sum()) if bad else 0,
+    )

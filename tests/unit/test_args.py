@@ -1,0 +1,157 @@
+"""The flags: native to HfArgumentParser, serialisable, and every bad value rejected naming the flag."""
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from hf_llqrsam import LLQRSAMSeq2SeqTrainingArguments, LLQRSAMTrainer, LLQRSAMTrainingArguments
+from hf_llqrsam.compat import validate_setup_args
+from tests.utils import image_dataset, tiny_vit
+
+
+@pytest.mark.parametrize("cls", [LLQRSAMTrainingArguments, LLQRSAMSeq2SeqTrainingArguments])
+def test_parser_round_trip(tmp_path, cls):
+    parser = HfArgumentParser(cls)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--sam_mode", "fsam", "--sam_rho", "0.07", "--fsam_beta", "0.8",
+        "--llqr", "--llqr_structure", "kfac", "--no_llqr_warm_start", "--llqr_update_until", "40",
+        "--report_to", "none",
+    ])
+    assert (args.sam_mode, args.sam_rho, args.fsam_beta) == ("fsam", 0.07, 0.8)
+    assert args.llqr and args.llqr_structure == "kfac" and not args.llqr_warm_start
+    assert args.llqr_update_until == 40 and args.llqr_chunk_size is None
+    as_json = json.loads(args.to_json_string())
+    assert as_json["sam_mode"] == "fsam" and as_json["llqr_structure"] == "kfac"
+    (again,) = parser.parse_dict({k: v for k, v in as_json.items() if k in {f.name for f in
+                                   __import__("dataclasses").fields(cls)} and not k.startswith("_")})
+    assert again.sam_rho == 0.07 and again.llqr_update_until == 40
+
+
+def test_help_renders_and_bad_choice_exits_2(tmp_path):
+    code = "from transformers import HfArgumentParser; from hf_llqrsam import LLQRSAMTrainingArguments as A; "
+    help_out = subprocess.run([sys.executable, "-c", code + "HfArgumentParser(A).parse_args_into_dataclasses()",
+                               "--help"], capture_output=True, text=True)
+    assert help_out.returncode == 0 and "--sam_mode" in help_out.stdout and "--llqr_ema_decay" in help_out.stdout
+    bad = subprocess.run([sys.executable, "-c", code + "HfArgumentParser(A).parse_args_into_dataclasses()",
+                          "--output_dir", str(tmp_path), "--sam_mode", "sharp"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "sam_mode" in bad.stderr and "fsam" in bad.stderr
+
+
+BAD = [
+    ({"sam_mode": "sam", "sam_rho": 0.0}, r"sam_rho=0.0\. Must be > 0 when sam_mode"),
+    ({"sam_interval": 0}, r"sam_interval=0\. Must be >= 1"),
+    ({"sam_start_step": -1}, r"sam_start_step=-1\. Must be >= 0"),
+    ({"sam_eps": 0.0}, r"sam_eps=0.0\. Must be > 0"),
+    ({"fsam_beta": 1.0}, r"fsam_beta=1.0\. Must be in \[0, 1\)"),
+    ({"asam_eta": -0.1}, r"asam_eta=-0.1\. Must be >= 0"),
+    ({"fisher_sam_eta": 0.0}, r"fisher_sam_eta=0.0\. Must be > 0"),
+    ({"gsam_alpha": -1.0}, r"gsam_alpha=-1.0\. Must be >= 0"),
+    ({"vasso_theta": 0.0}, r"vasso_theta=0.0\. Must be in \(0, 1\]"),
+    ({"infosam_alpha": 1.0}, r"infosam_alpha=1.0\. Must be in \[0, 1\)"),
+    ({"infosam_damping": 0.0}, r"infosam_damping=0.0\. Must be > 0"),
+    ({"sam_mode": "asam", "sam_norm": "matrix"}, r"sam_norm='matrix' with sam_mode='asam'"),
+    ({"sam_mode": "fisher_sam", "sam_norm": "matrix"}, r"sam_norm='matrix' with sam_mode='fisher_sam'"),
+    ({"sam_mode": "fsam", "sam_accumulation": "micro"}, r"sam_accumulation='micro' with sam_mode='fsam'"),
+    ({"sam_mode": "infosam", "sam_accumulation": "micro"}, r"sam_accumulation='micro' with sam_mode='infosam'"),
+    ({"sam_mode": "gsam", "sam_scope": "local"}, r"sam_scope='local' with sam_mode='gsam'"),
+    ({"sam_rho_schedule": "lr_proportional", "sam_rho_min": 0.5}, r"sam_rho_min=0.5\. Must be <= sam_rho"),
+    ({"llqr_update_interval": 0}, r"llqr_update_interval=0\. Must be >= 1"),
+    ({"llqr_batch_size": 0}, r"llqr_batch_size=0\. Must be >= 1"),
+    ({"llqr_inner_steps": -1}, r"llqr_inner_steps=-1\. Must be >= 0"),
+    ({"llqr_inner_momentum": 1.0}, r"llqr_inner_momentum=1.0\. Must be in \[0, 1\)"),
+    ({"llqr_clip_norm": 0.0}, r"llqr_clip_norm=0.0\. Must be > 0"),
+    ({"llqr_ema_decay": 1.5}, r"llqr_ema_decay=1.5\. Must be in \[0, 1\]"),
+    ({"llqr_ema_decay": -0.1}, r"llqr_ema_decay=-0.1\. Must be in \[0, 1\]"),
+    ({"llqr_damping": -1.0}, r"llqr_damping=-1.0\. Must be >= 0"),
+    ({"llqr_min_diag": 0.0}, r"llqr_min_diag=0.0\. Must be > 0"),
+    ({"llqr_renyi_alpha": 1.0}, r"llqr_renyi_alpha=1.0\. Must be > 0 and != 1"),
+    ({"llqr_identity_scaling": 0.0}, r"llqr_identity_scaling=0.0\. Must be > 0"),
+    ({"llqr_chunk_size": 0}, r"llqr_chunk_size=0\. Must be >= 1"),
+    ({"llqr": True, "sam_mode": "gsam"}, r"llqr=True with sam_mode='gsam'"),
+    ({"llqr": True, "sam_mode": "fisher_sam"}, r"llqr=True with sam_mode='fisher_sam'"),
+    ({"llqr": True, "sam_mode": "asam"}, r"llqr_in_perturbation=True with sam_mode='asam'"),
+    ({"llqr": True, "llqr_on_update": False}, r"U used nowhere"),
+    ({"llqr": True, "llqr_apply": "update", "llqr_on_update": False, "sam_mode": "sam"},
+     r"llqr_apply='update'\. Requires llqr_on_update"),
+    ({"llqr": True, "sam_mode": "sam", "sam_norm": "matrix", "llqr_structure": "kfac"},
+     r"sam_norm='matrix' with llqr_structure='kfac'"),
+    ({"sam_mode": "sam", "optim": "lomo"}, r"optim='lomo'"),
+    ({"sam_mode": "sam", "optim": "galore_adamw_layerwise", "optim_target_modules": ["attn"]},
+     r"optim='galore_adamw_layerwise'"),
+    ({"sam_mode": "sam", "ddp_static_graph": True}, r"ddp_static_graph=True"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), BAD, ids=[m.split("\\")[0][:40] for _, m in BAD])
+def test_bad_configuration_rejected_naming_the_flag(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+
+
+def test_unknown_sam_mode_rejected_in_python(tmp_path):
+    with pytest.raises(ValueError, match=r"sam_mode.*Must be one of none, sam, asam"):
+        LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", sam_mode="sharp")
+
+
+def _namespace(tmp_path, **overrides):
+    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    return types.SimpleNamespace(**{**vars(args), **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"sam_mode": "sam", "deepspeed": "ds.json"}, NotImplementedError, "deepspeed"),
+        ({"llqr": True, "parallelism_config": object()}, ValueError, "parallelism_config"),
+        ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 2}}, ValueError, "use_cpu=True"),
+        ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 1}, "use_cpu": False}, ValueError,
+         "FSDP1"),
+        ({"sam_mode": "sam", "llqr": True, "fsdp": "full_shard", "fsdp_config": {}, "use_cpu": False}, ValueError,
+         "llqr=True with fsdp"),
+        ({"sam_mode": "sam", "sam_accumulation": "micro", "fsdp": "full_shard", "fsdp_config": {},
+          "use_cpu": False}, ValueError, "sam_accumulation='micro' with fsdp"),
+    ],
+)
+def test_unsupported_setup_rejected(tmp_path, overrides, error, match):
+    """Setups TrainingArguments itself cannot build here (no DeepSpeed, no GPU) are checked on a copy."""
+    with pytest.raises(error, match=match):
+        validate_setup_args(_namespace(tmp_path, **overrides))
+
+
+def test_setup_checks_are_off_on_the_stock_path(tmp_path):
+    validate_setup_args(_namespace(tmp_path, deepspeed="ds.json", ddp_static_graph=True))
+
+
+def test_trainer_rejects_plain_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="LLQRSAMTrainingArguments"):
+        LLQRSAMTrainer(model=tiny_vit(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda m: m.to(torch.bfloat16), "half-precision trainable parameters"),
+        (lambda m: setattr(m.config, "problem_type", "regression"), "problem_type='regression'"),
+        (lambda m: setattr(m.config, "_attn_implementation", "flash_attention_2"), "flash attention"),
+    ],
+)
+def test_llqr_rejects_unsupported_models(tmp_path, mutate, match):
+    model = tiny_vit()
+    mutate(model)
+    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, llqr=True)
+    with pytest.raises(ValueError, match=match):
+        LLQRSAMTrainer(model=model, args=args, train_dataset=image_dataset(8))
+
+
+def test_llqr_rejects_iterable_dataset(tmp_path):
+    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, llqr=True,
+                                    max_steps=1)
+    with pytest.raises(ValueError, match="IterableDataset"):
+        LLQRSAMTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8).to_iterable_dataset())
