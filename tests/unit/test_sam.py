@@ -46,7 +46,9 @@ class DiagU:
 
 def _diag_u(params, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return DiagU({n: torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.2 for n, p in zip(NAMES, params, strict=False)})
+    return DiagU({
+        n: torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.2 for n, p in zip(NAMES, params, strict=True)
+    })
 
 
 def test_s1_euclidean_radius_and_matrix_form():
@@ -63,10 +65,10 @@ def test_s1_euclidean_radius_and_matrix_form():
 @pytest.mark.parametrize("mode", ["sam", "fsam"])
 def test_s2_identity_geometry_reduces_to_plain_row(mode):
     params, grads = _tensors()
-    ident = DiagU({n: torch.ones_like(p) for n, p in zip(NAMES, params, strict=False)})
+    ident = DiagU({n: torch.ones_like(p) for n, p in zip(NAMES, params, strict=True)})
     plain = compute_perturbation(SAMConfig(mode=mode), SAMState(), NAMES, params, grads, 0.1).eps
     with_u = compute_perturbation(SAMConfig(mode=mode), SAMState(), NAMES, params, grads, 0.1, ident).eps
-    assert all(torch.equal(a, b) for a, b in zip(plain, with_u, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_u, strict=True))
 
 
 def test_s3_asam_formula_with_unit_bias_scale():
@@ -99,7 +101,7 @@ def test_s5_fsam_uses_pre_update_gbar_and_zero_init_equals_sam():
     state = SAMState()
     first = compute_perturbation(cfg, state, NAMES, params, g0, 0.1).eps
     sam = compute_perturbation(SAMConfig(mode="sam"), SAMState(), NAMES, params, g0, 0.1).eps
-    assert all(torch.equal(a, b) for a, b in zip(first, sam, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(first, sam, strict=True))
     gbar = 0.1 * _flat(g0)
     torch.testing.assert_close(_flat(state.buffers["gbar"].values()), gbar, rtol=1e-12, atol=0)
     second = compute_perturbation(cfg, state, NAMES, params, g1, 0.1).eps
@@ -125,7 +127,7 @@ def test_s6_gsam_orthogonal_component_and_alpha_zero():
     torch.testing.assert_close(g_perp, _flat(g) - (_flat(g) @ _flat(gt)) / (_flat(gt) @ _flat(gt)) * _flat(gt))
     same = [t.clone() for t in gt]
     gsam_descent_(same, g, alpha=0.0)
-    assert all(torch.equal(a, b) for a, b in zip(same, gt, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(same, gt, strict=True))
 
 
 def test_vasso_is_an_ema_of_gradients():
@@ -142,7 +144,7 @@ def test_infosam_first_step_is_sam_exactly():
     params, grads = _tensors()
     info = compute_perturbation(SAMConfig(mode="infosam"), SAMState(), NAMES, params, grads, 0.1).eps
     sam = compute_perturbation(SAMConfig(mode="sam"), SAMState(), NAMES, params, grads, 0.1).eps
-    assert all(torch.equal(a, b) for a, b in zip(info, sam, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(info, sam, strict=True))
 
 
 def test_infosam_uniform_noise_equals_sam():
