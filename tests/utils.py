@@ -70,3 +70,42 @@ def run_torchrun(script: str, *args: str, timeout: int = 600) -> subprocess.Comp
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+WORDS = "eins zwei drei vier fünf sechs sieben acht neun zehn one two three four five six seven eight nine ten".split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over a few number words, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_marian(tokenizer, seed: int = 0, dropout: float = 0.0):
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(seed)
+    cfg = MarianConfig(
+        vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout=dropout, attention_dropout=dropout,
+        activation_dropout=dropout, max_length=12, num_beams=1,
+    )
+    return MarianMTModel(cfg)
+
+
+def translation_dataset(tokenizer, n: int = 16, seed: int = 0) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        k = int(torch.randint(1, 4, (1,), generator=g))
+        idx = torch.randint(0, 10, (k,), generator=g).tolist()
+        src, tgt = " ".join(WORDS[i] for i in idx), " ".join(WORDS[10 + i] for i in idx)
+        rows.append({"input_ids": tokenizer(src)["input_ids"], "labels": tokenizer(tgt)["input_ids"]})
+    return datasets.Dataset.from_list(rows)
