@@ -72,7 +72,9 @@ def run_torchrun(script: str, *args: str, timeout: int = 600) -> subprocess.Comp
     return proc
 
 
-WORDS = "eins zwei drei vier fünf sechs sieben acht neun zehn one two three four five six seven eight nine ten".split()
+GERMAN = ["eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun", "zehn"]
+ENGLISH = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+WORDS = GERMAN + ENGLISH
 
 
 def tiny_tokenizer():
