@@ -1,0 +1,79 @@
+"""2-process gloo DDP (torchrun) against single-process references (integration.md I10-I12)."""
+
+import pytest
+import torch
+
+from tests.distributed.workers.sam_ddp import CONFIGS
+from tests.utils import (
+    SequentialTrainer,
+    batches,
+    image_dataset,
+    make_args,
+    max_abs_diff,
+    params_of,
+    run_torchrun,
+    tiny_vit,
+)
+
+pytestmark = pytest.mark.distributed
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    run_torchrun("tests/distributed/workers/sam_ddp.py", str(out), ",".join(CONFIGS))
+    return {name: torch.load(out / f"{name}.pt", weights_only=True) for name in CONFIGS}
+
+
+def _single(tmp_path, **kw):
+    model = tiny_vit()
+    SequentialTrainer(model=model, args=make_args(tmp_path, **kw), train_dataset=image_dataset(16)).train()
+    return params_of(model)
+
+
+def test_global_equals_single_process_on_union_batch(ddp_results, tmp_path):
+    ref = _single(tmp_path, sam_mode="sam", per_device_train_batch_size=4)
+    assert max_abs_diff(ddp_results["global_ga1"], ref) < TOL
+
+
+def test_global_window_ga2_equals_single_process(ddp_results, tmp_path):
+    ref = _single(tmp_path, sam_mode="fsam", per_device_train_batch_size=4)
+    assert max_abs_diff(ddp_results["global_window_ga2"], ref) < TOL
+
+
+def test_global_micro_ga2_equals_single_process_micro(ddp_results, tmp_path):
+    """Micro-batch j of the union is samples {2j, 2j+1}: one ε per all-reduced micro-batch gradient."""
+    ref = _single(tmp_path, sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2)
+    assert max_abs_diff(ddp_results["global_micro_ga2"], ref) < TOL
+
+
+def test_local_equals_per_shard_reference_and_differs_from_global(ddp_results):
+    """Local: each rank perturbs along its own shard gradient; the descent is the average of the shards' g̃."""
+    model = tiny_vit()
+    params = list(model.parameters())
+    for step_batch in batches(image_dataset(16), 4)[:3]:
+        w = [p.detach().clone() for p in params]
+        descent = [torch.zeros_like(p) for p in params]
+        for r in range(2):  # rank r holds samples 2r, 2r+1 of the step's 4
+            shard = {k: v[2 * r : 2 * r + 2] for k, v in step_batch.items()}
+            g = torch.autograd.grad(model(**shard).loss, params)
+            norm = torch.sqrt(sum((x * x).sum() for x in g) + 1e-12)
+            with torch.no_grad():
+                for p, x in zip(params, g, strict=True):
+                    p.add_(0.1 * x / norm)
+            gt = torch.autograd.grad(model(**shard).loss, params)
+            with torch.no_grad():
+                for p, w0, d, x in zip(params, w, descent, gt, strict=True):
+                    p.copy_(w0)
+                    d.add_(x / 2)
+        with torch.no_grad():
+            for p, d in zip(params, descent, strict=True):
+                p.sub_(0.1 * d)
+    assert max_abs_diff(ddp_results["local_ga1"], params_of(model)) < TOL
+    assert max_abs_diff(ddp_results["local_ga1"], ddp_results["global_ga1"]) > 1e-5
+
+
+def test_torch_compile_ddp_equals_eager_ddp(ddp_results):
+    assert max_abs_diff(ddp_results["compile_global_ga1"], ddp_results["global_ga1"]) < TOL

@@ -1,0 +1,44 @@
+"""torchrun worker: SAM under 2-process gloo DDP, several configurations in one launch.
+
+Writes `<out>/<name>.pt` (rank 0's final parameters) for each configuration; every rank checks that its
+parameters equal rank 0's.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from tests.utils import SequentialTrainer, image_dataset, make_args, params_of, tiny_vit
+
+CONFIGS = {
+    "global_ga1": dict(sam_mode="sam", per_device_train_batch_size=2),
+    "global_micro_ga2": dict(sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2),
+    "global_window_ga2": dict(sam_mode="fsam", per_device_train_batch_size=1, gradient_accumulation_steps=2),
+    "local_ga1": dict(sam_mode="sam", sam_scope="local", per_device_train_batch_size=2),
+    "compile_global_ga1": dict(sam_mode="sam", per_device_train_batch_size=2, torch_compile=True,
+                               torch_compile_backend="aot_eager"),
+}
+
+
+def main(out_dir: str, names: list[str]) -> None:
+    ds = image_dataset(16)
+    for name in names:
+        args = make_args(out_dir, ddp_find_unused_parameters=False, **CONFIGS[name])
+        assert args.world_size == 2, f"expected 2 processes, got {args.world_size}"
+        model = tiny_vit()
+        trainer = SequentialTrainer(model=model, args=args, train_dataset=ds)
+        trainer.train()
+        if args.torch_compile:  # the run really went through OptimizedModule(DDP(...))
+            assert type(trainer.model_wrapped).__name__ == "OptimizedModule", type(trainer.model_wrapped)
+        flat = torch.cat([p.reshape(-1) for p in params_of(model)])
+        gathered = [torch.zeros_like(flat) for _ in range(2)]
+        dist.all_gather(gathered, flat)
+        assert torch.equal(gathered[0], gathered[1]), f"{name}: ranks diverged"
+        if dist.get_rank() == 0:
+            torch.save(params_of(model), f"{out_dir}/{name}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2].split(","))
