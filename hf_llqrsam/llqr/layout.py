@@ -14,7 +14,7 @@ A kernel is written in the reference orientation X ∈ R^{m×n}, m the fan-in si
 The vocab-side rule follows the reference's GPT e-kfac variant (github.com/SimonDufLab/LLQR, d2c62b3,
 `block_structures.py:GPTEKFACBlock`): a V×V factor is never stored. An untied LM head is recognised as an
 `nn.Linear` whose `out_features` equals the `num_embeddings` of a trainable `nn.Embedding` of the same model.
-Tensors of two or more dimensions that match no row fall back to diagonal (the reference raises instead); their
+Matrix-like tensors that match no row fall back to diagonal (the reference raises instead); their
 names are listed by [`fallback_names`].
 """
 
@@ -149,8 +149,8 @@ def tensor_layouts(model: nn.Module, names: Sequence[str] | None = None) -> list
 
 
 def fallback_names(layouts: Sequence[TensorLayout]) -> list[str]:
-    """Tensors with two or more dimensions that fell back to a diagonal block (worth logging once)."""
-    return [lay.name for lay in layouts if lay.kind == "diagonal" and len(lay.shape) >= 2 and lay.numel > 1]
+    """Matrix-like tensors (two or more dims of size > 1) that fell back to a diagonal block (worth logging once)."""
+    return [lay.name for lay in layouts if lay.kind == "diagonal" and sum(s > 1 for s in lay.shape) >= 2]
 
 
 def clip_groups(layouts: Sequence[TensorLayout], mode: Literal["module", "tensor"]) -> list[list[int]]:

@@ -130,8 +130,9 @@ class Structure:
     @torch.no_grad()
     def ema_(self, other: "Structure", decay: float) -> None:
         """U ← β·U + (1 − β)·V on the structure parameters (factors, not operators; `algorithm.md` §5.3)."""
+        # lerp: β = 1 keeps U and β = 0 gives V bit for bit, and U = V stays U (e.g. zero inner steps)
         for u, v in zip(self.parameters(), other.parameters(), strict=True):
-            u.mul_(decay).add_(v.detach(), alpha=1.0 - decay)
+            u.lerp_(v.detach(), 1.0 - decay)
 
     @torch.no_grad()
     def clamp_(self, min_value: float) -> None:
