@@ -203,3 +203,54 @@ def test_logged_sam_metrics(tmp_path):
     assert log["sam/rho"] == 0.05
     assert log["sam/sharpness"] == pytest.approx(log["sam/loss_perturbed"] - log["loss"], abs=1e-3)
     assert {"sam/grad_norm", "sam/probe_norm"} <= log.keys()
+
+
+class FixedDiagonalU:
+    """A fixed positive diagonal U, standing in for a learned LLQR preconditioner (the Preconditioner protocol)."""
+
+    def __init__(self, model, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.d = {n: torch.rand(p.shape, generator=g) + 0.5 for n, p in model.named_parameters()}
+        self.calls = 0
+
+    def flat(self, model):
+        return torch.cat([self.d[n].reshape(-1) for n, _ in model.named_parameters()])
+
+    def apply(self, names, tensors):
+        return [t * self.d[n] for n, t in zip(names, tensors, strict=True)]
+
+    def apply_(self, names, tensors):
+        self.calls += 1
+        for n, t in zip(names, tensors, strict=True):
+            t.mul_(self.d[n])
+
+
+@pytest.mark.parametrize(("mode", "in_perturbation"), [("sam", True), ("fsam", True), ("sam", False)])
+def test_fixed_u_enters_perturbation_and_descent_once_per_step(tmp_path, mode, in_perturbation):
+    """LLQR+SAM / LLQR+FSAM with a fixed U at GA = 2: C = U (or I), P = U applied once per optimizer step."""
+    ds = image_dataset(16)
+    model, ref = tiny_vit(), tiny_vit()
+    trainer = SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode=mode, per_device_train_batch_size=2,
+                                gradient_accumulation_steps=2, max_steps=4,
+                                llqr_in_perturbation=in_perturbation), train_dataset=ds)
+    u = FixedDiagonalU(model)
+    trainer.preconditioner = u  # llqr=False: U is fixed, never refreshed
+    trainer.train()
+    assert u.calls == 4
+    oracle = OracleSAM(mode, 0.1, 0.1, u=u.flat(ref))
+    if not in_perturbation:  # C = I, P = U
+        oracle_c = OracleSAM(mode, 0.1, 0.1)
+        oracle.perturbation = oracle_c.perturbation
+    for batch in batches(ds, 4):
+        oracle.step(ref, batch)
+    assert max_abs_diff(params_of(model), params_of(ref)) < TOL
+
+
+def test_gradient_checkpointing_with_sam_matches_plain(tmp_path):
+    ds = image_dataset(16)
+    plain, ckpt = tiny_vit(), tiny_vit()
+    SequentialTrainer(model=plain, args=make_args(tmp_path, sam_mode="sam"), train_dataset=ds).train()
+    SequentialTrainer(model=ckpt, args=make_args(tmp_path, sam_mode="sam", activation_checkpointing=True),
+                      train_dataset=ds).train()
+    assert ckpt.is_activation_checkpointing and not plain.is_activation_checkpointing
+    assert max_abs_diff(params_of(plain), params_of(ckpt)) < TOL
