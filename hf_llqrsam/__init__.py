@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .args import LLQRSAMSeq2SeqTrainingArguments, LLQRSAMTrainingArguments
 from .config import SAMConfig
+from .sam import IdentityPreconditioner, Preconditioner, SAMState, compute_perturbation
 from .trainer import LLQRSAMSeq2SeqTrainer, LLQRSAMTrainer, LLQRSAMTrainerMixin
 
 try:
@@ -12,6 +13,10 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "IdentityPreconditioner",
+    "Preconditioner",
+    "SAMState",
+    "compute_perturbation",
     "LLQRSAMSeq2SeqTrainer",
     "LLQRSAMSeq2SeqTrainingArguments",
     "LLQRSAMTrainer",
