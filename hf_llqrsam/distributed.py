@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Strip `torch.compile` (`_orig_mod`) and DDP (`module`) wrappers, in any nesting order."""
     while True:
         if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         elif isinstance(model, DistributedDataParallel):
             model = model.module
         else:
@@ -54,11 +55,12 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         finally:
             inner.require_backward_grad_sync = old
     elif hasattr(inner, "set_requires_gradient_sync"):  # FSDP2 FSDPModule
-        inner.set_requires_gradient_sync(enabled)
+        set_sync = getattr(inner, "set_requires_gradient_sync")  # noqa: B009  (FSDPModule, untyped here)
+        set_sync(enabled)
         try:
             yield
         finally:
-            inner.set_requires_gradient_sync(True)
+            set_sync(True)
     else:
         yield
 

@@ -26,7 +26,7 @@ floating point.
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -138,14 +138,14 @@ class SAMState:
     def has(self, kind: str) -> bool:
         return bool(self.buffers.get(kind))
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "ascents": self.ascents,
             "skipped_ascent": self.skipped_ascent,
             "buffers": {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self.buffers.items()},
         }
 
-    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
         self.ascents = int(state["ascents"])
         self.skipped_ascent = int(state["skipped_ascent"])
         self.buffers = {
@@ -177,7 +177,7 @@ def compute_perturbation(
     # g: fp32 view of the pass-1 gradient in true units (a copy only when a cast or unscale is needed).
     g = [_at_least_fp32(t) for t in grads]
     if grad_scale != 1.0:
-        g = torch._foreach_div(g, grad_scale)
+        g = list(torch._foreach_div(g, grad_scale))
     grad_norm = float(total_norm(g))
     if not torch.isfinite(torch.tensor(grad_norm)):
         state.skipped_ascent += 1
@@ -192,7 +192,7 @@ def compute_perturbation(
     elif mode == "fsam":
         gbar = state.get("gbar", names, g)
         if not (first and cfg.fsam_init == "first_grad"):
-            v = torch._foreach_add(g, gbar, alpha=-cfg.fsam_sigma)  # uses the pre-update ḡ
+            v = list(torch._foreach_add(g, gbar, alpha=-cfg.fsam_sigma))  # uses the pre-update ḡ
         cv = geometry.apply(names, v) if geometry is not None else v
         if first and cfg.fsam_init == "first_grad":
             torch._foreach_copy_(gbar, g)
@@ -202,16 +202,16 @@ def compute_perturbation(
         # T = |θ| + η, with T = 1 for biases (Kwon et al. 2021, reference `asam_eta`).
         t = [torch.ones_like(gi) if n.endswith("bias") else _at_least_fp32(p.detach()).abs() + cfg.asam_eta
              for n, p, gi in zip(names, params, g, strict=True)]
-        tg = torch._foreach_mul(t, g)
+        tg = list(torch._foreach_mul(t, g))
         norm_sq = total_norm(tg) ** 2
-        cv = torch._foreach_mul(tg, t)
+        cv = list(torch._foreach_mul(tg, t))
     elif mode == "fisher_sam":
         g2 = torch._foreach_mul(g, g)
         if cfg.fisher_sam_form == "reference":  # C = 1/(g² + η), reference `fisher_sam_eta`
             denom = torch._foreach_add(g2, cfg.fisher_sam_eta)
         else:  # paper form C = 1/(1 + η g²)
             denom = torch._foreach_add(torch._foreach_mul(g2, cfg.fisher_sam_eta), 1.0)
-        cv = torch._foreach_div(g, denom)
+        cv = list(torch._foreach_div(g, denom))
         norm_sq = _dot(g, cv)
     elif mode == "vasso":
         d = state.get("d", names, g)
@@ -225,7 +225,7 @@ def compute_perturbation(
     if norm_sq is None:
         norm_sq = _dot(v, cv) if cfg.norm == "matrix" else total_norm(cv) ** 2
     scale = rho / float(torch.sqrt(norm_sq + cfg.eps))
-    eps = torch._foreach_mul(cv, scale)
+    eps = list(torch._foreach_mul(cv, scale))
     state.ascents += 1
     return Perturbation(
         eps=eps,
@@ -252,7 +252,7 @@ def _infosam_direction(
     if cfg.infosam_variance == "instant":
         torch._foreach_lerp_(m, g, 1.0 - cfg.infosam_alpha)
         diff = torch._foreach_sub(m, g)
-        b = torch._foreach_mul(diff, diff)
+        b = list(torch._foreach_mul(diff, diff))
     else:
         diff = torch._foreach_sub(g, m)
         sample = torch._foreach_mul(diff, diff)
@@ -264,7 +264,7 @@ def _infosam_direction(
             torch._foreach_copy_(var, sample)
         torch._foreach_lerp_(m, g, 1.0 - cfg.infosam_alpha)
         b = var
-    return torch._foreach_div(g, torch._foreach_add(b, cfg.infosam_damping))
+    return list(torch._foreach_div(g, torch._foreach_add(b, cfg.infosam_damping)))
 
 
 def apply_perturbation_(params: Sequence[Tensor], eps: Sequence[Tensor]) -> list[Tensor]:
@@ -289,7 +289,7 @@ def gsam_descent_(perturbed: Sequence[Tensor], clean: Sequence[Tensor], alpha: f
     """
     gt = [_at_least_fp32(t) for t in perturbed]
     coef = float(_dot(clean, gt) / (total_norm(gt) ** 2 + 1e-24))
-    g_perp = torch._foreach_add(clean, gt, alpha=-coef)  # g − (g·g̃/‖g̃‖²) g̃
+    g_perp = torch._foreach_add(list(clean), gt, alpha=-coef)  # g − (g·g̃/‖g̃‖²) g̃
     for p_grad, gp in zip(perturbed, g_perp, strict=True):
         p_grad.sub_(gp.to(p_grad.dtype), alpha=alpha)
 

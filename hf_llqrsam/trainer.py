@@ -8,15 +8,15 @@ import contextlib
 import os
 import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+import datasets  # type: ignore[import-untyped]
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from .args import LLQRSAMFields
+from .args import LLQRSAMFields, LLQRSAMTrainingArguments
 from .checkpoint import load_state, save_state
 from .compat import llqrsam_active, validate_setup_model
 from .config import SAMConfig
@@ -52,7 +52,14 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
         torch.cuda.set_rng_state(state[1])
 
 
-class LLQRSAMTrainerMixin:
+# mypy sees the mixin as a Trainer (it is only ever mixed into one); at run time it is a plain object.
+if TYPE_CHECKING:
+    _MixinBase = Trainer
+else:
+    _MixinBase = object
+
+
+class LLQRSAMTrainerMixin(_MixinBase):
     """Turns [`~transformers.Trainer`] into a two-pass SAM / LLQR+SAM trainer, driven by `sam_*` / `llqr_*` args.
 
     Per optimizer step (window mode, `algorithm.md` §8.5): refresh U on schedule; pass 1 on every micro-batch
@@ -69,6 +76,9 @@ class LLQRSAMTrainerMixin:
     >>> trainer.train()  # doctest: +SKIP
     ```
     """
+
+    args: LLQRSAMTrainingArguments  # or the Seq2Seq variant: both carry LLQRSAMFields (checked in __init__)
+    model: nn.Module
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -314,10 +324,10 @@ class LLQRSAMTrainerMixin:
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
-        indices = curvature_indices(self.args.seed, step, len(dataset), self.args.llqr_batch_size)
+        indices = curvature_indices(self.args.seed, step, len(dataset), self.args.llqr_batch_size)  # type: ignore[arg-type]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed + step)
-            batch = collator([dataset[i] for i in indices])
+            batch = collator([dataset[i] for i in indices])  # type: ignore[index]
         return self._prepare_inputs(batch)
 
     # ------------------------------------------------------------------ other Trainer overrides
@@ -393,12 +403,27 @@ class LLQRSAMTrainerMixin:
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
         """The stock card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`integration.md` §9)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         ours = ["hf-llqrsam"] + ([self.args.sam_mode] if self.args.sam_mode != "none" else [])
         ours += ["llqr"] if self.args.llqr else []
-        super().create_model_card(*args, tags=tags + [t for t in ours if t not in tags], **kwargs)
+        super().create_model_card(
+            language=language, license=license, tags=tags + [t for t in ours if t not in tags],
+            model_name=model_name, finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
+            dataset=dataset, dataset_args=dataset_args,
+        )
 
 
 class LLQRSAMTrainer(LLQRSAMTrainerMixin, Trainer):
