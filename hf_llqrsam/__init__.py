@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .args import LLQRSAMSeq2SeqTrainingArguments, LLQRSAMTrainingArguments
 from .config import SAMConfig
+from .llqr import LLQRConfig, LLQRPreconditioner, curvature_problem
 from .sam import IdentityPreconditioner, Preconditioner, SAMState, compute_perturbation
 from .trainer import LLQRSAMSeq2SeqTrainer, LLQRSAMTrainer, LLQRSAMTrainerMixin
 
@@ -13,6 +14,9 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "LLQRConfig",
+    "LLQRPreconditioner",
+    "curvature_problem",
     "IdentityPreconditioner",
     "Preconditioner",
     "SAMState",

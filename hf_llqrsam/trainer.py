@@ -14,6 +14,7 @@ import datasets  # type: ignore[import-untyped]
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 from .args import LLQRSAMFields, LLQRSAMTrainingArguments
@@ -104,6 +105,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._drop_step = False
         self._clean_loss: Tensor | float = 0.0
         self._perturbed_loss: Tensor | float = 0.0
+        self._pre_step_params: list[Tensor] = []
 
     # ------------------------------------------------------------------ the loop override
 
@@ -290,34 +292,47 @@ class LLQRSAMTrainerMixin(_MixinBase):
     # ------------------------------------------------------------------ LLQR
 
     def _maybe_refresh_preconditioner(self, model: nn.Module) -> None:
-        """Refresh U at global steps 0, E, 2E, … before < `llqr_update_until` (`algorithm.md` §5.4)."""
+        """Refresh U at global steps 0, E, 2E, … before `llqr_update_until` (`algorithm.md` §5.4)."""
         if not self.args.llqr:
             return
-        from .llqr import LLQRConfig, LLQRPreconditioner
+        from .llqr import LLQRConfig, LLQRPreconditioner, make_update_probe
 
         module = unwrap(model)
         if self.preconditioner is None:
             self.preconditioner = LLQRPreconditioner(module, LLQRConfig.from_args(self.args))
-        step, args = self.state.global_step, self.args
-        due = step % args.llqr_update_interval == 0 and (
-            args.llqr_update_until is None or step < args.llqr_update_until
-        )
-        if not due or self.preconditioner.last_update_step == step:
+        step = self.state.global_step
+        if not self.preconditioner.is_due(step) or self.preconditioner.last_update_step == step:
             return
+        probe = None
+        if self.args.llqr_apply == "update":
+            probe = make_update_probe(self._inner_optimizer(), module)
         batch = self._curvature_batch(step)
         start = time.perf_counter()
-        metrics = self.preconditioner.update(module, batch, step=step)
+        metrics = self.preconditioner.update(
+            module, batch, step=step, extractor=self.llqr_logits_and_targets, update_probe=probe
+        )
         self.preconditioner.broadcast_(0)  # identical U on every rank, free of floating-point drift
         metrics["llqr/update_seconds"] = time.perf_counter() - start
-        metrics["llqr/updates"] = float(self.preconditioner.num_updates)
         for key, value in metrics.items():
             self._record(key, value)
+
+    def llqr_logits_and_targets(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """`(logits[rows, C], targets[rows], row_mask[rows])` of the curvature batch (`integration.md` §5.3).
+
+        Override for heads the default does not know. The default handles classification heads, encoder–decoder
+        LMs and causal LMs (labels shifted by one); labels are popped, so the model computes no loss of its own.
+        """
+        from .llqr import logits_and_targets
+
+        causal = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return logits_and_targets(model, batch, shift_labels=causal)
 
     def _curvature_batch(self, step: int) -> dict[str, Any]:
         """`llqr_batch_size` examples drawn as a pure function of (seed, step), through the training collator.
 
         Transforms run under a forked RNG, so the training stream is untouched and resume needs no extra state
-        (`algorithm.md` §5.5). Uses the Trainer's column filtering, as `get_train_dataloader` does (5.23).
+        (`algorithm.md` §5.5). Uses the Trainer's column filtering, as `get_train_dataloader` does (5.23). With
+        `llqr_curvature_sharding="sharded"` each rank takes every W-th example; the partial sums are all-reduced.
         """
         dataset, collator = self.train_dataset, self.data_collator
         if isinstance(dataset, datasets.Dataset):
@@ -325,10 +340,48 @@ class LLQRSAMTrainerMixin(_MixinBase):
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         indices = curvature_indices(self.args.seed, step, len(dataset), self.args.llqr_batch_size)  # type: ignore[arg-type]
+        if self.args.llqr_curvature_sharding == "sharded" and self.args.world_size > 1:
+            indices = indices[self.args.process_index :: self.args.world_size]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed + step)
             batch = collator([dataset[i] for i in indices])  # type: ignore[index]
         return self._prepare_inputs(batch)
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap Accelerate's AcceleratedOptimizer
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The base optimizer; with `llqr_apply="update"`, step hooks rewrite θ ← θ_old + U(θ − θ_old).
+
+        The hooks sit on the torch optimizer itself, so they fire only on steps that really happen (not on steps the
+        fp16 scaler skips), and act on the full update: LR, momentum/Adam normalisation and weight decay included
+        (`algorithm.md` §7.3).
+        """
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.args.llqr and self.args.llqr_apply == "update":
+            if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+                raise ValueError(
+                    f"Invalid llqr_apply='update' with optimizer {type(optimizer).__name__} (optim="
+                    f"{self.args.optim!r}): it needs the closed-form dry-run update of SGD, Adam or AdamW. Use "
+                    "--optim sgd, adamw_torch or adam, or llqr_apply='gradient'."
+                )
+            optimizer.register_step_pre_hook(self._snapshot_before_step)
+            optimizer.register_step_post_hook(self._precondition_update)
+        return optimizer
+
+    def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._pre_step_params = [p.detach().clone() for _, p in self._named_params or []]
+
+    def _precondition_update(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.preconditioner is None or self._named_params is None:
+            return
+        names = [n for n, _ in self._named_params]
+        params = [p.detach() for _, p in self._named_params]
+        with torch.no_grad():
+            delta = list(torch._foreach_sub(params, self._pre_step_params))
+            self.preconditioner.apply_(names, delta)
+            torch._foreach_copy_(params, torch._foreach_add(self._pre_step_params, delta))
+        self._pre_step_params = []
 
     # ------------------------------------------------------------------ other Trainer overrides
 

@@ -1,7 +1,8 @@
 """LLQR: the learned, block-structured inverse preconditioner U of arXiv 2605.04230, in pure torch.
 
 Modules: `config` (LLQRConfig), `curvature` (g and G·v), `layout` (tensor views, clip groups), `structures` (the
-parameterisations of U), `fit` (surrogate U-gradient, inner loop) and `preconditioner` (LLQRPreconditioner).
+parameterisations of U), `fit` (surrogate U-gradient, inner loop), `preconditioner` (LLQRPreconditioner) and
+`update_probe` (the optimizer's dry-run update for `llqr_apply="update"`).
 """
 
 from .config import LLQRConfig
@@ -15,6 +16,7 @@ from .structures import (
     SepEKFACStructure,
     Structure,
 )
+from .update_probe import make_update_probe, optimizer_update
 
 __all__ = [
     "DiagonalStructure",
@@ -27,4 +29,6 @@ __all__ = [
     "Structure",
     "curvature_problem",
     "logits_and_targets",
+    "make_update_probe",
+    "optimizer_update",
 ]

@@ -26,20 +26,24 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
-def surrogate_gradient(structure: Structure, g: Sequence[Tensor], gv: ProductFn) -> tuple[Tensor, list[Tensor]]:
+def surrogate_gradient(
+    structure: Structure, g: Sequence[Tensor], gv: ProductFn, probe: Sequence[Tensor] | None = None
+) -> tuple[Tensor, list[Tensor]]:
     """J(U) and ∂J/∂(structure parameters) with one product (G + λI)·δ (`algorithm.md` §5.1).
 
     Args:
         structure (`Structure`): U; its [`~Structure.parameters`] must be leaves that require grad.
         g (`Sequence[Tensor]`): the curvature-batch gradient, aligned with `structure.layouts`.
         gv (`Callable`): v ↦ (G + λI)·v on lists aligned with `structure.layouts`.
+        probe (`Sequence[Tensor]`, *optional*): the vector U acts on, δ = −U·probe; defaults to g. With
+            `llqr_apply="update"` it is −Δ_opt(g), so that δ = U·Δ_opt(g) (`algorithm.md` §7.3).
 
     Returns:
         `tuple[Tensor, list[Tensor]]`: J (0-dim, detached) and the gradients, aligned with `structure.parameters()`.
     """
     params = structure.parameters()
     with torch.enable_grad():
-        delta = [-u for u in structure.apply(g)]
+        delta = [-u for u in structure.apply(g if probe is None else probe)]
         delta_d = [d.detach() for d in delta]
         g_delta = gv(delta_d)
         objective = _dot(g, delta_d) + 0.5 * _dot(delta_d, g_delta)
@@ -114,6 +118,7 @@ def fit_structure(
     lr: float,
     momentum: float,
     clip_norm: float,
+    probe: Sequence[Tensor] | None = None,
 ) -> FitStats:
     """The inner loop on V = `structure` in place: `steps` clipped SGD-momentum steps, then V ← nan_to_num(V).
 
@@ -125,6 +130,7 @@ def fit_structure(
         structure (`Structure`): V; its parameters are made leaves that require grad.
         g (`Sequence[Tensor]`), gv (`Callable`): the curvature problem, aligned with `structure.layouts`.
         steps (`int`): T. lr (`float`): η. momentum (`float`): μ. clip_norm (`float`): per-group clip.
+        probe (`Sequence[Tensor]`, *optional*): δ = −V·probe instead of −V·g (see [`surrogate_gradient`]).
     """
     params = structure.parameters()
     for p in params:
@@ -135,7 +141,7 @@ def fit_structure(
     first = last = nan
     norms, clipped, bad = [], [], []
     for step in range(steps):
-        objective, grads = surrogate_gradient(structure, g, gv)
+        objective, grads = surrogate_gradient(structure, g, gv, probe)
         if step == 0:
             first = objective
         last = objective

@@ -8,7 +8,7 @@ One refresh (`algorithm.md` §5.2–5.3):
 """
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -118,6 +118,7 @@ class LLQRPreconditioner:
         *,
         shift_labels: bool = False,
         extractor: Extractor | None = None,
+        update_probe: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
     ) -> dict[str, float]:
         """One LLQR refresh of U on the curvature batch (`algorithm.md` §5.2–5.3); leaves every `p.grad` untouched.
 
@@ -127,11 +128,19 @@ class LLQRPreconditioner:
             step (`int`, *optional*): the optimizer step, recorded as `last_update_step`.
             shift_labels (`bool`, *optional*, defaults to `False`): causal-LM shift of the default extractor.
             extractor (`Callable`, *optional*): `(model, batch) -> (logits, targets, row_mask)`.
+            update_probe (`Callable`, *optional*): g ↦ Δ_opt(g), the base optimizer's dry-run update
+                ([`~hf_llqrsam.llqr.update_probe.make_update_probe`]); required with `llqr_apply="update"`, where
+                J is evaluated at δ = U·Δ_opt(g) (`algorithm.md` §7.3).
 
         Returns:
             `dict[str, float]`: the `llqr/*` metrics of `integration.md` §11.
         """
         cfg = self.config
+        if cfg.apply == "update" and update_probe is None:
+            raise ValueError(
+                "llqr_apply='update' needs the optimizer's dry-run update: pass "
+                "update_probe=make_update_probe(optimizer, model) to LLQRPreconditioner.update."
+            )
         start = time.perf_counter()
         g_dict, gv_dict = curvature_problem(
             model,
@@ -156,6 +165,11 @@ class LLQRPreconditioner:
             out = gv_dict(dict(zip(names, v, strict=True)))
             return [out[n].to(self.dtype) for n in names]
 
+        probe = None
+        if cfg.apply == "update" and update_probe is not None:
+            step_update = update_probe(g_dict)
+            probe = [-step_update[n].to(self.dtype) for n in names]  # δ = −U·probe = U·Δ_opt(g)
+
         v_struct = self.structure.clone() if cfg.warm_start else self.structure.identity()
         stats = fit_structure(
             v_struct,
@@ -165,6 +179,7 @@ class LLQRPreconditioner:
             lr=cfg.inner_lr,
             momentum=cfg.inner_momentum,
             clip_norm=cfg.clip_norm,
+            probe=probe,
         )
         self.structure.ema_(v_struct, cfg.ema_decay)
         if not cfg.allow_inversion:
