@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.distributed.workers.sam_ddp import CONFIGS
+from tests.distributed.workers.sam_ddp import CONFIGS, LLQR
 from tests.utils import (
     SequentialTrainer,
     batches,
@@ -23,13 +23,16 @@ TOL = 1e-6
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     run_torchrun("tests/distributed/workers/sam_ddp.py", str(out), ",".join(CONFIGS))
-    return {name: torch.load(out / f"{name}.pt", weights_only=True) for name in CONFIGS}
+    results = {name: torch.load(out / f"{name}.pt", weights_only=True) for name in CONFIGS}
+    params = {name: r["params"] for name, r in results.items()}
+    return params | {f"{name}_u": r["u"] for name, r in results.items() if "u" in r}
 
 
-def _single(tmp_path, **kw):
+def _single(tmp_path, return_trainer=False, **kw):
     model = tiny_vit()
-    SequentialTrainer(model=model, args=make_args(tmp_path, **kw), train_dataset=image_dataset(16)).train()
-    return params_of(model)
+    trainer = SequentialTrainer(model=model, args=make_args(tmp_path, **kw), train_dataset=image_dataset(16))
+    trainer.train()
+    return trainer if return_trainer else params_of(model)
 
 
 def test_global_equals_single_process_on_union_batch(ddp_results, tmp_path):
@@ -77,3 +80,19 @@ def test_local_equals_per_shard_reference_and_differs_from_global(ddp_results):
 
 def test_torch_compile_ddp_equals_eager_ddp(ddp_results):
     assert max_abs_diff(ddp_results["compile_global_ga1"], ddp_results["global_ga1"]) < TOL
+
+
+def _flat_u(blocks):
+    return torch.cat([blocks[n][k].reshape(-1) for n in sorted(blocks) for k in sorted(blocks[n])])
+
+
+def test_llqr_replicated_equals_single_process_and_sharded_is_close(ddp_results, tmp_path):
+    """Every rank holds the identical U (checked in the worker); replicated U and the LLQR+SAM weights equal a
+    single process on the union batch; sharded curvature (all-reduced partial sums) is close to replicated."""
+    single = _single(tmp_path, return_trainer=True, sam_mode="sam", per_device_train_batch_size=4, **LLQR)
+    u_single = _flat_u(single.preconditioner.state_dict()["blocks"])
+    u_rep, u_shard = _flat_u(ddp_results["llqr_replicated_u"]), _flat_u(ddp_results["llqr_sharded_u"])
+    assert single.preconditioner.num_updates == 2 and not torch.allclose(u_single, torch.ones_like(u_single))
+    torch.testing.assert_close(u_rep, u_single, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(u_shard, u_rep, rtol=1e-5, atol=1e-7)
+    assert max_abs_diff(ddp_results["llqr_replicated"], params_of(single.model)) < TOL

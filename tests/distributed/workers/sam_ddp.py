@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from tests.utils import SequentialTrainer, image_dataset, make_args, params_of, tiny_vit
 
+LLQR = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=5, llqr_inner_lr=1e-2, llqr_update_interval=2)
 CONFIGS = {
     "global_ga1": dict(sam_mode="sam", per_device_train_batch_size=2),
     "global_micro_ga2": dict(sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=1,
@@ -19,7 +20,15 @@ CONFIGS = {
     "local_ga1": dict(sam_mode="sam", sam_scope="local", per_device_train_batch_size=2),
     "compile_global_ga1": dict(sam_mode="sam", per_device_train_batch_size=2, torch_compile=True,
                                torch_compile_backend="aot_eager"),
+    "llqr_replicated": dict(sam_mode="sam", per_device_train_batch_size=2, **LLQR),
+    "llqr_sharded": dict(sam_mode="sam", per_device_train_batch_size=2, llqr_curvature_sharding="sharded", **LLQR),
 }
+
+
+def _same_on_all_ranks(flat: torch.Tensor, what: str) -> None:
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), f"{what}: ranks diverged"
 
 
 def main(out_dir: str, names: list[str]) -> None:
@@ -32,12 +41,14 @@ def main(out_dir: str, names: list[str]) -> None:
         trainer.train()
         if args.torch_compile:  # the run really went through OptimizedModule(DDP(...))
             assert type(trainer.model_wrapped).__name__ == "OptimizedModule", type(trainer.model_wrapped)
-        flat = torch.cat([p.reshape(-1) for p in params_of(model)])
-        gathered = [torch.zeros_like(flat) for _ in range(2)]
-        dist.all_gather(gathered, flat)
-        assert torch.equal(gathered[0], gathered[1]), f"{name}: ranks diverged"
+        _same_on_all_ranks(torch.cat([p.reshape(-1) for p in params_of(model)]), name)
+        result = {"params": params_of(model)}
+        if trainer.preconditioner is not None:
+            blocks = trainer.preconditioner.state_dict()["blocks"]
+            result["u"] = {n: dict(b) for n, b in blocks.items()}
+            _same_on_all_ranks(torch.cat([t.reshape(-1) for b in blocks.values() for t in b.values()]), f"{name} U")
         if dist.get_rank() == 0:
-            torch.save(params_of(model), f"{out_dir}/{name}.pt")
+            torch.save(result, f"{out_dir}/{name}.pt")
 
 
 if __name__ == "__main__":
