@@ -156,6 +156,31 @@ class LLQRPreconditioner:
             extractor=extractor,
             sharded=cfg.curvature_sharding == "sharded" and dist.is_available() and dist.is_initialized(),
         )
+        probe_dict = update_probe(g_dict) if cfg.apply == "update" and update_probe is not None else None
+        metrics = self.fit_problem(g_dict, gv_dict, step=step, update=probe_dict)
+        metrics["llqr/update_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def fit_problem(
+        self,
+        g_dict: Mapping[str, Tensor],
+        gv_dict: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
+        step: int | None = None,
+        update: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, float]:
+        """The refresh of U on a given curvature problem: inner loop, EMA merge, clamp (`algorithm.md` §5.2–5.3).
+
+        [`update`] builds (g, G·v) from a model and a batch and calls this. Call it directly when the curvature
+        problem comes from elsewhere (an analytic quadratic, as in the pothole toy).
+
+        Args:
+            g_dict (`Mapping[str, Tensor]`): name → g, for every name of U.
+            gv_dict (`Callable`): maps such a dict v to (G + λI)v.
+            step (`int`, *optional*): recorded as `last_update_step`.
+            update (`Mapping[str, Tensor]`, *optional*): Δ_opt(g) for `llqr_apply="update"`; J is then evaluated
+                at δ = U·Δ_opt(g) (`algorithm.md` §7.3).
+        """
+        cfg = self.config
         if set(g_dict) != set(self.names):
             raise ValueError("The model's trainable parameters changed since the LLQR preconditioner was built.")
         names = self.names
@@ -165,11 +190,7 @@ class LLQRPreconditioner:
             out = gv_dict(dict(zip(names, v, strict=True)))
             return [out[n].to(self.dtype) for n in names]
 
-        probe = None
-        if cfg.apply == "update" and update_probe is not None:
-            step_update = update_probe(g_dict)
-            probe = [-step_update[n].to(self.dtype) for n in names]  # δ = −U·probe = U·Δ_opt(g)
-
+        probe = None if update is None else [-update[n].to(self.dtype) for n in names]  # δ = −U·probe = U·Δ_opt(g)
         v_struct = self.structure.clone() if cfg.warm_start else self.structure.identity()
         stats = fit_structure(
             v_struct,
@@ -192,7 +213,6 @@ class LLQRPreconditioner:
             "llqr/updates": float(self.num_updates),
             "llqr/objective_start": stats.objective_start,
             "llqr/objective_end": stats.objective_end,
-            "llqr/update_seconds": time.perf_counter() - start,
             "llqr/ugrad_norm": stats.ugrad_norm,
             "llqr/clip_fraction": stats.clip_fraction,
             "llqr/nonfinite_ugrad": float(stats.nonfinite_ugrad),

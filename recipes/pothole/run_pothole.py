@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_llqrsam import SAMConfig, SAMState, compute_perturbation
+from hf_llqrsam import LLQRConfig, LLQRPreconditioner, Preconditioner, SAMConfig, SAMState, compute_perturbation
 
 A, B, DEPTH, CENTER, WIDTH = 5.0, 0.2, 0.08, 2.0, 0.1
 U_DIAG = (1.0 / A, 1.0 / B)  # inverse of the average curvature diag(5, 0.2)
@@ -96,9 +96,13 @@ METHODS = {
 }
 
 
-def run(method: Method, seed: int, start: tuple[float, float], u: FixedDiagonal, max_steps: int = MAX_STEPS,
-        noise_variance: float = NOISE_VARIANCE, stop: bool = True, keep_every: int = 1) -> dict:
-    """Plain updates θ ← θ − η P g̃ (no momentum) from `start`; stops in the box |x|, |y| < 0.05 when `stop`."""
+def run(method: Method, seed: int, start: tuple[float, float], u: Preconditioner, max_steps: int = MAX_STEPS,
+        noise_variance: float = NOISE_VARIANCE, stop: bool = True, keep_every: int = 1,
+        refresh: "LearnedU | None" = None) -> dict:
+    """Plain updates θ ← θ − η P g̃ (no momentum) from `start`; stops in the box |x|, |y| < 0.05 when `stop`.
+
+    With `refresh`, U is re-learned on its schedule before the step, from the average geometry at θ.
+    """
     gen = torch.Generator().manual_seed(seed)
     std = math.sqrt(noise_variance)
     theta = torch.tensor(start, dtype=torch.float64)
@@ -112,11 +116,13 @@ def run(method: Method, seed: int, start: tuple[float, float], u: FixedDiagonal,
         return grad(at) + std * torch.randn(2, generator=gen, dtype=torch.float64)
 
     for steps in range(1, max_steps + 1):  # noqa: B007  (steps is read after the loop)
+        if refresh is not None:
+            refresh.maybe_update(steps - 1, theta)
         g = noisy_grad(theta)
         if method.sam:
             eps = compute_perturbation(cfg, state, NAMES, [theta], [g], RHO, geometry).eps[0]
             g = noisy_grad(theta + eps)
-        step = eta * (u.d * g if method.u_on_update else g)
+        step = eta * (u.apply(NAMES, [g])[0] if method.u_on_update else g)
         theta = theta - step
         path += float(step.norm())
         max_radius = max(max_radius, float(theta.norm()))
@@ -127,6 +133,40 @@ def run(method: Method, seed: int, start: tuple[float, float], u: FixedDiagonal,
             break
     return {"escaped": escaped, "steps": steps, "path_length": path, "max_radius": max_radius,
             "final": theta.tolist(), "trajectory": trajectory}
+
+
+class _Theta(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+
+class LearnedU:
+    """U learned by `LLQRPreconditioner` from the *average* geometry H̄ = diag(5, 0.2), refreshed every E steps.
+
+    Each refresh fits the diagonal U on the quadratic model of the smooth surface at the current θ
+    (g = H̄θ, G = H̄; the pothole is invisible to it), then merges it by EMA, exactly as a training refresh does.
+    The inner-loop optimum is U = H̄⁻¹ = diag(0.2, 5) on every coordinate where g ≠ 0 (`algorithm.md` §2.1).
+    """
+
+    def __init__(self, **llqr: float | int) -> None:
+        self.preconditioner = LLQRPreconditioner(_Theta(), LLQRConfig(**llqr))  # type: ignore[arg-type]
+        self.hbar = torch.tensor([A, B], dtype=torch.float64)
+
+    def maybe_update(self, step: int, theta: torch.Tensor) -> None:
+        if self.preconditioner.is_due(step):
+            self.preconditioner.fit_problem({"theta": self.hbar * theta},
+                                            lambda v: {"theta": self.hbar * v["theta"]}, step=step)
+
+    def diagonal(self) -> list[float]:
+        return self.preconditioner.apply(NAMES, [torch.ones(2, dtype=torch.float64)])[0].tolist()
+
+
+# Learned-U settings: the package defaults, and a fast one (refresh every 10 steps, no EMA memory, larger inner lr).
+LEARNED = {
+    "llqr_sam_learned_default": {},
+    "llqr_sam_learned_fast": {"update_interval": 10, "ema_decay": 0.0, "inner_lr": 0.05},
+}
 
 
 def summarize(results: dict[str, dict[str, list]]) -> str:
@@ -173,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 (20 for the acceptance run)")
     parser.add_argument("--max_steps", type=int, default=MAX_STEPS)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    parser.add_argument("--learned_seeds", type=int, default=5, help="seeds for the learned-U variants (0 skips)")
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -191,7 +232,20 @@ def main(argv: list[str] | None = None) -> dict:
         trajectories[name] = runs[0]["trajectory"]
         print(f"{name:10s} escaped {sum(results[name]['escaped'])}/{args.seeds}", flush=True)
 
+    learned = {}
+    for name, settings in LEARNED.items():
+        runs = []
+        for seed in range(args.learned_seeds):
+            refresh = LearnedU(**settings)
+            r = run(METHODS["llqr_sam"], seed, (0.0, Y_STAR), refresh.preconditioner, args.max_steps,
+                    refresh=refresh, keep_every=args.max_steps)
+            runs.append({"escaped": r["escaped"], "steps": r["steps"], "u_final": refresh.diagonal()})
+        learned[name] = {"settings": settings, "runs": runs}
+        print(f"{name:28s} escaped {sum(r['escaped'] for r in runs)}/{len(runs)}; final U {runs[0]['u_final']}"
+              if runs else name, flush=True)
+
     extras = {
+        "learned_u": learned,
         "flat_basin_max_radius": {name: run(METHODS[name], 0, (0.0, 0.0), u, args.max_steps, stop=False,
                                             keep_every=args.max_steps)["max_radius"]
                                   for name in ("sam", "llqr_sam") if name in methods},
