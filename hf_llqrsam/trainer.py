@@ -18,6 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging
 
 from .args import LLQRSAMFields, LLQRSAMTrainingArguments
+from .card import method_card_section
 from .checkpoint import load_state, save_state
 from .compat import llqrsam_active, validate_setup_model
 from .config import SAMConfig
@@ -468,7 +469,8 @@ class LLQRSAMTrainerMixin(_MixinBase):
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
     ) -> None:
-        """The stock card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`integration.md` §9)."""
+        """The stock card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`integration.md` §9), plus a section naming
+        the method and its hf_llqrsam hyperparameters ([`~hf_llqrsam.card.method_card_section`])."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         ours = ["hf-llqrsam"] + ([self.args.sam_mode] if self.args.sam_mode != "none" else [])
         ours += ["llqr"] if self.args.llqr else []
@@ -477,6 +479,9 @@ class LLQRSAMTrainerMixin(_MixinBase):
             model_name=model_name, finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
             dataset=dataset, dataset_args=dataset_args,
         )
+        if self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
+                f.write(method_card_section(self.args))
 
 
 class LLQRSAMTrainer(LLQRSAMTrainerMixin, Trainer):

@@ -25,3 +25,16 @@ def test_peak_memory_counts_the_sam_backup():
     args = argparse.Namespace(output_dir="/tmp", batch_size=2, llqr_batch_size=4, bf16=False, device="cpu")
     base, sam = _measure_peak("vit-s", "base", args), _measure_peak("vit-s", "sam", args)
     assert sam > base > 0
+
+
+def test_quality_benchmark_tiny(tmp_path):
+    from recipes.benchmarks.bench_quality import main as quality
+
+    tiny = ("--max_steps 2 --hidden_size 16 --num_hidden_layers 1 --num_attention_heads 2 --intermediate_size 32 "
+            "--do_train --do_predict --max_train_samples 32 --max_predict_samples 32")
+    report = quality(["--recipe", "image", "--output_dir", str(tmp_path), "--methods", "sam", "--seeds", "0",
+                      "--extra", tiny])
+    assert 0.0 <= report["results"]["sam"][0]["metric"] <= 1.0
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["metric"] == "test_accuracy" and len(saved["results"]["sam"]) == 1
+    assert "| sam |" in (tmp_path / "quality.md").read_text() and (tmp_path / "quality.png").exists()

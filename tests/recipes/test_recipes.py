@@ -1,0 +1,316 @@
+"""Recipe entry points: `main(argv)` on tiny settings, the data/model/metric paths and the argument errors.
+
+Everything runs offline on CPU: the embedded digits and number phrases, tiny models built from configs, hub-style
+checkpoints saved to `tmp_path`, and a simulated offline hub.
+"""
+
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    MarianConfig,
+    MarianMTModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+)
+
+from hf_llqrsam.card import method_card_section
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image() -> ModuleType:
+    return _load(RECIPES / "image_classification" / "run_image_classification.py")
+
+
+@pytest.fixture(scope="module")
+def translation() -> ModuleType:
+    return _load(RECIPES / "translation" / "run_translation.py")
+
+
+COMMON = ["--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true"]
+TINY_VIT = [
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "1",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "32",
+]
+TINY_IMAGE = [*COMMON, *TINY_VIT, "--per_device_train_batch_size", "8", "--max_train_samples", "32"]
+TINY_IMAGE += ["--max_eval_samples", "16", "--max_predict_samples", "16"]
+TINY_MARIAN = ["--d_model", "16", "--ffn_dim", "32", "--encoder_layers", "1", "--decoder_layers", "1"]
+TINY_MARIAN += ["--attention_heads", "2", "--tokenizer_vocab_size", "200"]
+TINY_TRANSLATION = [*COMMON, *TINY_MARIAN, "--per_device_train_batch_size", "8", "--max_train_samples", "32"]
+TINY_TRANSLATION += ["--max_eval_samples", "8", "--max_predict_samples", "8", "--generation_max_length", "8"]
+
+
+def _results(output_dir: Path) -> dict[str, float]:
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+# --- image classification ------------------------------------------------------------------------------------
+
+
+def test_image_embedded_digits_writes_results_and_card(image, tmp_path):
+    results = image.main(["--output_dir", str(tmp_path), *TINY_IMAGE])
+    saved = _results(tmp_path)
+    for key in ["train_loss", "eval_accuracy", "test_accuracy"]:
+        assert key in saved and saved[key] == results[key]
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    card = (tmp_path / "README.md").read_text()
+    assert "hf-llqrsam" in card and "image-classification" in card
+    assert "adamw_torch_fused (no SAM)" in card and "- sam_mode: none" in card
+
+
+def test_image_sam_mode_sam_runs_and_names_the_method(image, tmp_path):
+    image.main(["--output_dir", str(tmp_path), *TINY_IMAGE, "--sam_mode", "sam", "--sam_rho", "0.05"])
+    assert "test_accuracy" in _results(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "- sam\n" in card  # tag
+    assert "SAM (rho=0.05)" in card and "- sam_rho: 0.05" in card and "llqr_" not in card
+
+
+def test_image_llqr_card_lists_llqr_settings(image):
+    _, _, args = image.parse_args(["--output_dir", "x", "--sam_mode", "sam", "--llqr", "--llqr_ema_decay", "0.9"])
+    section = method_card_section(args)
+    assert "LLQR+SAM (rho=0.1)" in section and "- llqr_ema_decay: 0.9" in section and "- llqr: True" in section
+
+
+def test_image_hub_checkpoint_gets_a_resized_head(image, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    ViTForImageClassification(config).save_pretrained(checkpoint)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(checkpoint)
+    output_dir = tmp_path / "out"
+    image.main(["--output_dir", str(output_dir), "--model_name_or_path", str(checkpoint), *TINY_IMAGE])
+    assert "test_accuracy" in _results(output_dir)
+    saved_config = json.loads((output_dir / "config.json").read_text())
+    assert len(saved_config["id2label"]) == 10 and saved_config["label2id"]["7"] == 7
+
+
+def _write_imagefolder(root: Path, classes: list[str], per_class: int) -> None:
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (rng.random((12, 12, 3)) * 100 + 120 * label).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_image_local_imagefolder(image, tmp_path):
+    _write_imagefolder(tmp_path / "train", ["cat", "dog"], per_class=6)
+    _write_imagefolder(tmp_path / "validation", ["cat", "dog"], per_class=2)
+    output_dir = tmp_path / "out"
+    argv = ["--output_dir", str(output_dir), *TINY_IMAGE, "--do_predict", "false"]
+    image.main([*argv, "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "validation")])
+    assert "eval_accuracy" in _results(output_dir)
+    assert json.loads((output_dir / "config.json").read_text())["id2label"] == {"0": "cat", "1": "dog"}
+
+
+def test_image_resumes_from_the_last_checkpoint(image, tmp_path, caplog):
+    argv = [*TINY_IMAGE, "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    argv += ["--do_eval", "false", "--do_predict", "false", "--log_level", "info"]
+    image.main(["--output_dir", str(tmp_path / "first"), *argv, "--max_steps", "2"])
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    first = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    shutil.copytree(checkpoint, tmp_path / "checkpoint-2")
+    with caplog.at_level(logging.INFO):
+        image.main(["--output_dir", str(tmp_path), *argv, "--max_steps", "3"])
+    assert f"resuming training at {tmp_path / 'checkpoint-2'}" in caplog.text
+    resumed = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert resumed["global_step"] == 3 and resumed["log_history"][:2] == first[:2]
+
+    # An explicit --resume_from_checkpoint is passed through: with another seed, a fresh run would log other losses.
+    elsewhere = tmp_path / "elsewhere"
+    argv += ["--max_steps", "3", "--seed", "7", "--resume_from_checkpoint", str(checkpoint)]
+    image.main(["--output_dir", str(elsewhere), *argv])
+    resumed = json.loads((elsewhere / "trainer_state.json").read_text())
+    assert resumed["global_step"] == 3 and resumed["log_history"][:2] == first[:2]
+
+
+def test_image_unknown_column_names_the_flag(image, tmp_path):
+    with pytest.raises(ValueError, match="--image_column_name 'img' not found in the 'train' split"):
+        image.main(["--output_dir", str(tmp_path), *TINY_IMAGE, "--image_column_name", "img"])
+
+
+def test_image_accuracy_sources_agree(image):
+    rng = np.random.default_rng(0)
+    predictions, references = rng.integers(0, 10, 200), rng.integers(0, 10, 200)
+    local = image.load_accuracy("local")(predictions=predictions, references=references)
+    fallback = image.load_accuracy("fallback")(predictions=predictions, references=references)
+    hub_or_fallback = image.load_accuracy("hub")(predictions=predictions, references=references)  # offline: fallback
+    assert local == fallback == hub_or_fallback
+    assert local["accuracy"] == float(np.mean(predictions == references))
+
+
+# --- translation ---------------------------------------------------------------------------------------------
+
+
+def test_translation_embedded_phrases_writes_results_and_tokenizer(translation, tmp_path):
+    results = translation.main(["--output_dir", str(tmp_path), *TINY_TRANSLATION])
+    saved = _results(tmp_path)
+    for key in ["train_loss", "eval_bleu", "test_bleu", "eval_gen_len"]:
+        assert key in saved and saved[key] == results[key]
+    assert len((tmp_path / "generated_predictions.txt").read_text().split("\n")) == 8
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.decode(tokenizer("3. März 2021")["input_ids"], skip_special_tokens=True) == "3. März 2021"
+    card = (tmp_path / "README.md").read_text()
+    assert "hf-llqrsam" in card and "translation" in card and "- sam_mode: none" in card
+
+
+def test_translation_number_phrase_splits_are_disjoint():
+    sys.path.insert(0, str(RECIPES / "translation"))
+    from number_phrases import load_number_phrase_dataset
+
+    dataset = load_number_phrase_dataset()
+    sources = {split: {pair["de"] for pair in dataset[split]["translation"]} for split in dataset}
+    assert not sources["train"] & sources["validation"]
+    assert not sources["train"] & sources["test"]
+    assert not sources["validation"] & sources["test"]
+    assert len(sources["test"]) == 1000 and len(sources["validation"]) == 500
+    assert load_number_phrase_dataset()["test"]["translation"] == dataset["test"]["translation"]
+
+
+def test_translation_hub_checkpoint(translation, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    texts = ["eins", "one", "zwei", "two", "3. März 2021", "March 3, 2021"] * 5
+    tokenizer = translation.train_tokenizer(texts, vocab_size=100, model_max_length=32)
+    config = MarianConfig(
+        vocab_size=len(tokenizer),
+        decoder_vocab_size=len(tokenizer),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    MarianMTModel(config).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    output_dir = tmp_path / "out"
+    translation.main(["--output_dir", str(output_dir), "--model_name_or_path", str(checkpoint), *TINY_TRANSLATION])
+    assert "test_bleu" in _results(output_dir)
+
+
+def test_translation_local_json_and_csv_files(translation, tmp_path):
+    pairs = [{"de": f"{i} Äpfel", "en": f"{i} apples"} for i in range(40)]
+    for split, rows in [("train", pairs[:32]), ("validation", pairs[32:])]:
+        lines = [json.dumps({"translation": row}, ensure_ascii=False) for row in rows]
+        (tmp_path / f"{split}.json").write_text("\n".join(lines), encoding="utf-8")
+    output_dir = tmp_path / "json"
+    argv = ["--output_dir", str(output_dir), *TINY_TRANSLATION, "--do_predict", "false"]
+    translation.main(
+        [*argv, "--train_file", str(tmp_path / "train.json"), "--validation_file", str(tmp_path / "validation.json")]
+    )
+    assert "eval_bleu" in _results(output_dir)
+
+    csv = "german,english\n" + "\n".join(f"{row['de']},{row['en']}" for row in pairs)
+    (tmp_path / "train.csv").write_text(csv, encoding="utf-8")
+    argv = ["--output_dir", str(tmp_path / "csv"), *TINY_TRANSLATION, "--do_eval", "false", "--do_predict", "false"]
+    argv += ["--train_file", str(tmp_path / "train.csv"), "--source_column", "german", "--target_column", "english"]
+    translation.main(argv)
+    assert "train_loss" in _results(tmp_path / "csv")
+
+
+def test_translation_unknown_language_and_column_name_the_flag(translation, tmp_path):
+    with pytest.raises(ValueError, match="--source_lang 'fr' not found in the 'translation' column"):
+        translation.main(["--output_dir", str(tmp_path), *TINY_TRANSLATION, "--source_lang", "fr"])
+    with pytest.raises(ValueError, match="--translation_column 'pairs' not found"):
+        translation.main(["--output_dir", str(tmp_path), *TINY_TRANSLATION, "--translation_column", "pairs"])
+
+
+def test_translation_bleu_sources_agree(translation):
+    predictions = ["three thousand and five", "May 3, 2021", "twelve euro, fifty cents", "2:30 PM"]
+    references = [["three thousand and five"], ["March 3, 2021"], ["twelve euro, fifty cent"], ["2:30 AM"]]
+    local = translation.load_bleu("local")(predictions=predictions, references=references)["score"]
+    fallback = translation.load_bleu("fallback")(predictions=predictions, references=references)["score"]
+    assert local == fallback
+    assert 0 < local < 100
+
+
+# --- arguments -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["image", "translation"])
+def test_unknown_sam_mode_exits_with_the_choices(recipe, request, capsys):
+    module = request.getfixturevalue(recipe)
+    with pytest.raises(SystemExit) as excinfo:
+        module.parse_args(["--output_dir", "x", "--sam_mode", "sharp"])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sam_mode" in err and "invalid choice: 'sharp'" in err
+
+
+@pytest.mark.parametrize("recipe", ["image", "translation"])
+def test_sam_flags_parse(recipe, request):
+    module = request.getfixturevalue(recipe)
+    _, _, args = module.parse_args(["--output_dir", "x", "--sam_mode", "sam", "--sam_rho", "0.05", "--llqr"])
+    assert (args.sam_mode, args.sam_rho, args.llqr) == ("sam", 0.05, True)
+
+
+@pytest.mark.parametrize("recipe", ["image", "translation"])
+def test_dataset_name_without_network_is_a_one_line_error(recipe, request, tmp_path, monkeypatch):
+    module = request.getfixturevalue(recipe)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what a machine without network sees, at once
+    with pytest.raises(
+        SystemExit, match="--dataset_name 'uoft-cs/cifar10': the Hugging Face Hub could not be reached"
+    ):
+        module.main(["--output_dir", str(tmp_path), "--dataset_name", "uoft-cs/cifar10"])
+
+
+def test_config_file_with_command_line_overrides(image, tmp_path):
+    config = {"learning_rate": "1e-4", "sam_mode": "sam", "sam_rho": 0.2, "do_predict": False, "report_to": "none"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, data_args, args = image.parse_args([str(path), "--output_dir", "x", "--sam_rho", "0.3"])
+    assert (args.learning_rate, args.sam_mode, args.sam_rho, args.do_predict) == (1e-4, "sam", 0.3, False)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"output_dir": "y", "label_column_name": "fine_label"}))
+    _, data_args, args = image.parse_args([str(path)])
+    assert (args.output_dir, data_args.label_column_name) == ("y", "fine_label")
+
+
+@pytest.mark.parametrize(
+    "config", sorted(RECIPES.glob("*/configs/*.yaml")), ids=lambda path: f"{path.parent.parent.name}/{path.name}"
+)
+def test_shipped_configs_parse(config, image, translation):
+    module = image if config.parent.parent.name == "image_classification" else translation
+    _, _, args = module.parse_args([str(config), "--output_dir", "x"])
+    assert args.output_dir == "x"
