@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import datasets  # type: ignore[import-untyped]
 import torch
@@ -158,7 +158,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
             loss = super().training_step(model, inputs, nitems)
         self._clean_loss += loss
         if last:
-            self._ascend_and_replay(model, self._window_inputs, self._window_rng, nitems, stash=None)
+            self._ascend_and_replay(model, self._window_inputs, self._window_rng, nitems, micro=False)
         return loss
 
     def _micro_call(self, model: nn.Module, inputs: dict[str, Any], nitems: Any) -> Tensor:
@@ -173,7 +173,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         with grad_sync(model, cfg.scope == "global"):  # set before the forward (davda54/sam#78)
             loss = super().training_step(model, inputs, nitems)
         self._clean_loss += loss
-        self._ascend_and_replay(model, [inputs], rng, nitems, stash=stash)
+        self._ascend_and_replay(model, [inputs], rng, nitems, micro=True, stash=stash)
         return loss
 
     def _ascend_and_replay(
@@ -182,9 +182,14 @@ class LLQRSAMTrainerMixin(_MixinBase):
         replays: list[dict[str, Any]],
         rng: list[tuple[Tensor, Tensor | None]],
         nitems: Any,
-        stash: dict[int, Tensor] | None,
+        micro: bool,
+        stash: dict[int, Tensor] | None = None,
     ) -> None:
-        """ε from the gradient in `p.grad`, pass 2 at θ + ε on `replays`, exact restore (`integration.md` §3.3)."""
+        """ε from the gradient in `p.grad`, pass 2 at θ + ε on `replays`, exact restore (`integration.md` §3.3).
+
+        Window mode replays the whole window, synchronising only the last replay; micro mode runs one pass 2 under
+        the Trainer's own sync context, accumulating onto `stash` (earlier micro-batches' pass-2 sum, if any).
+        """
         cfg = self.sam_config
         names, params, grads = self._live_grads()
         scale = self._grad_scale()
@@ -217,7 +222,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
                     _set_rng_state(rng[j])
                 # Window replays: no sync until the last; micro: the Trainer's own context decides.
                 last = j == len(replays) - 1
-                ctx = grad_sync(model, last) if stash is None else contextlib.nullcontext()
+                ctx = contextlib.nullcontext() if micro else grad_sync(model, last)
                 with ctx:
                     self._perturbed_loss += super().training_step(model, inputs, nitems)
         finally:
@@ -349,7 +354,8 @@ class LLQRSAMTrainerMixin(_MixinBase):
         return self._prepare_inputs(batch)
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
-        return getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap Accelerate's AcceleratedOptimizer
+        # Accelerate wraps the torch optimizer in an AcceleratedOptimizer once the Trainer prepared it
+        return cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The base optimizer; with `llqr_apply="update"`, step hooks rewrite θ ← θ_old + U(θ − θ_old).
@@ -480,7 +486,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
             dataset=dataset, dataset_args=dataset_args,
         )
         if self.is_world_process_zero():
-            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
+            with open(os.path.join(str(self.args.output_dir), "README.md"), "a", encoding="utf-8") as f:
                 f.write(method_card_section(self.args))
 
 

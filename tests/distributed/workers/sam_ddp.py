@@ -8,6 +8,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from transformers import TrainerCallback
 
 from tests.utils import SequentialTrainer, image_dataset, make_args, params_of, tiny_vit
 
@@ -25,10 +27,31 @@ CONFIGS = {
 }
 
 
+# global: 2 at GA 1, k + 1 in micro mode, 2 in window mode; local: 1 (pass 2 only)
+EXPECTED_ALLREDUCES_PER_STEP = {"global_ga1": 2, "global_micro_ga2": 3, "global_window_ga2": 2, "local_ga1": 1}
+
+
 def _same_on_all_ranks(flat: torch.Tensor, what: str) -> None:
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1]), f"{what}: ranks diverged"
+
+
+class CountAllReduces(TrainerCallback):
+    """Counts DDP gradient all-reduces: every all-reduce of the gradients reduces bucket 0 exactly once."""
+
+    def __init__(self, trainer_ref: list) -> None:
+        self.trainer_ref, self.count = trainer_ref, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ddp = self.trainer_ref[0].model_wrapped
+
+        def hook(_, bucket):
+            if bucket.index() == 0:
+                self.count += 1
+            return allreduce_hook(None, bucket)
+
+        ddp.register_comm_hook(None, hook)
 
 
 def main(out_dir: str, names: list[str]) -> None:
@@ -37,8 +60,14 @@ def main(out_dir: str, names: list[str]) -> None:
         args = make_args(out_dir, ddp_find_unused_parameters=False, **CONFIGS[name])
         assert args.world_size == 2, f"expected 2 processes, got {args.world_size}"
         model = tiny_vit()
-        trainer = SequentialTrainer(model=model, args=args, train_dataset=ds)
+        ref: list = []
+        counter = CountAllReduces(ref)
+        trainer = SequentialTrainer(model=model, args=args, train_dataset=ds, callbacks=[counter])
+        ref.append(trainer)
         trainer.train()
+        if name in EXPECTED_ALLREDUCES_PER_STEP:  # integration.md §7.2
+            expected = EXPECTED_ALLREDUCES_PER_STEP[name] * args.max_steps
+            assert counter.count == expected, f"{name}: {counter.count} all-reduces, expected {expected}"
         if args.torch_compile:  # the run really went through OptimizedModule(DDP(...))
             assert type(trainer.model_wrapped).__name__ == "OptimizedModule", type(trainer.model_wrapped)
         _same_on_all_ranks(torch.cat([p.reshape(-1) for p in params_of(model)]), name)
