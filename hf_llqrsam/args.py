@@ -279,7 +279,7 @@ class LLQRSAMTrainingArguments(TrainingArguments, LLQRSAMFields):
     """
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[no-untyped-call]
         validate_llqrsam_args(self)
 
 
@@ -291,5 +291,5 @@ class LLQRSAMSeq2SeqTrainingArguments(Seq2SeqTrainingArguments, LLQRSAMFields):
     """
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[no-untyped-call]
         validate_llqrsam_args(self)

@@ -24,7 +24,7 @@ def load_state(checkpoint_dir: str) -> dict[str, Any] | None:
     path = os.path.join(checkpoint_dir, STATE_FILE)
     if not os.path.isfile(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"Unsupported {STATE_FILE} format_version={state.get('format_version')} in {path}.")
     return state

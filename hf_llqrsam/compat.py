@@ -10,7 +10,7 @@ _SEE = "See the support matrix in the hf_llqrsam README."
 
 def llqrsam_active(args: Any) -> bool:
     """True when the run deviates from the stock Trainer path (SAM or LLQR on)."""
-    return args.sam_mode != "none" or args.llqr
+    return bool(args.sam_mode != "none" or args.llqr)
 
 
 def _fsdp_version(args: Any) -> int | None:

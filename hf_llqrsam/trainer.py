@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, cast
 
-import datasets  # type: ignore[import-untyped]
+import datasets
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
