@@ -6,7 +6,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
-from tests.oracles.sam_loop import OracleSAM
+from tests.oracles.sam_loop import OracleSAM, averaged_sam_step
 from tests.utils import (
     SequentialTrainer,
     batches,
@@ -95,25 +95,9 @@ def test_micro_mode_one_perturbation_per_micro_batch(tmp_path):
     SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", sam_accumulation="micro",
                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),
                       train_dataset=ds).train()
-    params = list(ref.parameters())
     micro = batches(ds, 2)
     for step in range(4):
-        w = [p.detach().clone() for p in params]
-        descent = [torch.zeros_like(p) for p in params]
-        for batch in micro[2 * step : 2 * step + 2]:
-            g = torch.autograd.grad(ref(**batch).loss, params)
-            norm = torch.sqrt(sum((x * x).sum() for x in g) + 1e-12)
-            with torch.no_grad():
-                for p, x in zip(params, g, strict=True):
-                    p.add_(0.1 * x / norm)
-            gt = torch.autograd.grad(ref(**batch).loss, params)
-            with torch.no_grad():
-                for p, w0, d, x in zip(params, w, descent, gt, strict=True):
-                    p.copy_(w0)
-                    d.add_(x / 2)
-        with torch.no_grad():
-            for p, d in zip(params, descent, strict=True):
-                p.sub_(0.1 * d)
+        averaged_sam_step(ref, micro[2 * step : 2 * step + 2], rho=0.1, lr=0.1)
     assert max_abs_diff(params_of(model), params_of(ref)) < TOL
     # and it is a different method from window mode
     win = tiny_vit()

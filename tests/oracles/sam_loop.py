@@ -91,3 +91,27 @@ class OracleSAM:
         with torch.no_grad():
             vector_to_parameters(w - self.lr * d, params)
         self.t += 1
+
+
+def averaged_sam_step(model: nn.Module, shards: list[dict], rho: float, lr: float) -> None:
+    """One SGD step on the mean over `shards` of ∇L_j(θ + ε_j), with ε_j = ρ g_j/‖g_j‖ from shard j alone.
+
+    This is SAM's m-sharpness: micro mode (shards = micro-batches) and local DDP scope (shards = ranks).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = [p.detach().clone() for p in params]
+    descent = [torch.zeros_like(p) for p in params]
+    for shard in shards:
+        g = torch.autograd.grad(model(**shard).loss, params)
+        norm = torch.sqrt(sum((x * x).sum() for x in g) + 1e-12)
+        with torch.no_grad():
+            for p, x in zip(params, g, strict=True):
+                p.add_(rho * x / norm)
+        gt = torch.autograd.grad(model(**shard).loss, params)
+        with torch.no_grad():
+            for p, w0, d, x in zip(params, w, descent, gt, strict=True):
+                p.copy_(w0)
+                d.add_(x / len(shards))
+    with torch.no_grad():
+        for p, d in zip(params, descent, strict=True):
+            p.sub_(lr * d)
