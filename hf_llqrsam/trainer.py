@@ -166,7 +166,8 @@ class LLQRSAMTrainerMixin(_MixinBase):
         cfg = self.sam_config
         grads = [p.grad for _, p in self._named_params if p.grad is not None]  # type: ignore[union-attr]
         stash = {id(g): g.clone() for g in grads} if grads else None
-        torch._foreach_zero_(grads) if grads else None
+        if grads:
+            torch._foreach_zero_(grads)
         if cfg.bn_stats == "second":
             self._bn_backup = [b.clone() for b in batchnorm_buffers(model)]
         rng = [_rng_state()] if cfg.same_dropout else []
@@ -209,10 +210,13 @@ class LLQRSAMTrainerMixin(_MixinBase):
             self._record_perturbation(pert, rho)
 
         for g in grads:  # pass 2 accumulates from zero (window) or onto earlier micro-batches' pass 2 (micro)
-            g.copy_(stash[id(g)]) if stash is not None and id(g) in stash else g.zero_()
+            if stash is not None and id(g) in stash:
+                g.copy_(stash[id(g)])
+            else:
+                g.zero_()
         bn = batchnorm_buffers(model)
-        if cfg.bn_stats == "second" and self._bn_backup is not None:
-            torch._foreach_copy_(bn, self._bn_backup) if bn else None
+        if cfg.bn_stats == "second" and self._bn_backup is not None and bn:
+            torch._foreach_copy_(bn, self._bn_backup)
         bn_first = [b.clone() for b in bn] if cfg.bn_stats == "first" else None
         post_pass1_rng = _rng_state() if cfg.same_dropout else None
         backups = apply_perturbation_(params, pert.eps) if finite else None

@@ -221,10 +221,7 @@ def test_fixed_u_enters_perturbation_and_descent_once_per_step(tmp_path, mode, i
     trainer.preconditioner = u  # llqr=False: U is fixed, never refreshed
     trainer.train()
     assert u.calls == 4
-    oracle = OracleSAM(mode, 0.1, 0.1, u=u.flat(ref))
-    if not in_perturbation:  # C = I, P = U
-        oracle_c = OracleSAM(mode, 0.1, 0.1)
-        oracle.perturbation = oracle_c.perturbation
+    oracle = OracleSAM(mode, 0.1, 0.1, u=u.flat(ref), u_in_perturbation=in_perturbation)
     for batch in batches(ds, 4):
         oracle.step(ref, batch)
     assert max_abs_diff(params_of(model), params_of(ref)) < TOL

@@ -24,18 +24,19 @@ class OracleSAM:
                  fisher_form: str = "reference",
                  gsam_alpha: float = 0.4, vasso_theta: float = 0.4, infosam_alpha: float = 0.9,
                  infosam_damping: float = 1e-8, norm: str = "euclidean", u: torch.Tensor | None = None,
-                 u_on_update: bool = True):
+                 u_in_perturbation: bool = True, u_on_update: bool = True):
         self.mode, self.rho, self.lr, self.eps = mode, rho, lr, eps
         self.asam_eta, self.fsam_beta, self.fsam_sigma = asam_eta, fsam_beta, fsam_sigma
         self.fisher_eta, self.fisher_form, self.gsam_alpha = fisher_eta, fisher_form, gsam_alpha
         self.vasso_theta, self.infosam_alpha, self.infosam_damping = vasso_theta, infosam_alpha, infosam_damping
-        self.norm, self.u, self.u_on_update = norm, u, u_on_update
+        self.norm, self.u = norm, u
+        self.u_in_perturbation, self.u_on_update = u_in_perturbation, u_on_update
         self.state: dict[str, torch.Tensor] = {}
         self.t = 0
 
     def perturbation(self, model: nn.Module, g: torch.Tensor) -> torch.Tensor:
         mode, rho = self.mode, self.rho
-        u = self.u if self.u is not None else torch.ones_like(g)
+        u = self.u if self.u is not None and self.u_in_perturbation else torch.ones_like(g)
         if mode in ("sam", "gsam"):
             v = g
             cv = u * v
