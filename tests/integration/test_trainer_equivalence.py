@@ -235,3 +235,29 @@ def test_gradient_checkpointing_with_sam_matches_plain(tmp_path):
                       train_dataset=ds).train()
     assert ckpt.is_activation_checkpointing and not plain.is_activation_checkpointing
     assert max_abs_diff(params_of(plain), params_of(ckpt)) < TOL
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1, self.bn, self.lin2 = nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, pixel_values, labels):
+        return {"loss": nn.functional.cross_entropy(self.lin2(self.bn(self.lin1(pixel_values.flatten(1)))), labels)}
+
+
+@pytest.mark.parametrize("policy", ["first", "second"])
+def test_batchnorm_stats_kept_from_one_pass(tmp_path, policy):
+    """sam_bn_stats: exactly one pass's running-stat update survives; `first` is the clean pass's."""
+    ds = image_dataset(16)
+    model = BatchNormNet()
+    SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", sam_rho=0.5, max_steps=1,
+                      sam_bn_stats=policy), train_dataset=ds).train()
+    clean = BatchNormNet().train()
+    with torch.no_grad():
+        clean(**batches(ds, 4)[0])  # one train-mode forward at θ₀ from the initial buffers
+    assert int(model.bn.num_batches_tracked) == 1
+    same = torch.allclose(model.bn.running_mean, clean.bn.running_mean, rtol=0, atol=1e-7) and torch.allclose(
+        model.bn.running_var, clean.bn.running_var, rtol=0, atol=1e-7)
+    assert same == (policy == "first")  # `second` keeps the perturbed pass's statistics (the reference)
