@@ -24,6 +24,7 @@ All math runs in fp32. Weights are restored by copying a backup, never by subtra
 floating point.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -179,7 +180,7 @@ def compute_perturbation(
     if grad_scale != 1.0:
         g = list(torch._foreach_div(g, grad_scale))
     grad_norm = float(total_norm(g))
-    if not torch.isfinite(torch.tensor(grad_norm)):
+    if not math.isfinite(grad_norm):
         state.skipped_ascent += 1
         return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
 
@@ -222,9 +223,16 @@ def compute_perturbation(
     else:
         raise ValueError(f"Invalid sam_mode={mode!r} for compute_perturbation.")
 
-    if norm_sq is None:
-        norm_sq = _dot(v, cv) if cfg.norm == "matrix" else total_norm(cv) ** 2
-    scale = rho / float(torch.sqrt(norm_sq + cfg.eps))
+    # ‖Cv‖ and ν² as Python floats: with C = I and the euclidean norm both are ‖g‖, already known (no extra
+    # reduction, no extra device sync); ‖ε‖ = scale·‖Cv‖ exactly, so ε is never reduced again.
+    cv_norm = grad_norm if cv is g else float(total_norm(cv))
+    if norm_sq is not None:
+        nu_sq = float(norm_sq)
+    elif cfg.norm == "matrix":
+        nu_sq = float(_dot(v, cv))
+    else:
+        nu_sq = cv_norm**2
+    scale = rho / math.sqrt(nu_sq + cfg.eps)
     eps = list(torch._foreach_mul(cv, scale))
     state.ascents += 1
     return Perturbation(
@@ -232,7 +240,7 @@ def compute_perturbation(
         finite=True,
         grad_norm=grad_norm,
         probe_norm=grad_norm if v is g else float(total_norm(v)),
-        perturbation_norm=float(total_norm(eps)),
+        perturbation_norm=scale * cv_norm,
         clean_grads=[t.clone() for t in g] if mode == "gsam" else [],
     )
 
@@ -270,9 +278,13 @@ def _infosam_direction(
 def apply_perturbation_(params: Sequence[Tensor], eps: Sequence[Tensor]) -> list[Tensor]:
     """θ ← θ + ε in place; returns the exact backups of θ for [`restore_`]."""
     with torch.no_grad():
-        backups = [p.detach().clone() for p in params]
-        for p, e in zip(params, eps, strict=True):
-            p.add_(e.to(p.dtype))
+        live = [p.detach() for p in params]
+        backups = [p.clone() for p in live]
+        if all(p.dtype == e.dtype for p, e in zip(live, eps, strict=True)):
+            torch._foreach_add_(live, list(eps))  # one fused kernel per dtype/device group
+        else:
+            for p, e in zip(live, eps, strict=True):
+                p.add_(e.to(p.dtype))
     return backups
 
 

@@ -209,11 +209,13 @@ class LLQRSAMTrainerMixin(_MixinBase):
         else:
             self._record_perturbation(pert, rho)
 
-        for g in grads:  # pass 2 accumulates from zero (window) or onto earlier micro-batches' pass 2 (micro)
-            if stash is not None and id(g) in stash:
-                g.copy_(stash[id(g)])
-            else:
-                g.zero_()
+        # pass 2 accumulates from zero (window) or onto earlier micro-batches' pass 2 (micro)
+        restored = [g for g in grads if stash is not None and id(g) in stash]
+        if restored:
+            torch._foreach_copy_(restored, [stash[id(g)] for g in restored])  # type: ignore[index]
+        zeroed = [g for g in grads if stash is None or id(g) not in stash]
+        if zeroed:
+            torch._foreach_zero_(zeroed)
         bn = batchnorm_buffers(model)
         if cfg.bn_stats == "second" and self._bn_backup is not None and bn:
             torch._foreach_copy_(bn, self._bn_backup)

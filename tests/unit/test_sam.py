@@ -213,6 +213,42 @@ def test_restore_is_exact_where_subtraction_is_not():
     assert not torch.equal(subtracted, original)  # (w + ε) − ε ≠ w in fp32
 
 
+@pytest.mark.parametrize(
+    "cfg,geometry",
+    [
+        (SAMConfig(mode="sam"), False),
+        (SAMConfig(mode="sam"), True),
+        (SAMConfig(mode="sam", norm="matrix"), True),
+        (SAMConfig(mode="asam"), False),
+        (SAMConfig(mode="fisher_sam"), False),
+        (SAMConfig(mode="fsam", fsam_init="first_grad"), True),
+    ],
+)
+def test_reported_perturbation_norm_is_the_norm_of_eps(cfg, geometry):
+    """‖ε‖ is reported as scale·‖Cv‖ without reducing ε again; it must equal the norm of the ε returned."""
+    params, grads = _tensors(scale=3.0)
+    u = _diag_u(params) if geometry else None
+    state = SAMState()
+    for _ in range(2):  # the second step exercises the stateful probes (FSAM's g − σḡ)
+        pert = compute_perturbation(cfg, state, NAMES, params, grads, 0.2, u)
+        assert pert.perturbation_norm == pytest.approx(float(_flat(pert.eps).norm()), rel=1e-12)
+        assert pert.grad_norm == pytest.approx(float(_flat(grads).norm()), rel=1e-12)
+
+
+def test_apply_perturbation_casts_eps_to_each_parameter_dtype():
+    """Mixed dtypes (bf16 weights, fp32 ε) take the per-tensor cast; equal dtypes take the fused add."""
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(5, generator=gen).to(torch.bfloat16), torch.randn(2, 3, generator=gen)]
+    eps = [torch.randn(5, generator=gen), torch.randn(2, 3, generator=gen)]
+    expected = [p + e.to(p.dtype) for p, e in zip(params, eps, strict=True)]
+    originals = [p.clone() for p in params]
+    backups = apply_perturbation_(params, eps)
+    for p, want in zip(params, expected, strict=True):
+        assert torch.equal(p, want)
+    restore_(params, backups)
+    assert all(torch.equal(p, o) for p, o in zip(params, originals, strict=True))
+
+
 def test_state_dict_round_trip_is_weights_only_safe(tmp_path):
     params, grads = _tensors()
     state = SAMState()
