@@ -142,7 +142,7 @@ class _Piece:
             return
         self.logits = logits
         self.p = torch.softmax(logits.detach(), dim=-1)
-        self.row_weight = counted.to(logits.dtype)[:, None]
+        self.p_counted = counted.to(logits.dtype)[:, None] * self.p  # m_r·p_r, built once
         # Jv by the double-VJP trick: Jᵀw0 is linear in the dummy w0, so differentiating it w.r.t. w0 gives J.
         self.w0 = torch.zeros_like(logits, requires_grad=True)
         jt = torch.autograd.grad(logits, self.params, grad_outputs=self.w0, create_graph=True, allow_unused=True)
@@ -160,8 +160,8 @@ class _Piece:
         (jv,) = torch.autograd.grad(
             [t for _, t in self._jt], self.w0, grad_outputs=[v[i] for i, _ in self._jt], retain_graph=True
         )
-        pjv = self.p * jv  # F_r (J v)_r = p ⊙ Jv − p (pᵀ Jv), rows that count only
-        u = self.row_weight * (pjv - self.p * pjv.sum(dim=-1, keepdim=True))
+        # F_r (J v)_r = p ⊙ Jv − p (pᵀ Jv) = p ⊙ (Jv − pᵀJv), rows that count only: four passes over (rows, C)
+        u = self.p_counted * (jv - (self.p * jv).sum(dim=-1, keepdim=True))
         return _grads(self.logits, self.params, grad_outputs=u, retain_graph=True)
 
 

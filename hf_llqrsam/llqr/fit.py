@@ -22,12 +22,21 @@ __all__ = ["FitStats", "clip_by_groups_", "fit_structure", "group_index", "sanit
 ProductFn = Callable[[list[Tensor]], list[Tensor]]
 
 
+def _flat(ts: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+    """Σ_i ⟨a_i, b_i⟩ as one dot of the concatenations (differentiable; no per-tensor reductions)."""
+    return torch.dot(_flat(a), _flat(b))
 
 
 def surrogate_gradient(
-    structure: Structure, g: Sequence[Tensor], gv: ProductFn, probe: Sequence[Tensor] | None = None
+    structure: Structure,
+    g: Sequence[Tensor],
+    gv: ProductFn,
+    probe: Sequence[Tensor] | None = None,
+    objective: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
     """J(U) and ∂J/∂(structure parameters) with one product (G + λI)·δ (`algorithm.md` §5.1).
 
@@ -37,6 +46,7 @@ def surrogate_gradient(
         gv (`Callable`): v ↦ (G + λI)·v on lists aligned with `structure.layouts`.
         probe (`Sequence[Tensor]`, *optional*): the vector U acts on, δ = −U·probe; defaults to g. With
             `llqr_apply="update"` it is −Δ_opt(g), so that δ = U·Δ_opt(g) (`algorithm.md` §7.3).
+        objective (`bool`, *optional*, defaults to `True`): also evaluate J (two dots); J is NaN when `False`.
 
     Returns:
         `tuple[Tensor, list[Tensor]]`: J (0-dim, detached) and the gradients, aligned with `structure.parameters()`.
@@ -46,15 +56,22 @@ def surrogate_gradient(
         delta = [-u for u in structure.apply(g if probe is None else probe)]
         delta_d = [d.detach() for d in delta]
         g_delta = gv(delta_d)
-        objective = _dot(g, delta_d) + 0.5 * _dot(delta_d, g_delta)
-        residual = [gi + gd for gi, gd in zip(g, g_delta, strict=True)]
+        value = _dot(g, delta_d) + 0.5 * _dot(delta_d, g_delta) if objective else torch.tensor(float("nan"))
+        residual = torch._foreach_add(list(g), g_delta)
         surrogate = _dot(residual, delta)
         got = torch.autograd.grad(surrogate, params, allow_unused=True)
-    return objective.detach(), [torch.zeros_like(p) if t is None else t for p, t in zip(params, got, strict=True)]
+    return value.detach(), [torch.zeros_like(p) if t is None else t for p, t in zip(params, got, strict=True)]
 
 
 def sanitize_(tensors: Sequence[Tensor]) -> Tensor:
-    """nan → 0, +inf → +1, −inf → −1 in place (the reference's U-gradient sanitisation); returns the count replaced."""
+    """nan → 0, +inf → +1, −inf → −1 in place (the reference's U-gradient sanitisation); returns the count replaced.
+
+    A finite norm proves a tensor finite, so the per-tensor scan runs only when some norm is not.
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.long)
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()):
+        return torch.zeros((), dtype=torch.long, device=tensors[0].device)
     bad = sum((~torch.isfinite(t)).sum() for t in tensors)
     for t in tensors:
         torch.nan_to_num_(t, nan=0.0, posinf=1.0, neginf=-1.0)
@@ -136,12 +153,13 @@ def fit_structure(
     for p in params:
         p.requires_grad_(True)
     group_of = group_index(structure.clip_groups(), params[0].device if params else None)
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=0.0, nesterov=False)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=0.0, nesterov=False, foreach=True)
     nan = torch.tensor(float("nan"))
     first = last = nan
     norms, clipped, bad = [], [], []
     for step in range(steps):
-        objective, grads = surrogate_gradient(structure, g, gv, probe)
+        # J is reported only at the first and last inner steps: skip its two dots in between
+        objective, grads = surrogate_gradient(structure, g, gv, probe, objective=step in (0, steps - 1))
         if step == 0:
             first = objective
         last = objective

@@ -84,6 +84,8 @@ class LLQRPreconditioner:
     @torch.no_grad()
     def apply(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[Tensor]:
         """U·t for each tensor as a new fp32 tensor (fp64 stays fp64); identity for names not in U."""
+        if list(names) == self.names and isinstance(self.structure, DiagonalStructure):
+            return self.structure.apply(tensors)  # the default: fused, no per-tensor loop (falls back on dtype)
         out = []
         for name, t in zip(names, tensors, strict=True):
             x = t.detach().to(torch.promote_types(t.dtype, torch.float32), copy=True)

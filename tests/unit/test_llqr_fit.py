@@ -73,6 +73,15 @@ def test_sanitize_maps_nan_and_infinities():
     assert u.tolist() == [[0.0, 0.0]]
 
 
+def test_sanitize_finite_tensors_are_untouched_even_when_their_norm_overflows():
+    big = torch.tensor([1e30, -3e38, 1.0])  # finite, but ‖big‖ overflows to inf: the per-entry scan decides
+    small = torch.tensor([0.5, -2.0])
+    before = [big.clone(), small.clone()]
+    assert int(sanitize_([big, small])) == 0
+    assert torch.equal(big, before[0]) and torch.equal(small, before[1])
+    assert int(sanitize_([small])) == 0 and torch.equal(small, before[1])
+
+
 def test_clip_scales_each_group_by_min_one_clip_over_norm():
     a = torch.tensor([3.0, 4.0])  # group 0: norm 5·√2 with b
     b = torch.tensor([5.0])

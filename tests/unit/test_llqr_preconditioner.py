@@ -300,6 +300,21 @@ def test_apply_and_apply_inplace_agree(structure):
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
 
 
+def test_diagonal_apply_in_u_order_is_fused_and_equals_the_per_name_loop():
+    """`apply` in U's own name order takes the fused diagonal path; any other order loops per name. Same values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    pre = LLQRPreconditioner(model, LLQRConfig(identity_scaling=2.0))
+    _random_u(pre, seed=5)
+    ts = [torch.randn(p.shape) for p in model.parameters()]
+    assert list(pre.names) == [n for n, _ in model.named_parameters()]
+    fused = pre.apply(pre.names, ts)
+    looped = pre.apply(pre.names[::-1], ts[::-1])[::-1]
+    for f, lo, t in zip(fused, looped, ts, strict=True):
+        assert f is not t
+        torch.testing.assert_close(f, lo, rtol=0, atol=0)
+
+
 def test_identity_scaling_starts_at_identity():
     model = TanhNet((3, 4, 3), dtype=torch.float32)
     pre = LLQRPreconditioner(model, LLQRConfig(identity_scaling=4.0, structure="ekfac"))
