@@ -4,7 +4,9 @@ Every variant is built once, then timed in interleaved rounds (A B C … A B C �
 variants alike. A "step" is one optimizer step: `training_step` (one pass for base/LLQR, two for SAM) + the AdamW
 step + `zero_grad`. LLQR variants are timed between refreshes; the refresh is timed on its own and amortised at the
 refresh interval E (default 1000): amortised = step + refresh / E. Peers on the same model, data and batch: a
-hand-written SAM loop and `pytorch_optimizer.SAM` (optional extra `peers`).
+hand-written SAM loop and `pytorch_optimizer.SAM` (optional extra `peers`). `base_again` is a second, identical base
+instance: its ratio to `base` shows how much of a ratio is machine noise. The training batch defaults to the LLQR
+curvature batch (64), as in every reference preset (`algorithm.md` §12.2); the refresh cost scales with the latter.
 
 Peak memory is measured per variant in a fresh subprocess: on GPU `torch.cuda.max_memory_allocated`; on CPU the
 persistent tensors (params, optimizer and SAM/LLQR state) plus the peak running sum of the tensor allocations that
@@ -52,6 +54,7 @@ MODELS: dict[str, tuple[str, dict]] = {
 # name -> TrainingArguments overrides (Trainer variants) or None (hand-written peers)
 VARIANTS: dict[str, dict | None] = {
     "base": {},
+    "base_again": {},  # a second, identical base instance: its ratio to base is the noise floor (A/A)
     "sam": {"sam_mode": "sam"},
     "llqr": {"llqr": True},
     "llqr_sam": {"sam_mode": "sam", "llqr": True},
@@ -253,9 +256,41 @@ def time_model(model_name: str, args: argparse.Namespace) -> dict:
         if v in refresh:
             row["refresh_s"] = refresh[v]
             row["amortised_step_s"] = med + refresh[v] / args.update_interval
+            if base:
+                row["refresh_in_base_steps"] = refresh[v] / base
         if base:
             row["ratio_to_base"] = row.get("amortised_step_s", med) / base
         out["variants"][v] = row
+    return out
+
+
+# target name -> (numerator variant, denominator variant, metric, bound); `amortised` uses the amortised LLQR step
+TARGETS: dict[str, tuple[str, str, str, float | None]] = {
+    "A/A noise floor: a second base instance / base": ("base_again", "base", "time", None),
+    "SAM step / base step": ("sam", "base", "time", 2.05),
+    "Trainer SAM / hand-written SAM loop": ("sam", "hand_sam", "time", 1.03),
+    "Trainer base / hand-written base (for scale)": ("base", "hand_base", "time", None),
+    "pytorch_optimizer SAM / hand-written SAM loop": ("peer_sam", "hand_sam", "time", None),
+    "LLQR+SAM / SAM, amortised at E": ("llqr_sam", "sam", "amortised", 1.05),
+    "LLQR / base, amortised at E": ("llqr", "base", "amortised", None),
+    "LLQR+SAM (kfac) / SAM, amortised at E": ("llqr_sam_kfac", "sam", "amortised", None),
+    "peak memory LLQR+SAM (diagonal) / base": ("llqr_sam", "base", "memory", 1.3),
+}
+
+
+def target_ratios(results: dict) -> dict[str, dict[str, float]]:
+    """The ratios the README's targets are stated in, per model (only those whose two variants were run)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, (num, den, metric, _) in TARGETS.items():
+        for model, res in results["models"].items():
+            rows = res["variants"]
+            if metric == "memory":
+                mem = results["memory"].get(model, {})
+                if num in mem and den in mem:
+                    out.setdefault(name, {})[model] = mem[num] / mem[den]
+            elif num in rows and den in rows:
+                key = "amortised_step_s" if metric == "amortised" else "step_s"
+                out.setdefault(name, {})[model] = rows[num].get(key, rows[num]["step_s"]) / rows[den]["step_s"]
     return out
 
 
@@ -314,17 +349,27 @@ def update_scaling(args: argparse.Namespace) -> dict:
 
 
 def to_markdown(results: dict) -> str:
-    lines = [f"device: {results['device']}, batch {results['batch_size']}, median of {results['rounds']} "
-             f"interleaved rounds x {results['steps']} steps; date {results['date']}", "",
-             "| model | params | variant | step (ms) | amortised (ms) | / base | peak mem (MiB) | mem / base |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"device: {results['device']}, batch {results['batch_size']}, LLQR curvature batch "
+             f"{results['llqr_batch_size']}, E = {results['update_interval']}, median of {results['rounds']} "
+             f"interleaved rounds x {results['steps']} steps; torch {results['torch']}; date {results['date']}", ""]
+    models = list(results["models"])
+    lines += ["| ratio | " + " | ".join(models) + " | target |", "|---|" + "---|" * (len(models) + 1)]
+    for name, per_model in results.get("targets", {}).items():
+        bound = TARGETS[name][3]
+        cells = [f"{per_model[m]:.3f}" if m in per_model else "–" for m in models]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if bound is None else f'≤ {bound}'} |")
+    lines += ["",
+             "| model | params | variant | step (ms) | refresh (s) | amortised (ms) | / base | peak mem (MiB) "
+             "| mem / base |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model, res in results["models"].items():
         mem = results["memory"].get(model, {})
         for v, row in res["variants"].items():
             amort = f"{1e3 * row['amortised_step_s']:.1f}" if "amortised_step_s" in row else "–"
+            refresh = f"{row['refresh_s']:.2f}" if "refresh_s" in row else "–"
             m = mem.get(v)
             m_ratio = f"{m / mem['base']:.2f}" if m is not None and mem.get("base") else "–"
-            lines.append(f"| {model} | {res['params']:,} | {v} | {1e3 * row['step_s']:.1f} | {amort} | "
+            lines.append(f"| {model} | {res['params']:,} | {v} | {1e3 * row['step_s']:.1f} | {refresh} | {amort} | "
                          f"{row.get('ratio_to_base', float('nan')):.3f} | {'–' if m is None else f'{m:.0f}'} | "
                          f"{m_ratio} |")
     if results.get("scaling"):
@@ -370,9 +415,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--models", default="vit-s,vit-m,vit-ti,marian-s,marian-m")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=64,
+                        help="training batch; the default equals the curvature batch, as in every reference preset")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--refreshes", type=int, default=2, help="timed LLQR refreshes per variant")
     parser.add_argument("--update_interval", type=int, default=1000, help="E for the amortised LLQR cost")
@@ -395,14 +441,17 @@ def main(argv: list[str] | None = None) -> dict:
     args.scaling_widths = [int(w) for w in args.scaling_widths.split(",")] if args.scaling_widths else []
     os.makedirs(args.output_dir, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}",
-                     "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size, "rounds": args.rounds,
-                     "steps": args.steps, "torch": torch.__version__, "models": {}, "memory": {}}
+                     "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
+                     "llqr_batch_size": args.llqr_batch_size, "update_interval": args.update_interval,
+                     "rounds": args.rounds, "steps": args.steps, "torch": torch.__version__,
+                     "models": {}, "memory": {}}
     for name in args.models.split(","):
         results["models"][name] = time_model(name, args)
         if not args.no_memory:
             results["memory"][name] = {v: peak_memory(name, v, args) for v in args.variants}
         print(json.dumps({name: {v: round(r.get("ratio_to_base", 0), 3) for v, r in
                                  results["models"][name]["variants"].items()}}), flush=True)
+    results["targets"] = target_ratios(results)
     if args.scaling_widths and any(VARIANTS[v] and VARIANTS[v].get("llqr") for v in args.variants):
         results["scaling"] = update_scaling(args)
     with open(os.path.join(args.output_dir, "cost.json"), "w") as f:

@@ -10,14 +10,23 @@ from recipes.benchmarks.bench_cost import _measure_peak, main
 
 
 def test_cost_benchmark_tiny(tmp_path):
-    out = main(["--output_dir", str(tmp_path), "--models", "vit-s", "--variants", "base,sam,hand_sam",
-                "--batch_size", "4", "--steps", "1", "--rounds", "2", "--warmup", "1", "--scaling_widths", "",
-                "--no_memory"])
+    out = main(["--output_dir", str(tmp_path), "--models", "vit-s", "--variants", "base,sam,hand_sam,llqr_sam",
+                "--batch_size", "4", "--llqr_batch_size", "4", "--steps", "1", "--rounds", "2", "--warmup", "1",
+                "--refreshes", "1", "--scaling_widths", "", "--no_memory"])
     saved = json.loads((tmp_path / "cost.json").read_text())
-    assert saved["models"]["vit-s"]["variants"].keys() == {"base", "sam", "hand_sam"}
-    assert saved["models"]["vit-s"]["variants"]["base"]["ratio_to_base"] == 1.0
+    rows = saved["models"]["vit-s"]["variants"]
+    assert rows.keys() == {"base", "sam", "hand_sam", "llqr_sam"}
+    assert rows["base"]["ratio_to_base"] == 1.0
     assert len(out["models"]["vit-s"]["variants"]["sam"]["step_s_all_rounds"]) == 2
-    assert "| vit-s |" in (tmp_path / "cost.md").read_text()
+    llqr = rows["llqr_sam"]
+    assert llqr["amortised_step_s"] == llqr["step_s"] + llqr["refresh_s"] / 1000
+    targets = saved["targets"]
+    trainer_over_hand = rows["sam"]["step_s"] / rows["hand_sam"]["step_s"]
+    assert targets["Trainer SAM / hand-written SAM loop"]["vit-s"] == trainer_over_hand
+    assert targets["LLQR+SAM / SAM, amortised at E"]["vit-s"] == llqr["amortised_step_s"] / rows["sam"]["step_s"]
+    assert "peak memory LLQR+SAM (diagonal) / base" not in targets  # --no_memory
+    table = (tmp_path / "cost.md").read_text()
+    assert "| vit-s |" in table and "| SAM step / base step |" in table
     assert (tmp_path / "cost.png").stat().st_size > 5_000
 
 
