@@ -51,3 +51,17 @@ def test_quality_benchmark_tiny(tmp_path):
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["metric"] == "test_accuracy" and len(saved["results"]["sam"]) == 1
     assert "| sam |" in (tmp_path / "quality.md").read_text() and (tmp_path / "quality.png").exists()
+
+
+def test_profile_tiny(tmp_path):
+    from recipes.benchmarks.profile_cost import main as profile_main
+
+    out = profile_main(["--output_dir", str(tmp_path), "--model", "vit-s", "--batch_size", "4", "--inner_steps", "2",
+                        "--reps", "1"])
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert saved["sam_work"]["tensors"] == 40 and saved["sam_work"]["ours_ms"] > 0 < saved["sam_work"]["hand_ms"]
+    refresh = out["refresh"]
+    assert refresh["refresh_s"] == pytest.approx(refresh["build_s"] + refresh["products_s"] + refresh["rest_s"])
+    assert saved["jv"]["double_vjp_ms"] > 0 and saved["jv"]["forward_mode_ms"] > 0
+    assert "linearize_ms" in saved["jv"] or "linearize_error" in saved["jv"]
+    assert saved["jv"]["forward_vs_double_vjp_rel_err"] < 1e-4  # both compute the same Jv
