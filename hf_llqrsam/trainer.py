@@ -210,10 +210,11 @@ class LLQRSAMTrainerMixin(_MixinBase):
             self._record_perturbation(pert, rho)
 
         # pass 2 accumulates from zero (window) or onto earlier micro-batches' pass 2 (micro)
-        restored = [g for g in grads if stash is not None and id(g) in stash]
+        stashed = stash or {}
+        restored = [g for g in grads if id(g) in stashed]
         if restored:
-            torch._foreach_copy_(restored, [stash[id(g)] for g in restored])  # type: ignore[index]
-        zeroed = [g for g in grads if stash is None or id(g) not in stash]
+            torch._foreach_copy_(restored, [stashed[id(g)] for g in restored])
+        zeroed = [g for g in grads if id(g) not in stashed]
         if zeroed:
             torch._foreach_zero_(zeroed)
         bn = batchnorm_buffers(model)

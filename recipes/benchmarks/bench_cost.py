@@ -231,6 +231,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _time_steps(stepper: Stepper, args: argparse.Namespace) -> float:
+    """Seconds per step over `args.steps` consecutive steps."""
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        stepper.step()
+    _sync(args.device)
+    return (time.perf_counter() - start) / args.steps
+
+
 def time_model(model_name: str, args: argparse.Namespace) -> dict:
     steppers = {v: make_stepper(model_name, v, args) for v in args.variants}
     for s in steppers.values():  # warm-up (allocator, kernels, optimizer state)
@@ -240,11 +249,7 @@ def time_model(model_name: str, args: argparse.Namespace) -> dict:
     per_round: dict[str, list[float]] = {v: [] for v in steppers}
     for _ in range(args.rounds):
         for v, s in steppers.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                s.step()
-            _sync(args.device)
-            per_round[v].append((time.perf_counter() - start) / args.steps)
+            per_round[v].append(_time_steps(s, args))
     refresh = {v: _refresh_in_base_steps(s, steppers.get("base"), args) for v, s in steppers.items()
                if s.refresh is not None}
     n_params = sum(p.numel() for p in build_model(model_name).parameters())
@@ -303,20 +308,12 @@ def _refresh_in_base_steps(
 ) -> tuple[float, float | None]:
     """Median refresh seconds and, with a base variant, the median of refresh / (base step timed right around it)."""
 
-    def base_step() -> float:
-        assert base is not None
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            base.step()
-        _sync(args.device)
-        return (time.perf_counter() - start) / args.steps
-
     seconds, ratios = [], []
     for _ in range(args.refreshes):
-        before = base_step() if base is not None else None
+        before = _time_steps(base, args) if base is not None else None
         seconds.append(stepper.refresh())
-        if before is not None:
-            ratios.append(seconds[-1] / statistics.fmean([before, base_step()]))
+        if base is not None and before is not None:
+            ratios.append(seconds[-1] / statistics.fmean([before, _time_steps(base, args)]))
     return statistics.median(seconds), statistics.median(ratios) if ratios else None
 
 
