@@ -124,11 +124,14 @@ class _Piece:
         else:
             counted = valid
         self.count = counted.sum()
+        self.rows = int(targets.numel())
         logp = torch.log_softmax(logits, dim=-1)
         nll = -logp.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
         if label_smoothing > 0:  # target (1 − ε)·onehot + ε/C
             nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
         loss_sum = torch.where(valid, nll, torch.zeros_like(nll)).sum()
+        # rows whose loss term is NaN/±Inf, counted or not: masking them cannot help, 0·NaN = NaN in the backward
+        self.nonfinite_rows = (~torch.isfinite(nll.detach())).sum()
         self.newton = newton
         if newton:
             g_graph = torch.autograd.grad(loss_sum, self.params, create_graph=products, allow_unused=True)
@@ -203,6 +206,7 @@ def curvature_problem(
     extractor: Extractor | None = None,
     sharded: bool = False,
     pad_token_id: int | None = None,
+    diagnostics: dict[str, Tensor] | None = None,
 ) -> tuple[TensorDict, Callable[[Mapping[str, Tensor]], TensorDict]]:
     """Build g = ∇ℓ and v ↦ (G_D + λI)·v on the curvature batch, once per LLQR update (`algorithm.md` §4).
 
@@ -226,7 +230,11 @@ def curvature_problem(
             [`logits_and_targets`]. It runs inside the fp32/eval/MATH context.
         sharded (`bool`, *optional*, defaults to `False`): the batch is this process's shard; all-reduce N, g and
             every product (`llqr_curvature_sharding="sharded"`, `algorithm.md` §5.6).
-        pad_token_id (`int`, *optional*): target of pad rows with `include_pad_rows`.
+        pad_token_id (`int`, *optional*): target of pad rows with `include_pad_rows` (ignored without it).
+        diagnostics (`dict`, *optional*): filled with 0-dim long tensors (no host sync), summed over chunks and
+            processes: `"rows"`, every row of the batch, and `"nonfinite_rows"`, rows whose loss term is NaN/±Inf
+            (a non-finite logit, or a NaN input). One such row makes g non-finite even when it is masked: the
+            backward multiplies its zero weight by its NaN activations.
 
     Returns:
         `tuple[dict, Callable]`: g as {canonical name: tensor} and the function v ↦ (G_D + λI)·v on such dicts.
@@ -261,17 +269,21 @@ def curvature_problem(
     if chunks is None:
         with curvature_context(model):
             whole = piece(batch, products=True)
-        g_sum, count = whole.g_sum, whole.count
+        g_sum, count, bad = whole.g_sum, whole.count, whole.nonfinite_rows
+        rows = torch.tensor(whole.rows, device=count.device)
     else:
         g_sum = [torch.zeros_like(p) for p in params]
         count = torch.zeros((), dtype=torch.long, device=params[0].device)
+        bad, rows = torch.zeros_like(count), torch.zeros_like(count)
         for chunk in chunks:
             with curvature_context(model):
                 part = piece(chunk, products=False)
             torch._foreach_add_(g_sum, part.g_sum)
-            count = count + part.count
+            count, bad, rows = count + part.count, bad + part.nonfinite_rows, rows + part.rows
     if sharded:
-        _all_reduce_([*g_sum, count])
+        _all_reduce_([*g_sum, count, bad, rows])
+    if diagnostics is not None:
+        diagnostics.update(rows=rows, nonfinite_rows=bad)
     n_rows = max(int(count), 1)
     g_list = torch._foreach_div(g_sum, float(n_rows))
 

@@ -17,7 +17,15 @@ from torch import Tensor
 
 from .structures import Structure
 
-__all__ = ["FitStats", "clip_by_groups_", "fit_structure", "group_index", "sanitize_", "surrogate_gradient"]
+__all__ = [
+    "FitStats",
+    "clip_by_groups_",
+    "count_nonfinite",
+    "fit_structure",
+    "group_index",
+    "sanitize_",
+    "surrogate_gradient",
+]
 
 ProductFn = Callable[[list[Tensor]], list[Tensor]]
 
@@ -63,19 +71,34 @@ def surrogate_gradient(
     return value.detach(), [torch.zeros_like(p) if t is None else t for p, t in zip(params, got, strict=True)]
 
 
+def _scan_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The count of NaN/±Inf entries, or `None` when all are finite (one host sync on the finite path).
+
+    A finite norm proves a tensor finite, so the per-tensor scan runs only when some norm is not (a finite tensor
+    whose norm overflows is scanned, and counted correctly as 0).
+    """
+    if not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()):
+        return None
+    return torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum()
+
+
+def count_nonfinite(tensors: Sequence[Tensor]) -> int:
+    """The number of NaN/±Inf entries over `tensors` (exact; a norm-based fast path when all are finite)."""
+    bad = _scan_nonfinite(tensors)
+    return 0 if bad is None else int(bad)
+
+
 def sanitize_(tensors: Sequence[Tensor]) -> Tensor:
     """nan → 0, +inf → +1, −inf → −1 in place (the reference's U-gradient sanitisation); returns the count replaced.
 
     A finite norm proves a tensor finite, so the per-tensor scan runs only when some norm is not.
     """
-    if not tensors:
-        return torch.zeros((), dtype=torch.long)
-    if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()):
-        return torch.zeros((), dtype=torch.long, device=tensors[0].device)
-    bad = sum((~torch.isfinite(t)).sum() for t in tensors)
+    bad = _scan_nonfinite(tensors)
+    if bad is None:
+        return torch.zeros((), dtype=torch.long, device=tensors[0].device if tensors else None)
     for t in tensors:
         torch.nan_to_num_(t, nan=0.0, posinf=1.0, neginf=-1.0)
-    return torch.as_tensor(bad)
+    return bad
 
 
 def group_index(groups: Sequence[Sequence[int]], device: torch.device | None = None) -> Tensor:
@@ -118,6 +141,8 @@ class FitStats:
         ugrad_norm (`float`): mean over inner steps of the sanitised, unclipped U-gradient norm.
         clip_fraction (`float`): share of inner steps where at least one group was clipped.
         nonfinite_ugrad (`int`): non-finite U-gradient entries replaced, summed over inner steps.
+        stopped (`bool`, *optional*, defaults to `False`): the loop stopped before its first step because J at the
+            first inner step was not finite (only with `stop_if_nonfinite=True`); V is then untouched.
     """
 
     objective_start: float
@@ -125,6 +150,7 @@ class FitStats:
     ugrad_norm: float
     clip_fraction: float
     nonfinite_ugrad: int
+    stopped: bool = False
 
 
 def fit_structure(
@@ -136,6 +162,7 @@ def fit_structure(
     momentum: float,
     clip_norm: float,
     probe: Sequence[Tensor] | None = None,
+    stop_if_nonfinite: bool = False,
 ) -> FitStats:
     """The inner loop on V = `structure` in place: `steps` clipped SGD-momentum steps, then V ← nan_to_num(V).
 
@@ -148,6 +175,9 @@ def fit_structure(
         g (`Sequence[Tensor]`), gv (`Callable`): the curvature problem, aligned with `structure.layouts`.
         steps (`int`): T. lr (`float`): η. momentum (`float`): μ. clip_norm (`float`): per-group clip.
         probe (`Sequence[Tensor]`, *optional*): δ = −V·probe instead of −V·g (see [`surrogate_gradient`]).
+        stop_if_nonfinite (`bool`, *optional*, defaults to `False`): if J(V) at the first inner step is NaN/±Inf
+            (a non-finite curvature product (G + λI)·δ, or one that overflows J), return at once with
+            `stopped=True` and V bit-identical, instead of sanitising a U-gradient that carries no information.
     """
     params = structure.parameters()
     for p in params:
@@ -162,6 +192,10 @@ def fit_structure(
         objective, grads = surrogate_gradient(structure, g, gv, probe, objective=step in (0, steps - 1))
         if step == 0:
             first = objective
+            if stop_if_nonfinite and not bool(torch.isfinite(objective)):  # one host sync per call
+                for p in params:
+                    p.requires_grad_(False)
+                return FitStats(float(objective), float("nan"), float("nan"), 0.0, 0, stopped=True)
         last = objective
         bad.append(sanitize_(grads))
         norm, any_clipped = clip_by_groups_(grads, group_of, clip_norm)

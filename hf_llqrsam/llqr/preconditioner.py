@@ -7,6 +7,7 @@ One refresh (`algorithm.md` §5.2–5.3):
     U ← β·U + (1 − β)·V;  diagonal/scalar: U ← max(U, min_diag) unless inversion is allowed
 """
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,11 +18,13 @@ from torch import Tensor, nn
 
 from .config import LLQRConfig
 from .curvature import Extractor, curvature_problem
-from .fit import fit_structure
+from .fit import count_nonfinite, fit_structure
 from .layout import clip_groups, fallback_names, tensor_layouts, trainable_parameters
-from .structures import DiagonalStructure, Structure, make_structure
+from .structures import DiagonalStructure, LLQRStateError, Structure, make_structure
 
-__all__ = ["LLQRPreconditioner"]
+__all__ = ["LLQRPreconditioner", "LLQRStateError"]
+
+logger = logging.getLogger(__name__)
 
 
 class LLQRPreconditioner:
@@ -69,6 +72,7 @@ class LLQRPreconditioner:
         )
         self.num_updates: int = 0
         self.last_update_step: int | None = None
+        self._warned_skip = False  # the skipped-refresh warning is logged once per instance
 
     # ---- cadence ------------------------------------------------------------------------------------------
     def is_due(self, step: int) -> bool:
@@ -121,8 +125,12 @@ class LLQRPreconditioner:
         shift_labels: bool = False,
         extractor: Extractor | None = None,
         update_probe: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
+        pad_token_id: int | None = None,
     ) -> dict[str, float]:
         """One LLQR refresh of U on the curvature batch (`algorithm.md` §5.2–5.3); leaves every `p.grad` untouched.
+
+        A curvature problem that is not finite (g, Δ_opt(g), or J at the first inner step) skips the refresh and
+        keeps U bit for bit (see [`fit_problem`]).
 
         Args:
             model (`nn.Module`): the unwrapped eager model (the one U was built for).
@@ -133,9 +141,13 @@ class LLQRPreconditioner:
             update_probe (`Callable`, *optional*): g ↦ Δ_opt(g), the base optimizer's dry-run update
                 ([`~hf_llqrsam.llqr.update_probe.make_update_probe`]); required with `llqr_apply="update"`, where
                 J is evaluated at δ = U·Δ_opt(g) (`algorithm.md` §7.3).
+            pad_token_id (`int`, *optional*): with `include_pad_rows`, the target of `labels == -100` rows (the
+                reference's "predict pad" rows, `algorithm.md` §4.1); without it those rows count in N but add
+                nothing to the loss numerator. Ignored when `include_pad_rows` is off.
 
         Returns:
-            `dict[str, float]`: the `llqr/*` metrics of `integration.md` §11.
+            `dict[str, float]`: the `llqr/*` metrics of `integration.md` §11 (see [`fit_problem`]) and
+            `llqr/update_seconds`.
         """
         cfg = self.config
         if cfg.apply == "update" and update_probe is None:
@@ -144,6 +156,7 @@ class LLQRPreconditioner:
                 "update_probe=make_update_probe(optimizer, model) to LLQRPreconditioner.update."
             )
         start = time.perf_counter()
+        diagnostics: dict[str, Tensor] = {}
         g_dict, gv_dict = curvature_problem(
             model,
             batch,
@@ -157,9 +170,18 @@ class LLQRPreconditioner:
             chunk_size=cfg.chunk_size,
             extractor=extractor,
             sharded=cfg.curvature_sharding == "sharded" and dist.is_available() and dist.is_initialized(),
+            pad_token_id=pad_token_id,
+            diagnostics=diagnostics,
         )
         probe_dict = update_probe(g_dict) if cfg.apply == "update" and update_probe is not None else None
-        metrics = self.fit_problem(g_dict, gv_dict, step=step, update=probe_dict)
+        metrics = self.fit_problem(
+            g_dict,
+            gv_dict,
+            step=step,
+            update=probe_dict,
+            rows=diagnostics["rows"],
+            nonfinite_rows=diagnostics["nonfinite_rows"],
+        )
         metrics["llqr/update_seconds"] = time.perf_counter() - start
         return metrics
 
@@ -169,11 +191,22 @@ class LLQRPreconditioner:
         gv_dict: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
         step: int | None = None,
         update: Mapping[str, Tensor] | None = None,
+        *,
+        rows: Tensor | int | None = None,
+        nonfinite_rows: Tensor | int | None = None,
     ) -> dict[str, float]:
         """The refresh of U on a given curvature problem: inner loop, EMA merge, clamp (`algorithm.md` §5.2–5.3).
 
         [`update`] builds (g, G·v) from a model and a batch and calls this. Call it directly when the curvature
         problem comes from elsewhere (an analytic quadratic, as in the pothole toy).
+
+        **Non-finite problems are skipped.** If g or Δ_opt(g) has a NaN/±Inf entry, or J at the first inner step
+        is not finite (a non-finite or overflowing product (G + λI)·δ), U is not touched at all (no inner step, no
+        EMA, no clamp; bit-identical), `num_updates` is unchanged, `last_update_step = step` (so the refresh is
+        not retried before the next due step) and `llqr/skipped_refresh` is 1. The first skip of an instance logs
+        one warning. The sanitised U-gradient of such a problem carries no information (one NaN curvature row
+        makes g NaN everywhere, and NaN → 0, ±Inf → ±1), so a refresh on it would only count as one, or move U
+        towards I without warm start.
 
         Args:
             g_dict (`Mapping[str, Tensor]`): name → g, for every name of U.
@@ -181,18 +214,32 @@ class LLQRPreconditioner:
             step (`int`, *optional*): recorded as `last_update_step`.
             update (`Mapping[str, Tensor]`, *optional*): Δ_opt(g) for `llqr_apply="update"`; J is then evaluated
                 at δ = U·Δ_opt(g) (`algorithm.md` §7.3).
+            rows (`Tensor` or `int`, *optional*), nonfinite_rows (`Tensor` or `int`, *optional*): the curvature
+                batch's row count and its rows with a non-finite loss, for the warning of a skipped refresh.
+
+        Returns:
+            `dict[str, float]`: `llqr/updates`, `llqr/skipped_refresh` (1.0 or 0.0), `llqr/u_min`, `llqr/u_max`,
+            `llqr/u_mean` and `llqr/memory_bytes`; a refresh that ran also has `llqr/objective_start`,
+            `llqr/objective_end`, `llqr/ugrad_norm`, `llqr/clip_fraction` and `llqr/nonfinite_ugrad`.
         """
         cfg = self.config
         if set(g_dict) != set(self.names):
             raise ValueError("The model's trainable parameters changed since the LLQR preconditioner was built.")
         names = self.names
         g = [g_dict[n].to(self.dtype) for n in names]
+        rows_info = (rows, nonfinite_rows)
+        bad = count_nonfinite(g)
+        if bad:
+            return self._skip(step, f"the gradient g has {bad} non-finite entries", *rows_info)
 
         def gv(v: list[Tensor]) -> list[Tensor]:
             out = gv_dict(dict(zip(names, v, strict=True)))
             return [out[n].to(self.dtype) for n in names]
 
         probe = None if update is None else [-update[n].to(self.dtype) for n in names]  # δ = −U·probe = U·Δ_opt(g)
+        if probe is not None and (bad := count_nonfinite(probe)):
+            reason = f"the optimizer's dry-run update Δ_opt(g) has {bad} non-finite entries"
+            return self._skip(step, reason, *rows_info)
         v_struct = self.structure.clone() if cfg.warm_start else self.structure.identity()
         stats = fit_structure(
             v_struct,
@@ -203,26 +250,56 @@ class LLQRPreconditioner:
             momentum=cfg.inner_momentum,
             clip_norm=cfg.clip_norm,
             probe=probe,
+            stop_if_nonfinite=True,
         )
+        if stats.stopped:
+            reason = f"J at the first inner step is {stats.objective_start} (the curvature products are not finite)"
+            return self._skip(step, reason, *rows_info)
         self.structure.ema_(v_struct, cfg.ema_decay)
         if not cfg.allow_inversion:
             self.structure.clamp_(cfg.min_diag)
         self.num_updates += 1
         self.last_update_step = step
-        diag = torch.cat(self.structure.diagonal_parts())
-        u_min, u_max, u_mean = (float(x) for x in (diag.min(), diag.max(), diag.mean()))
         return {
-            "llqr/updates": float(self.num_updates),
             "llqr/objective_start": stats.objective_start,
             "llqr/objective_end": stats.objective_end,
             "llqr/ugrad_norm": stats.ugrad_norm,
             "llqr/clip_fraction": stats.clip_fraction,
             "llqr/nonfinite_ugrad": float(stats.nonfinite_ugrad),
+            **self._summary(skipped=False),
+        }
+
+    def _summary(self, skipped: bool) -> dict[str, float]:
+        diag = torch.cat(self.structure.diagonal_parts())
+        u_min, u_max, u_mean = (float(x) for x in (diag.min(), diag.max(), diag.mean()))
+        return {
+            "llqr/updates": float(self.num_updates),
+            "llqr/skipped_refresh": 1.0 if skipped else 0.0,
             "llqr/u_min": u_min,
             "llqr/u_max": u_max,
             "llqr/u_mean": u_mean,
             "llqr/memory_bytes": float(self.memory_bytes()),
         }
+
+    def _skip(
+        self, step: int | None, reason: str, rows: Tensor | int | None, nonfinite_rows: Tensor | int | None
+    ) -> dict[str, float]:
+        """Skip a refresh whose curvature problem is not finite: U and `num_updates` stay, the step is recorded."""
+        self.last_update_step = step
+        if not self._warned_skip:
+            self._warned_skip = True
+            where = f" at step {step}" if step is not None else ""
+            counted = (
+                f"; {int(nonfinite_rows)} of {int(rows)} curvature rows have a non-finite loss (NaN/Inf logits or "
+                "inputs)"
+                if nonfinite_rows is not None and rows is not None
+                else ""
+            )
+            logger.warning(
+                f"LLQR refresh{where} skipped: {reason}{counted}. U is kept unchanged and the refresh is not retried "
+                "before the next due step. Further skips are counted in llqr/skipped_refresh without a warning."
+            )
+        return self._summary(skipped=True)
 
     # ---- multi-process, memory, checkpoints ---------------------------------------------------------------
     @torch.no_grad()
@@ -236,22 +313,122 @@ class LLQRPreconditioner:
         """Bytes held by the structure tensors of U."""
         return self.structure.memory_bytes()
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that gives the stored tensors of U their meaning, in `weights_only`-safe primitives.
+
+        `structure`, `identity_scaling` (U is stored as s·U), `clip_groups` (the `scalar` structure holds one c per
+        group), `blocks` (the ordered `[canonical name, shape]` of U's tensors) and `fallback_names` (matrix-like
+        tensors with a diagonal block). `min_diag` and `allow_inversion` are recorded to explain range errors; they
+        do not change U's meaning and are not compared.
+        """
+        cfg = self.config
+        return {
+            "structure": cfg.structure,
+            "identity_scaling": float(cfg.identity_scaling),
+            "clip_groups": cfg.clip_groups,
+            "blocks": [[lay.name, list(lay.shape)] for lay in self.structure.layouts],
+            "fallback_names": list(self.fallback_names),
+            "min_diag": float(cfg.min_diag),
+            "allow_inversion": bool(cfg.allow_inversion),
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and primitives only (loads with `torch.load(weights_only=True)`)."""
+        """U, the counters and the [`fingerprint`]; tensors and primitives only (loads with `weights_only=True`)."""
         return {
             "structure": self.config.structure,
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
+            "fingerprint": self.fingerprint(),
             "blocks": self.structure.state_dict(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore U and the counters; raises `ValueError` if the structure or the set of names differs."""
-        if state["structure"] != self.config.structure:
-            raise ValueError(
-                f"LLQR state has llqr_structure={state['structure']!r}, but this run uses {self.config.structure!r}."
+    def load_state_dict(self, state: Mapping[str, Any], source: str = "llqrsam_state.pt") -> None:
+        """Restore U and the counters after checking that they mean the same U in this run (nothing changes if not).
+
+        Checks, in order: the keys of `state`; the [`fingerprint`] against this run (`llqr_structure`,
+        `llqr_identity_scaling`, for `scalar` U `llqr_clip_groups`, the names and shapes of U's tensors and, for
+        Kronecker structures, the diagonal fallbacks); then every tensor (finite, float, shape, and ≥ `min_diag`
+        for `diagonal`/`scalar` U unless `allow_inversion`, see [`~Structure.load_state_dict`]).
+
+        Args:
+            state (`Mapping[str, Any]`): from [`state_dict`].
+            source (`str`, *optional*, defaults to `"llqrsam_state.pt"`): what to call the saved state in messages;
+                pass the file's path.
+
+        Raises:
+            [`LLQRStateError`] (a `ValueError`): naming the key or setting, both values and what to do.
+        """
+        remedy = f"delete {source} to restart with U = I, or resume from an earlier checkpoint"
+        if not isinstance(state, Mapping):
+            raise LLQRStateError(f"Invalid LLQR state in {source}: a {type(state).__name__}, not a dict; {remedy}.")
+        if "fingerprint" not in state:
+            raise LLQRStateError(
+                f"Invalid resume: {source} holds LLQR state in an older format, without the fingerprint of the "
+                "settings that give U its meaning (llqr_structure, llqr_identity_scaling, llqr_clip_groups, the "
+                "tensors of U), so it cannot be checked against this run. Resume with the hf_llqrsam version that "
+                f"wrote it, or {remedy}."
             )
-        self.structure.load_state_dict(state["blocks"])
-        self.num_updates = int(state["num_updates"])
-        last = state["last_update_step"]
-        self.last_update_step = None if last is None else int(last)
+        missing = [k for k in ("structure", "num_updates", "last_update_step", "blocks") if k not in state]
+        if missing:
+            raise LLQRStateError(f"Invalid LLQR state in {source}: missing keys {missing}; {remedy}.")
+        self._check_fingerprint(state["fingerprint"], source, f"delete {source} to restart with U = I")
+        num_updates, last = state["num_updates"], state["last_update_step"]
+        if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 0:
+            raise LLQRStateError(f"Invalid LLQR state in {source}: num_updates={num_updates!r}; {remedy}.")
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int)):
+            raise LLQRStateError(f"Invalid LLQR state in {source}: last_update_step={last!r}; {remedy}.")
+        min_value = None if self.config.allow_inversion else self.config.min_diag
+        self.structure.load_state_dict(state["blocks"], min_value=min_value, source=source)
+        self.num_updates = num_updates
+        self.last_update_step = last
+
+    def _check_fingerprint(self, saved: Any, source: str, remedy: str) -> None:
+        """Raise [`LLQRStateError`] if the saved fingerprint gives U another meaning than this run's.
+
+        `clip_groups` is compared for `scalar` U only, where each group holds one c; for the other structures it
+        shapes only future inner loops. The diagonal fallbacks are compared for Kronecker structures only.
+        """
+        live = self.fingerprint()
+        if not isinstance(saved, Mapping):
+            raise LLQRStateError(f"Invalid LLQR state in {source}: the fingerprint is not a dict; {remedy}.")
+        settings = ["structure", "identity_scaling"] + (["clip_groups"] if live["structure"] == "scalar" else [])
+        for key in settings:
+            if key not in saved:
+                raise LLQRStateError(f"Invalid LLQR state in {source}: the fingerprint has no {key!r}; {remedy}.")
+            if saved[key] != live[key]:
+                raise LLQRStateError(
+                    f"Invalid resume: {source} was written with llqr_{key}={saved[key]!r} but this run has "
+                    f"llqr_{key}={live[key]!r}; U would silently change meaning. Resume with "
+                    f"llqr_{key}={saved[key]!r}, or {remedy}."
+                )
+        saved_blocks = saved.get("blocks")
+        if not isinstance(saved_blocks, list) or not all(
+            isinstance(b, (list, tuple))
+            and len(b) == 2
+            and isinstance(b[0], str)
+            and isinstance(b[1], (list, tuple))
+            and all(isinstance(d, int) for d in b[1])
+            for b in saved_blocks
+        ):
+            raise LLQRStateError(f"Invalid LLQR state in {source}: the fingerprint's 'blocks' is malformed; {remedy}.")
+        old = {name: tuple(shape) for name, shape in saved_blocks}
+        new = {name: tuple(shape) for name, shape in live["blocks"]}
+        differ = [n for n in dict.fromkeys([*new, *old]) if old.get(n) != new.get(n)]
+        if differ:
+            shown = ", ".join(
+                f"{n!r} (saved: {old.get(n, 'absent')}, this run: {new.get(n, 'absent')})" for n in differ[:5]
+            )
+            raise LLQRStateError(
+                f"Invalid resume: {source} holds U for other trainable tensors than this run's: {len(differ)} "
+                f"differ, e.g. {shown}; the state does not match the model (another model, or other frozen/trainable "
+                f"parameters). Resume with the model that wrote it, or {remedy}."
+            )
+        if live["structure"] not in ("diagonal", "scalar"):
+            old_fb, new_fb = set(saved.get("fallback_names", [])), set(live["fallback_names"])
+            if old_fb != new_fb:
+                changed = sorted(old_fb ^ new_fb)
+                raise LLQRStateError(
+                    f"Invalid resume: in {source} the tensors with a diagonal fallback block differ from this run's "
+                    f"({changed[:5]}); their {live['structure']} blocks would change meaning. Resume with the "
+                    f"hf_llqrsam version that wrote it, or {remedy}."
+                )

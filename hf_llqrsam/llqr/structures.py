@@ -22,7 +22,7 @@ gives s·U after the division instead of U; only s = 1 is used by its presets.)
 The U-gradient needs no structure-specific code: [`Structure.apply`] is differentiable in [`Structure.parameters`].
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "DiagonalStructure",
     "EKFACStructure",
     "KFACStructure",
+    "LLQRStateError",
     "ScalarStructure",
     "SepEKFACStructure",
     "Structure",
@@ -41,6 +42,11 @@ __all__ = [
 ]
 
 Block = dict[str, Tensor]
+
+
+class LLQRStateError(ValueError):
+    """Saved LLQR state that cannot be loaded into this run's U: malformed, non-finite, out of range or written
+    under settings that would change what U means. The message names the tensor or setting and what to do."""
 
 
 class Structure:
@@ -166,21 +172,101 @@ class Structure:
         }
 
     @torch.no_grad()
-    def load_state_dict(self, blocks: dict[str, dict[str, Tensor]]) -> None:
+    def load_state_dict(
+        self,
+        blocks: Mapping[str, Mapping[str, Tensor]],
+        *,
+        min_value: float | None = None,
+        source: str = "llqrsam_state.pt",
+    ) -> None:
+        """Validate every saved tensor, then copy them all into U (nothing is copied if any check fails).
+
+        A saved U is finite and, for `positive` structures (`diagonal`, `scalar`) with the clamp on, every stored
+        entry of s·U is ≥ `min_diag` (§5.3). The checks, in the order they run:
+
+        - the names are those of U and each block has the expected tensor names;
+        - each value is a floating-point tensor of the expected shape (any real float dtype is cast to U's);
+        - every entry is finite (no NaN/Inf);
+        - with `min_value` set and `positive = True`: every entry is > 0 and ≥ `min_value`;
+        - a tensor shared by several blocks (the `scalar` c of a clip group) has the same saved value in each.
+
+        Args:
+            blocks (`Mapping[str, Mapping[str, Tensor]]`): {canonical name: {tensor name: tensor}} from
+                [`state_dict`].
+            min_value (`float`, *optional*): `llqr_min_diag` when the positivity clamp is on (`None`: inversion is
+                allowed, only finiteness is checked). Ignored by structures without a clamp.
+            source (`str`, *optional*, defaults to `"llqrsam_state.pt"`): what to call the saved state in messages
+                (pass the file's path).
+
+        Raises:
+            [`LLQRStateError`]: naming the checkpoint key `blocks[name][tensor]`, what is wrong and what to do.
+        """
+        remedy = f"Delete {source} to restart with U = I, or resume from an earlier checkpoint."
         names = [lay.name for lay in self.layouts]
+        if not isinstance(blocks, Mapping):
+            raise LLQRStateError(f"Invalid LLQR state in {source}: 'blocks' is a {type(blocks).__name__}, not a dict.")
         if set(blocks) != set(names):
             missing, extra = sorted(set(names) - set(blocks)), sorted(set(blocks) - set(names))
-            raise ValueError(f"LLQR state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}.")
+            raise LLQRStateError(
+                f"LLQR state in {source} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}. "
+                + remedy
+            )
+        staged: list[tuple[Tensor, Tensor]] = []
+        shared: dict[int, tuple[str, Tensor]] = {}
         for name, blk in zip(names, self.blocks, strict=True):
             saved = blocks[name]
-            if set(saved) != set(blk):
-                raise ValueError(f"LLQR block {name!r} has tensors {sorted(saved)}, expected {sorted(blk)}.")
+            if not isinstance(saved, Mapping) or set(saved) != set(blk):
+                got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+                raise LLQRStateError(
+                    f"LLQR block {name!r} in {source} has tensors {got}, expected {sorted(blk)} "
+                    f"(llqr_structure={self.kind!r}). " + remedy
+                )
             for k, t in blk.items():
-                if tuple(saved[k].shape) != tuple(t.shape):
-                    raise ValueError(
-                        f"LLQR block {name!r}.{k} has shape {tuple(saved[k].shape)}, expected {tuple(t.shape)}."
+                key = f"blocks[{name!r}][{k!r}]"
+                value = saved[k]
+                self._check_tensor(key, value, t, min_value, source, remedy)
+                first = shared.setdefault(id(t), (key, value))
+                if first[1] is not value and not torch.equal(first[1], value):
+                    raise LLQRStateError(
+                        f"Invalid LLQR state in {source}: {key} differs from {first[0]}, but both are the one shared "
+                        f"{self.kind} value of a clip group in this run; the file was written with other "
+                        "llqr_clip_groups or another model. " + remedy
                     )
-                t.copy_(saved[k])
+                staged.append((t, value))
+        for t, value in staged:
+            t.copy_(value)
+
+    def _check_tensor(
+        self, key: str, value: object, target: Tensor, min_value: float | None, source: str, remedy: str
+    ) -> None:
+        """Raise [`LLQRStateError`] if `value` cannot be loaded into `target` (see [`load_state_dict`])."""
+        where = f"Invalid LLQR state in {source}: U tensor {key}"
+        if not isinstance(value, Tensor):
+            raise LLQRStateError(f"{where} is a {type(value).__name__}, not a tensor. " + remedy)
+        if not value.is_floating_point():
+            raise LLQRStateError(
+                f"{where} has dtype {value.dtype}, which cannot be cast to U's {target.dtype} (U is stored as real "
+                "floating point). " + remedy
+            )
+        if tuple(value.shape) != tuple(target.shape):
+            raise LLQRStateError(f"{where} has shape {tuple(value.shape)}, expected {tuple(target.shape)}. " + remedy)
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise LLQRStateError(
+                f"{where} has {int(bad.sum())} non-finite entries (NaN/Inf) of {value.numel()}, the first at index "
+                f"{first} = {value[first].item()}. A saved U is always finite, so the file is corrupt. " + remedy
+            )
+        if min_value is not None and self.positive:
+            low = (value <= 0) | (value < min_value)
+            if bool(low.any()):
+                first = tuple(int(i) for i in low.nonzero()[0].tolist())
+                raise LLQRStateError(
+                    f"{where} has {int(low.sum())} entries below llqr_min_diag={min_value:g} (the first at index "
+                    f"{first} = {value[first].item():g}). The positivity clamp is on, and a saved {self.kind} U is "
+                    "always clamped, so the file is corrupt or was written with llqr_allow_inversion=True or a "
+                    "smaller llqr_min_diag: resume with those settings. Otherwise: " + remedy
+                )
 
 
 class DiagonalStructure(Structure):

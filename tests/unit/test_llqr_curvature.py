@@ -218,3 +218,19 @@ def test_invalid_divergence_raises():
     model, x, y = _setup()
     with pytest.raises(ValueError, match="llqr_divergence"):
         curvature_problem(model, {"x": x, "labels": y}, divergence="gauss_newton")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_diagnostics_count_rows_with_a_nonfinite_loss(chunk_size):
+    """A NaN input gives NaN logits in its row only, yet g is NaN everywhere (0·NaN in the masked backward)."""
+    model, x, y = _setup(seed=8, pad_rows=(5,))
+    x = x.clone()
+    x[4, 0] = float("nan")
+    x[5, 0] = float("nan")  # a pad row (not counted in N) still poisons g
+    diagnostics: dict = {}
+    g, _ = curvature_problem(model, {"x": x, "labels": y}, chunk_size=chunk_size, diagnostics=diagnostics)
+    assert int(diagnostics["rows"]) == N_ROWS and int(diagnostics["nonfinite_rows"]) == 2
+    assert all(not torch.isfinite(t).any() for t in g.values())
+    clean: dict = {}
+    curvature_problem(model, {"x": x[:4], "labels": y[:4]}, chunk_size=chunk_size, diagnostics=clean)
+    assert int(clean["rows"]) == 4 and int(clean["nonfinite_rows"]) == 0

@@ -5,7 +5,7 @@ import math
 import torch
 
 from hf_llqrsam.llqr import DiagonalStructure, ScalarStructure, curvature_problem
-from hf_llqrsam.llqr.fit import clip_by_groups_, fit_structure, group_index, sanitize_
+from hf_llqrsam.llqr.fit import clip_by_groups_, count_nonfinite, fit_structure, group_index, sanitize_
 from hf_llqrsam.llqr.layout import clip_groups, tensor_layouts
 from tests.oracles.dense_llqr import TanhNet, dense_curvature, flatten, unflatten
 
@@ -128,3 +128,30 @@ def test_unflatten_oracle_helper():
     v = torch.arange(10.0)
     out = unflatten(v, params)
     assert out[0].shape == (2, 3) and out[1].tolist() == [6.0, 7.0, 8.0, 9.0]
+
+
+def test_stop_if_nonfinite_leaves_the_structure_untouched():
+    """With `stop_if_nonfinite`, a non-finite J at the first inner step stops the loop before any step."""
+    model = TanhNet((2, 2), seed=0)
+    layouts = tensor_layouts(model)
+    structure = DiagonalStructure(layouts, clip_groups(layouts, "tensor"), dtype=torch.float64)
+    with torch.no_grad():
+        for t in structure.parameters():
+            t.fill_(0.7)
+    g = [torch.ones_like(p) for p in model.parameters()]
+    for bad in (float("inf"), float("nan")):
+        gv = lambda v, bad=bad: [torch.full_like(t, bad) for t in v]  # noqa: E731
+        stats = fit_structure(structure, g, gv, steps=3, lr=0.25, momentum=0.9, clip_norm=1.0, stop_if_nonfinite=True)
+        assert stats.stopped and not math.isfinite(stats.objective_start) and stats.nonfinite_ugrad == 0
+        assert all(torch.equal(t, torch.full_like(t, 0.7)) and not t.requires_grad for t in structure.parameters())
+    stats = fit_structure(
+        structure, g, lambda v: v, steps=3, lr=0.25, momentum=0.9, clip_norm=1.0, stop_if_nonfinite=True
+    )
+    assert not stats.stopped and math.isfinite(stats.objective_end)
+    assert not all(torch.equal(t, torch.full_like(t, 0.7)) for t in structure.parameters())
+
+
+def test_count_nonfinite_is_exact_also_when_a_norm_overflows():
+    big = torch.full((3,), 1e30, dtype=torch.float32)  # finite, but its norm overflows fp32
+    assert count_nonfinite([big]) == 0 and count_nonfinite([]) == 0
+    assert count_nonfinite([big, torch.tensor([float("nan"), 1.0, -float("inf")])]) == 2

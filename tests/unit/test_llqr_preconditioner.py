@@ -3,12 +3,13 @@
 import copy
 import dataclasses
 import io
+import logging
 
 import pytest
 import torch
 from torch import nn
 
-from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner, curvature_problem
+from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner, LLQRStateError, curvature_problem
 from tests.oracles.dense_llqr import TanhNet, dense_curvature, flatten, unflatten
 
 
@@ -165,8 +166,10 @@ def test_update_metrics_keys_and_ngd_objective_decreases():
         "u_max",
         "u_mean",
         "memory_bytes",
+        "skipped_refresh",
     }
     assert {f"llqr/{k}" for k in expected} <= set(metrics)
+    assert metrics["llqr/skipped_refresh"] == 0.0
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["llqr/objective_end"] < metrics["llqr/objective_start"]
     assert metrics["llqr/memory_bytes"] == 8 * sum(p.numel() for p in model.parameters())
@@ -370,7 +373,7 @@ def test_config_from_training_args(tmp_path):
         llqr_update_until=100,
         label_smoothing_factor=0.1,
     )
-    cfg = LLQRConfig.from_args(args)
+    cfg = args.to_llqr_config()
     assert cfg.structure == "kfac" and cfg.divergence == "renyi" and cfg.renyi_alpha == 0.3
     assert cfg.inner_steps == 7 and cfg.chunk_size == 16 and cfg.update_until == 100
     assert cfg.label_smoothing == 0.1
@@ -384,3 +387,242 @@ def test_unflatten_helper_alignment():
     params = list(model.parameters())
     v = flatten(params).detach()
     assert all(torch.equal(a, b) for a, b in zip(unflatten(v, params), params, strict=True))
+
+
+# ---------------------------------------------------------------- resume: the fingerprint and the saved values
+
+
+def _trained(cfg: LLQRConfig, model=None, step: int = 3) -> tuple[nn.Module, LLQRPreconditioner]:
+    model = model if model is not None else TanhNet((3, 4, 3), dtype=torch.float32)
+    pre = LLQRPreconditioner(model, cfg)
+    _random_u(pre, seed=2)
+    pre.num_updates, pre.last_update_step = 1, step
+    return model, pre
+
+
+def _saved(pre: LLQRPreconditioner) -> dict:
+    buf = io.BytesIO()
+    torch.save(pre.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_state_dict_holds_a_weights_only_fingerprint():
+    model, pre = _trained(LLQRConfig(structure="kfac", identity_scaling=2.0, clip_groups="tensor"))
+    fp = _saved(pre)["fingerprint"]
+    assert fp["structure"] == "kfac" and fp["identity_scaling"] == 2.0 and fp["clip_groups"] == "tensor"
+    assert fp["blocks"] == [[n, list(p.shape)] for n, p in model.named_parameters()]
+    assert fp["fallback_names"] == [] and fp["allow_inversion"] is False and fp["min_diag"] == 1e-8
+
+
+def _assert_refused_and_untouched(fresh: LLQRPreconditioner, state: dict, *needles: str) -> str:
+    before = _u(fresh)
+    with pytest.raises(LLQRStateError) as err:
+        fresh.load_state_dict(state, source="/run/checkpoint-3/llqrsam_state.pt")
+    msg = str(err.value)
+    assert all(n in msg for n in needles), msg
+    assert "delete /run/checkpoint-3/llqrsam_state.pt" in msg.lower()
+    assert _equal(before, _u(fresh)) and fresh.num_updates == 0 and fresh.last_update_step is None
+    return msg
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "scalar", "kfac", "ekfac", "sep_ekfac"])
+def test_resume_with_another_identity_scaling_is_refused(structure):
+    """U is stored as s·U: loading s = 2 state into an s = 1 run would silently double (kfac: quarter...) U."""
+    model, pre = _trained(LLQRConfig(structure=structure, identity_scaling=2.0))
+    fresh = LLQRPreconditioner(model, LLQRConfig(structure=structure, identity_scaling=1.0))
+    _assert_refused_and_untouched(
+        fresh,
+        _saved(pre),
+        "Invalid resume: /run/checkpoint-3/llqrsam_state.pt was written with llqr_identity_scaling=2.0 but this run "
+        "has llqr_identity_scaling=1.0; U would silently change meaning. Resume with llqr_identity_scaling=2.0",
+    )
+    same = LLQRPreconditioner(model, LLQRConfig(structure=structure, identity_scaling=2.0))
+    same.load_state_dict(_saved(pre))
+    ts = [torch.randn(p.shape) for p in model.parameters()]
+    for a, b in zip(same.apply(same.names, ts), pre.apply(pre.names, ts), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_scalar_resume_with_other_clip_groups_is_refused():
+    """Scalar U holds one c per clip group: per-tensor values would overwrite each other in module groups."""
+    model, pre = _trained(LLQRConfig(structure="scalar", clip_groups="tensor"))
+    assert len({float(t) for t in pre.structure.parameters()}) == 4  # 4 distinct per-tensor values
+    fresh = LLQRPreconditioner(model, LLQRConfig(structure="scalar", clip_groups="module"))
+    _assert_refused_and_untouched(
+        fresh, _saved(pre), "written with llqr_clip_groups='tensor' but this run has llqr_clip_groups='module'"
+    )
+
+
+def test_clip_groups_do_not_change_diagonal_or_kronecker_u_and_may_change_on_resume():
+    for structure in ("diagonal", "kfac"):
+        model, pre = _trained(LLQRConfig(structure=structure, clip_groups="tensor"))
+        fresh = LLQRPreconditioner(model, LLQRConfig(structure=structure, clip_groups="module"))
+        fresh.load_state_dict(_saved(pre))
+        assert _equal(_u(pre), _u(fresh)) and fresh.num_updates == 1 and fresh.last_update_step == 3
+
+
+def test_resume_with_another_structure_or_model_is_refused_with_the_differing_names():
+    model, pre = _trained(LLQRConfig(structure="sep_ekfac"))
+    _assert_refused_and_untouched(
+        LLQRPreconditioner(model, LLQRConfig(structure="ekfac")),
+        _saved(pre),
+        "written with llqr_structure='sep_ekfac' but this run has llqr_structure='ekfac'",
+    )
+    wider = TanhNet((3, 5, 3), dtype=torch.float32)  # same names, other shapes
+    msg = _assert_refused_and_untouched(
+        LLQRPreconditioner(wider, LLQRConfig(structure="sep_ekfac")),
+        _saved(pre),
+        "3 differ",
+        "'layers.0.weight' (saved: (4, 3), this run: (5, 3))",
+        "does not match the model",
+    )
+    assert "'layers.1.bias'" not in msg  # same name and shape (3,): not a difference
+    deeper = TanhNet((3, 4, 4, 3), dtype=torch.float32)
+    frozen = LLQRPreconditioner(deeper, LLQRConfig(structure="sep_ekfac"))
+    _assert_refused_and_untouched(frozen, _saved(pre), "'layers.2.weight' (saved: absent, this run: (3, 4))")
+
+
+def test_state_without_a_fingerprint_is_refused():
+    model, pre = _trained(LLQRConfig())
+    old = _saved(pre)
+    del old["fingerprint"]  # the format of hf_llqrsam <= 0.1.0
+    _assert_refused_and_untouched(LLQRPreconditioner(model, LLQRConfig()), old, "older format", "fingerprint")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1.0, 1e-12])
+def test_resume_validates_the_saved_values(value):
+    model, pre = _trained(LLQRConfig())
+    state = _saved(pre)
+    state["blocks"]["layers.1.weight"]["d"][0, 1] = value
+    what = "non-finite" if not torch.isfinite(torch.tensor(value)) else "below llqr_min_diag=1e-08"
+    _assert_refused_and_untouched(
+        LLQRPreconditioner(model, LLQRConfig()), state, "blocks['layers.1.weight']['d']", what
+    )
+    inverting = LLQRPreconditioner(model, LLQRConfig(allow_inversion=True))
+    if what == "non-finite":
+        _assert_refused_and_untouched(inverting, state, what)
+    else:
+        inverting.load_state_dict(state)  # llqr_allow_inversion: a finite U of any sign is valid
+        assert float(inverting.structure.blocks[2]["d"][0, 1]) == pytest.approx(value)
+
+
+def test_resume_validates_the_counters():
+    model, pre = _trained(LLQRConfig())
+    for key, value in (("num_updates", -1), ("num_updates", 1.5), ("last_update_step", "3")):
+        state = {**_saved(pre), key: value}
+        _assert_refused_and_untouched(LLQRPreconditioner(model, LLQRConfig()), state, f"{key}={value!r}")
+
+
+# ---------------------------------------------------------------- non-finite curvature problems keep U
+
+
+def _mlp_batch(nan_row: int | None = None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    if nan_row is not None:
+        x[nan_row, 1] = float("nan")
+    return model, {"input": x, "labels": y}
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_nonfinite_curvature_batch_skips_the_refresh_and_keeps_u(caplog, warm_start):
+    """One NaN input makes g NaN everywhere. Before, the sanitised U-gradient was 0, the refresh was counted and,
+    without warm start, U moved towards I (β·U + (1 − β)·I); now U is kept bit for bit."""
+    model, bad = _mlp_batch(nan_row=2)
+    _, clean = _mlp_batch()
+    cfg = LLQRConfig(inner_steps=5, inner_lr=0.1, ema_decay=0.5, warm_start=warm_start)
+    pre = LLQRPreconditioner(model, cfg)
+    _random_u(pre)
+    pre.num_updates = 4
+    before = copy.deepcopy(pre.state_dict())
+    caplog.set_level(logging.WARNING, logger="hf_llqrsam.llqr.preconditioner")
+    metrics = pre.update(model, bad, step=10)
+    assert metrics["llqr/skipped_refresh"] == 1.0 and metrics["llqr/updates"] == 4.0
+    assert "llqr/objective_start" not in metrics and "llqr/update_seconds" in metrics
+    after = pre.state_dict()
+    assert _equal(
+        [t for b in before["blocks"].values() for t in b.values()],
+        [t for b in after["blocks"].values() for t in b.values()],
+    )
+    assert pre.num_updates == 4 and pre.last_update_step == 10 and not pre.is_due(10)
+    pre.update(model, bad, step=20)  # a second skip: counted, not warned again
+    warnings = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    msg = warnings[0].getMessage()
+    assert "at step 10" in msg and "1 of 6 curvature rows have a non-finite loss" in msg and "non-finite" in msg
+    metrics = pre.update(model, clean, step=30)  # a clean batch refreshes as usual
+    assert metrics["llqr/skipped_refresh"] == 0.0 and pre.num_updates == 5 and pre.last_update_step == 30
+    assert all(torch.isfinite(t).all() for t in pre.structure.parameters())
+    assert not _equal([t for b in before["blocks"].values() for t in b.values()], _u(pre))
+
+
+def test_nonfinite_curvature_products_skip_the_refresh():
+    """g finite but G·v = Inf: J at the first inner step is not finite; U stays (no sanitised ±1 steps)."""
+    model = TanhNet((3, 4, 3))
+    pre = LLQRPreconditioner(model, LLQRConfig(inner_steps=3))
+    _random_u(pre)
+    before = _u(pre)
+    g = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    metrics = pre.fit_problem(g, lambda v: {n: torch.full_like(t, float("inf")) for n, t in v.items()}, step=0)
+    assert metrics["llqr/skipped_refresh"] == 1.0 and _equal(before, _u(pre)) and pre.num_updates == 0
+    metrics = pre.fit_problem(g, lambda v: dict(v), step=1)
+    assert metrics["llqr/skipped_refresh"] == 0.0 and pre.num_updates == 1
+
+
+def test_nonfinite_update_probe_skips_the_refresh():
+    model, batch = TanhNet((3, 4, 3)), _data()
+    pre = LLQRPreconditioner(model, LLQRConfig(apply="update", inner_steps=3))
+    nan_probe = lambda g: {n: torch.full_like(t, float("nan")) for n, t in g.items()}  # noqa: E731
+    metrics = pre.update(model, batch, step=0, update_probe=nan_probe)
+    assert metrics["llqr/skipped_refresh"] == 1.0 and pre.num_updates == 0 and pre.last_update_step == 0
+
+
+# ---------------------------------------------------------------- include_pad_rows with pad_token_id
+
+
+def _token_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, dtype=torch.float64), nn.Linear(3, 5, dtype=torch.float64))
+    ids = torch.tensor([[1, 2, 3, 0], [4, 1, 0, 0]])
+    labels = torch.tensor([[2, 3, 4, -100], [1, 2, -100, -100]])
+    return model, {"input": ids, "labels": labels}
+
+
+def _hand_g(model, batch, pad_target: int | None) -> torch.Tensor:
+    logits = model(batch["input"]).reshape(-1, 5)
+    labels = batch["labels"].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    if pad_target is None:
+        numerator = ce[labels != -100].sum()  # pad rows add nothing
+    else:
+        numerator = torch.nn.functional.cross_entropy(
+            logits, torch.where(labels == -100, pad_target, labels), reduction="sum"
+        )
+    return flatten(torch.autograd.grad(numerator / labels.numel(), list(model.parameters())))  # N = every row
+
+
+def test_update_passes_pad_token_id_to_the_curvature_problem(monkeypatch):
+    model, batch = _token_model()
+    pre = LLQRPreconditioner(model, LLQRConfig(include_pad_rows=True, inner_steps=2))
+    seen = []
+    original = pre.fit_problem
+
+    def spy(g_dict, *args, **kwargs):
+        seen.append(flatten([g_dict[n] for n in pre.names]))
+        return original(g_dict, *args, **kwargs)
+
+    monkeypatch.setattr(pre, "fit_problem", spy)
+    pre.update(model, batch, step=0, pad_token_id=0)
+    pre.update(model, batch, step=1)
+    with_pad, without = seen
+    torch.testing.assert_close(with_pad, _hand_g(model, batch, pad_target=0), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(without, _hand_g(model, batch, pad_target=None), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(with_pad, without)
+    off = LLQRPreconditioner(model, LLQRConfig(include_pad_rows=False, inner_steps=2))
+    monkeypatch.setattr(off, "fit_problem", lambda g_dict, *a, **k: seen.append(flatten(g_dict.values())) or {})
+    off.update(model, batch, step=0, pad_token_id=0)  # ignored without include_pad_rows: N = the valid rows
+    g_valid = _hand_g(model, batch, pad_target=None) * batch["labels"].numel() / int((batch["labels"] != -100).sum())
+    torch.testing.assert_close(seen[-1], g_valid, rtol=1e-12, atol=1e-14)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_llqrsam.llqr import DiagonalStructure, ScalarStructure
+from hf_llqrsam.llqr import DiagonalStructure, LLQRStateError, ScalarStructure
 from hf_llqrsam.llqr.fit import surrogate_gradient
 from hf_llqrsam.llqr.layout import clip_groups, fallback_names, from_matrix, tensor_layouts, to_matrix
 from hf_llqrsam.llqr.structures import make_structure
@@ -294,6 +294,99 @@ def test_state_dict_round_trip_and_mismatch():
     bad["fc.weight"]["s"] = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="shape"):
         b.load_state_dict(bad)
+
+
+def _loaded_equals(structure, values) -> bool:
+    return all(torch.equal(t, v) for t, v in zip(structure.parameters(), values, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "scalar", "kfac", "ekfac", "sep_ekfac"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_load_rejects_nonfinite_entries_and_copies_nothing(kind, bad):
+    """Any NaN/±Inf entry is refused, even with inversion allowed, naming the key; U stays as it was."""
+    _, saved = _make(kind)
+    _randomise(saved, seed=3)
+    state = saved.state_dict()
+    last = list(state)[-1]
+    tensor = next(iter(state[last]))
+    state[last][tensor].view(-1)[0] = bad  # the last block: every earlier block passed its checks first
+    _, target = _make(kind)
+    before = [t.clone() for t in target.parameters()]
+    for min_value in (None, 1e-8):
+        with pytest.raises(LLQRStateError, match="non-finite") as err:
+            target.load_state_dict(state, min_value=min_value, source="/ckpt/llqrsam_state.pt")
+        msg = str(err.value)
+        assert f"blocks[{last!r}][{tensor!r}]" in msg and "/ckpt/llqrsam_state.pt" in msg
+        assert "restart with U = I" in msg and "earlier checkpoint" in msg
+        assert _loaded_equals(target, before)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "scalar"])
+def test_load_rejects_entries_below_min_diag_unless_inversion_allowed(kind):
+    _, saved = _make(kind)
+    _, target = _make(kind)
+    identity = [t.clone() for t in target.parameters()]
+    for value in (0.0, -0.5, 1e-9):
+        state = saved.state_dict()
+        state["fc.bias"][next(iter(state["fc.bias"]))].fill_(value)  # for scalar: the fc group's c, in both blocks
+        if kind == "scalar":
+            state["fc.weight"]["c"].fill_(value)
+        with pytest.raises(LLQRStateError, match=r"below llqr_min_diag=1e-08") as err:
+            target.load_state_dict(state, min_value=1e-8)
+        first = "fc.weight" if kind == "scalar" else "fc.bias"  # scalar: the shared c, met first in fc.weight
+        assert f"blocks[{first!r}]" in str(err.value) and "llqr_allow_inversion" in str(err.value)
+        assert _loaded_equals(target, identity)
+        target.load_state_dict(state, min_value=None)  # llqr_allow_inversion: any finite value
+        assert any(bool((t == value).any()) for t in target.parameters())
+        target.load_state_dict(saved.state_dict())
+    # Kronecker structures have no clamp: a negative entry loads with the clamp on
+    _, k_saved = _make("kfac")
+    state = k_saved.state_dict()
+    state["fc.weight"]["A"].fill_(-1.0)
+    _, k = _make("kfac")
+    k.load_state_dict(state, min_value=1e-8)
+    assert torch.equal(k.blocks[[lay.name for lay in k.layouts].index("fc.weight")]["A"], state["fc.weight"]["A"])
+
+
+def test_load_rejects_tensors_that_cannot_be_cast_and_casts_floats():
+    _, saved = _make("diagonal")
+    _randomise(saved, seed=1)
+    _, target = _make("diagonal")
+    for value, match in (
+        (torch.ones(4, dtype=torch.long), "dtype torch.int64"),
+        (torch.ones(4, dtype=torch.complex64), "dtype torch.complex64"),
+        (torch.ones(4, dtype=torch.bool), "dtype torch.bool"),
+        ([1.0, 1.0, 1.0, 1.0], "is a list, not a tensor"),
+        (torch.ones(5, dtype=torch.float64), r"shape \(5,\), expected \(4,\)"),
+    ):
+        state = saved.state_dict()
+        state["fc.bias"]["d"] = value
+        with pytest.raises(LLQRStateError, match=match) as err:
+            target.load_state_dict(state)
+        assert "blocks['fc.bias']['d']" in str(err.value)
+    state = saved.state_dict()
+    with pytest.raises(LLQRStateError, match="has tensors"):
+        target.load_state_dict({**state, "fc.bias": {"c": torch.ones(())}})
+    state = {n: {k: t.float() for k, t in blk.items()} for n, blk in saved.state_dict().items()}
+    target.load_state_dict(state)  # fp32 into fp64 U: cast
+    assert _loaded_equals(target, [t.double() for t in (state[lay.name]["d"] for lay in target.layouts)])
+
+
+def test_scalar_load_rejects_different_values_for_one_shared_group_value():
+    """Module clip groups share one c per module: per-tensor values (another llqr_clip_groups) are refused."""
+    _, per_tensor = _make("scalar", mode="tensor")
+    with torch.no_grad():
+        for i, t in enumerate(per_tensor.parameters()):
+            t.fill_(1.0 + i)
+    _, per_module = _make("scalar", mode="module")
+    before = [t.clone() for t in per_module.parameters()]
+    with pytest.raises(LLQRStateError, match="llqr_clip_groups") as err:
+        per_module.load_state_dict(per_tensor.state_dict())
+    assert "blocks['fc.bias']['c'] differs from blocks['fc.weight']['c']" in str(err.value)
+    assert _loaded_equals(per_module, before)
+    _, same = _make("scalar", mode="tensor")
+    same.load_state_dict(per_tensor.state_dict())
+    assert _loaded_equals(same, list(per_tensor.parameters()))
 
 
 def test_transpose_permutation_oracle():
