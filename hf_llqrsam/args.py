@@ -1,19 +1,69 @@
 """Training arguments: flat, prefixed `sam_*` / `llqr_*` fields on top of [`~transformers.TrainingArguments`].
 
-The fields follow `algorithm.md` §12.1 (defaults, with the reference knob each one maps to) and are validated in
-`__post_init__` by [`validate_llqrsam_args`], so a bad value fails at argument time with a message that names the
-flag and the allowed values.
+The fields follow `algorithm.md` §12.1 (defaults, with the reference knob each one maps to). They are checked when
+the arguments are built, from the Python API and the CLI alike, by [`validate_llqrsam_args`]:
+
+1. every field against its annotated type (`Literal` membership, `bool`, `int`, finite `float`, `X | None`),
+   generically from the dataclass annotations;
+2. every number against its range ([`_RANGES`]);
+3. the cross-field rules, read from the [`~hf_llqrsam.modes.ModeSpec`] of the selected mode (window-only,
+   global-only, own normaliser, where LLQR may enter);
+4. the support matrix ([`~hf_llqrsam.compat.validate_setup_args`]);
+5. flags that the run ignores (an `llqr_*` flag with `llqr` off, a mode's hyperparameter under another mode, a
+   `sam_*` flag with `sam_mode="none"`, ...) get one `UserWarning` naming all of them.
+
+Each failure is a `ValueError` naming the flag, its value and what is allowed. On the command line,
+[`parse_args`] (or the [`cli_errors`] context manager) turns it into a one-line `prog: error: ...` and exit code 2.
+
+[`LLQRSAMFields.to_sam_config`] and [`LLQRSAMFields.to_llqr_config`] build the typed, frozen configs the math
+modules accept.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import argparse
+import contextlib
+import math
+import numbers
+import os
+import sys
+import types
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Union, cast, get_args, get_origin, get_type_hints
 
-from transformers import Seq2SeqTrainingArguments, TrainingArguments
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 
-from .compat import validate_setup_args
+from .compat import validate_deepspeed_args, validate_setup_args
+from .config import (
+    Accumulation,
+    BNStats,
+    FisherSAMForm,
+    FSAMInit,
+    InfoSAMVariance,
+    Norm,
+    RhoSchedule,
+    SAMConfig,
+    SAMMode,
+    Scope,
+)
+from .llqr.config import Apply, ClipGroups, CurvatureSharding, Divergence, LLQRConfig, NGDScaling, Structure
+from .modes import MODES, SAM_MODE_NAMES
 
-SAMMode = Literal["none", "sam", "asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam"]
-SAM_MODES: tuple[str, ...] = SAMMode.__args__  # type: ignore[attr-defined]
+__all__ = [
+    "SAM_MODES",
+    "LLQRSAMFields",
+    "LLQRSAMSeq2SeqTrainingArguments",
+    "LLQRSAMTrainingArguments",
+    "cli_errors",
+    "ignored_flags",
+    "parse_args",
+    "validate_llqrsam_args",
+    "validate_llqrsam_fields",
+    "warn_ignored_flags",
+]
+
+SAM_MODES: tuple[str, ...] = SAM_MODE_NAMES
+"""The `sam_mode` values, `"none"` first (= [`~hf_llqrsam.modes.SAM_MODE_NAMES`]; the `SAMMode` Literal lists them)."""
 
 
 @dataclass
@@ -26,21 +76,22 @@ class LLQRSAMFields:
         One of `none`, `sam`, `asam`, `fsam`, `fisher_sam`, `gsam`, `vasso`, `infosam`. `none` with `llqr` off is the
         stock [`~transformers.Trainer`] path, bit for bit.
     sam_rho (`float`, *optional*, defaults to `0.1`):
-        Perturbation radius ρ; ε = ρ·Cv/√(ν² + sam_eps).
+        Perturbation radius ρ; ε = ρ·Cv/√(ν² + sam_eps). Must be > 0 when `sam_mode` is not `none`.
     sam_rho_schedule (`str`, *optional*, defaults to `"constant"`):
         `constant`, `iwslt14_cosine_ramp` (the reference's opt-in ramp) or `lr_proportional` (GSAM).
     sam_rho_min (`float`, *optional*, defaults to `0.0`):
-        Lower end of the `lr_proportional` schedule.
+        Lower end of the `lr_proportional` schedule (>= 0, <= `sam_rho`).
     sam_start_step (`int`, *optional*, defaults to `0`):
         Optimizer steps before this one are plain (one-pass) steps.
     sam_interval (`int`, *optional*, defaults to `1`):
         Run SAM on every k-th step after `sam_start_step`; the other steps are plain.
     sam_norm (`str`, *optional*, defaults to `"euclidean"`):
-        Normaliser ν: `euclidean` ‖Cv‖₂ or `matrix` √(vᵀCv).
+        Normaliser ν: `euclidean` ‖Cv‖₂ or `matrix` √(vᵀCv). Modes with their own normaliser need `euclidean`.
     sam_eps (`float`, *optional*, defaults to `1e-12`):
-        Added to ν² inside the square root.
+        Added to ν² inside the square root (> 0).
     sam_accumulation (`str`, *optional*, defaults to `"window"`):
-        `window`: one ε from the whole accumulated batch (reference semantics). `micro`: one ε per micro-batch.
+        `window`: one ε from the whole accumulated batch (reference semantics). `micro`: one ε per micro-batch
+        (modes that need the window gradient are window-only).
     sam_scope (`str`, *optional*, defaults to `"global"`):
         `global`: ε from the all-reduced gradient. `local`: ε from each rank's own gradient (m-sharpness).
     sam_bn_stats (`str`, *optional*, defaults to `"second"`):
@@ -50,91 +101,142 @@ class LLQRSAMFields:
 
     > Parameters of the individual SAM modes
 
-    asam_eta (`float`, *optional*, defaults to `0.01`): ASAM's T = |θ| + η.
-    fsam_beta (`float`, *optional*, defaults to `0.9`): FSAM's EMA decay of the clean gradient ḡ.
-    fsam_sigma (`float`, *optional*, defaults to `1.0`): FSAM's probe v = g − σ ḡ.
-    fsam_init (`str`, *optional*, defaults to `"zero"`): `zero` (reference) or `first_grad` (official F-SAM code).
-    fisher_sam_form (`str`, *optional*, defaults to `"reference"`): `reference` C = 1/(g² + η) or `paper`
-        C = 1/(1 + η g²).
-    fisher_sam_eta (`float`, *optional*): η; `None` means 0.1 for the reference form and 1.0 for the paper form.
-    gsam_alpha (`float`, *optional*, defaults to `0.4`): GSAM's descent d = g̃ − α g⊥.
-    vasso_theta (`float`, *optional*, defaults to `0.4`): VaSSO's d_t = (1 − θ) d_{t−1} + θ g_t.
-    infosam_alpha (`float`, *optional*, defaults to `0.9`): infoSAM's gradient EMA decay (our choice).
-    infosam_damping (`float`, *optional*, defaults to `1e-8`): floor δ of the noise estimate b.
-    infosam_variance (`str`, *optional*, defaults to `"instant"`): `instant` b = (m − g)² (the prototype) or `ema`.
+    asam_eta (`float`, *optional*, defaults to `0.01`):
+        ASAM's T = |θ| + η (>= 0).
+    fsam_beta (`float`, *optional*, defaults to `0.9`):
+        FSAM's EMA decay of the clean gradient ḡ, in [0, 1).
+    fsam_sigma (`float`, *optional*, defaults to `1.0`):
+        FSAM's probe v = g − σ ḡ.
+    fsam_init (`str`, *optional*, defaults to `"zero"`):
+        FSAM's initial ḡ: `zero` (reference) or `first_grad` (official F-SAM code).
+    fisher_sam_form (`str`, *optional*, defaults to `"reference"`):
+        `reference` C = 1/(g² + η) or `paper` C = 1/(1 + η g²).
+    fisher_sam_eta (`float`, *optional*):
+        Fisher-SAM's η (> 0); `None` means 0.1 for the reference form and 1.0 for the paper form.
+    gsam_alpha (`float`, *optional*, defaults to `0.4`):
+        GSAM's descent d = g̃ − α g⊥ (>= 0).
+    vasso_theta (`float`, *optional*, defaults to `0.4`):
+        VaSSO's d_t = (1 − θ) d_{t−1} + θ g_t, θ in (0, 1].
+    infosam_alpha (`float`, *optional*, defaults to `0.9`):
+        infoSAM's gradient EMA decay, in [0, 1) (our choice).
+    infosam_damping (`float`, *optional*, defaults to `1e-8`):
+        Floor δ of infoSAM's noise estimate b (> 0).
+    infosam_variance (`str`, *optional*, defaults to `"instant"`):
+        infoSAM's noise estimate: `instant` b = (m − g)² (the prototype) or `ema`.
 
     > Parameters that control LLQR (arXiv 2605.04230)
 
-    llqr (`bool`, *optional*, defaults to `False`): learn the inverse preconditioner U. With `sam_mode=sam` this is
-        LLQR+SAM.
-    llqr_* : see the README's LLQR section; names and defaults follow `algorithm.md` §12.1.
+    llqr (`bool`, *optional*, defaults to `False`):
+        Learn the inverse preconditioner U (`use_preconditioner`). With `sam_mode="sam"` this is LLQR+SAM.
+    llqr_in_perturbation (`bool`, *optional*, defaults to `True`):
+        Use C = U in the perturbation. Only modes whose geometry is the preconditioner (`sam`, `fsam`) admit it; pass
+        `--no_llqr_in_perturbation` with the others (ASAM).
+    llqr_on_update (`bool`, *optional*, defaults to `True`):
+        Use P = U on the descent gradient (required with `sam_mode="none"` and with `llqr_apply="update"`).
+    llqr_apply (`str`, *optional*, defaults to `"gradient"`):
+        `gradient`: U·g̃ replaces the gradient. `update`: U on the base optimizer's update (`precond_on_update`;
+        SGD/Adam/AdamW only).
+    llqr_divergence (`str`, *optional*, defaults to `"ngd"`):
+        Curvature G: `ngd` (Fisher/GGN), `newton` (exact Hessian), `renyi` (α·GGN) or `reverse_kl`.
+    llqr_ngd_scaling (`str`, *optional*, defaults to `"sum"`):
+        `sum`: G = Σ_rows JᵀFJ (the reference) or `mean`: the textbook GGN_mean. Used by `ngd` only.
+    llqr_renyi_alpha (`float`, *optional*, defaults to `0.5`):
+        The Rényi order α (> 0, != 1). Used by `renyi` only.
+    llqr_structure (`str`, *optional*, defaults to `"diagonal"`):
+        Structure of U: `diagonal`, `scalar`, `kfac`, `ekfac` or `sep_ekfac`.
+    llqr_update_interval (`int`, *optional*, defaults to `1000`):
+        Refresh U every E optimizer steps (>= 1).
+    llqr_update_until (`int`, *optional*):
+        No refresh at or after this step (>= 0); `None` never stops.
+    llqr_batch_size (`int`, *optional*, defaults to `64`):
+        Examples in the curvature batch (>= 1).
+    llqr_inner_steps (`int`, *optional*, defaults to `50`):
+        Inner SGD-momentum steps T per refresh (>= 0).
+    llqr_inner_lr (`float`, *optional*, defaults to `1e-3`):
+        Inner-loop learning rate (> 0).
+    llqr_inner_momentum (`float`, *optional*, defaults to `0.9`):
+        Inner-loop momentum, in [0, 1).
+    llqr_clip_norm (`float`, *optional*, defaults to `5.0`):
+        Per-group clip of the U-gradient (> 0).
+    llqr_clip_groups (`str`, *optional*, defaults to `"module"`):
+        Clip groups: `module` (one per leaf module) or `tensor`.
+    llqr_ema_decay (`float`, *optional*, defaults to `0.95`):
+        β of the EMA merge U ← βU + (1 − β)V, in [0, 1].
+    llqr_warm_start (`bool`, *optional*, defaults to `True`):
+        Start the inner loop from the current U (else from the identity).
+    llqr_damping (`float`, *optional*, defaults to `0.0`):
+        Damping λ of G + λI (>= 0).
+    llqr_min_diag (`float`, *optional*, defaults to `1e-8`):
+        Positivity clamp of diagonal/scalar U (> 0).
+    llqr_allow_inversion (`bool`, *optional*, defaults to `False`):
+        Skip the positivity clamp.
+    llqr_identity_scaling (`float`, *optional*, defaults to `1.0`):
+        Store s·U and divide by s when applying (> 0).
+    llqr_include_pad_rows (`bool`, *optional*, defaults to `False`):
+        Count padding target rows in the curvature problem, as the reference does.
+    llqr_curvature_sharding (`str`, *optional*, defaults to `"replicated"`):
+        Multi-process: `replicated` (every rank runs the same refresh) or `sharded` (1/W of the batch per rank).
+    llqr_chunk_size (`int`, *optional*):
+        Recompute the curvature batch in chunks of this many examples (>= 1); `None`: one chunk.
     """
 
     sam_mode: SAMMode = field(default="none", metadata={"help": "SAM variant; `none` with llqr off is stock."})
     sam_rho: float = field(default=0.1, metadata={"help": "Perturbation radius rho (> 0 when sam_mode != none)."})
-    sam_rho_schedule: Literal["constant", "iwslt14_cosine_ramp", "lr_proportional"] = field(
-        default="constant", metadata={"help": "Schedule of rho over the global step."}
-    )
+    sam_rho_schedule: RhoSchedule = field(default="constant", metadata={"help": "Schedule of rho over the step."})
     sam_rho_min: float = field(default=0.0, metadata={"help": "Lower rho of the lr_proportional schedule."})
     sam_start_step: int = field(default=0, metadata={"help": "Plain steps before this optimizer step."})
     sam_interval: int = field(default=1, metadata={"help": "Run SAM every k-th step after sam_start_step."})
-    sam_norm: Literal["euclidean", "matrix"] = field(
+    sam_norm: Norm = field(
         default="euclidean", metadata={"help": "Normaliser of C v: euclidean ||Cv|| or matrix sqrt(v^T C v)."}
     )
-    sam_eps: float = field(default=1e-12, metadata={"help": "Added to the squared normaliser."})
-    sam_accumulation: Literal["window", "micro"] = field(
+    sam_eps: float = field(default=1e-12, metadata={"help": "Added to the squared normaliser (> 0)."})
+    sam_accumulation: Accumulation = field(
         default="window", metadata={"help": "One perturbation per accumulation window or per micro-batch."}
     )
-    sam_scope: Literal["global", "local"] = field(
+    sam_scope: Scope = field(
         default="global", metadata={"help": "Perturb along the all-reduced (global) or rank-local gradient."}
     )
-    sam_bn_stats: Literal["second", "first"] = field(
+    sam_bn_stats: BNStats = field(
         default="second", metadata={"help": "Which pass leaves its BatchNorm running statistics."}
     )
     sam_same_dropout: bool = field(default=False, metadata={"help": "Replay pass-1 dropout masks in pass 2."})
 
-    asam_eta: float = field(default=0.01, metadata={"help": "ASAM: T = |theta| + eta."})
+    asam_eta: float = field(default=0.01, metadata={"help": "ASAM: T = |theta| + eta (>= 0)."})
     fsam_beta: float = field(default=0.9, metadata={"help": "FSAM: EMA decay of the clean gradient, in [0, 1)."})
     fsam_sigma: float = field(default=1.0, metadata={"help": "FSAM: probe v = g - sigma * gbar."})
-    fsam_init: Literal["zero", "first_grad"] = field(default="zero", metadata={"help": "FSAM: initial gbar."})
-    fisher_sam_form: Literal["reference", "paper"] = field(
-        default="reference", metadata={"help": "Fisher-SAM parameterisation."}
-    )
+    fsam_init: FSAMInit = field(default="zero", metadata={"help": "FSAM: initial gbar."})
+    fisher_sam_form: FisherSAMForm = field(default="reference", metadata={"help": "Fisher-SAM parameterisation."})
     fisher_sam_eta: float | None = field(
         default=None, metadata={"help": "Fisher-SAM eta (None: 0.1 reference form, 1.0 paper form)."}
     )
-    gsam_alpha: float = field(default=0.4, metadata={"help": "GSAM: descent g_tilde - alpha * g_perp."})
+    gsam_alpha: float = field(default=0.4, metadata={"help": "GSAM: descent g_tilde - alpha * g_perp (>= 0)."})
     vasso_theta: float = field(default=0.4, metadata={"help": "VaSSO: d = (1 - theta) d + theta g, in (0, 1]."})
     infosam_alpha: float = field(default=0.9, metadata={"help": "infoSAM: gradient EMA decay, in [0, 1)."})
     infosam_damping: float = field(default=1e-8, metadata={"help": "infoSAM: floor added to the noise estimate."})
-    infosam_variance: Literal["instant", "ema"] = field(
+    infosam_variance: InfoSAMVariance = field(
         default="instant", metadata={"help": "infoSAM noise estimate: instant (m - g)^2 or an EMA of it."}
     )
 
     llqr: bool = field(default=False, metadata={"help": "Learn the LLQR inverse preconditioner U."})
     llqr_in_perturbation: bool = field(default=True, metadata={"help": "Use C = U in the perturbation."})
     llqr_on_update: bool = field(default=True, metadata={"help": "Use P = U on the descent gradient."})
-    llqr_apply: Literal["gradient", "update"] = field(
+    llqr_apply: Apply = field(
         default="gradient", metadata={"help": "Precondition the gradient, or the base optimizer's update."}
     )
-    llqr_divergence: Literal["ngd", "newton", "renyi", "reverse_kl"] = field(
-        default="ngd", metadata={"help": "Curvature G of the quadratic model."}
-    )
-    llqr_ngd_scaling: Literal["sum", "mean"] = field(
+    llqr_divergence: Divergence = field(default="ngd", metadata={"help": "Curvature G of the quadratic model."})
+    llqr_ngd_scaling: NGDScaling = field(
         default="sum", metadata={"help": "NGD Fisher summed over rows (reference) or averaged."}
     )
     llqr_renyi_alpha: float = field(default=0.5, metadata={"help": "Order of the renyi divergence (> 0, != 1)."})
-    llqr_structure: Literal["diagonal", "scalar", "kfac", "ekfac", "sep_ekfac"] = field(
-        default="diagonal", metadata={"help": "Block structure of U."}
-    )
+    llqr_structure: Structure = field(default="diagonal", metadata={"help": "Block structure of U."})
     llqr_update_interval: int = field(default=1000, metadata={"help": "Refresh U every E optimizer steps."})
     llqr_update_until: int | None = field(default=None, metadata={"help": "No refresh at or after this step."})
     llqr_batch_size: int = field(default=64, metadata={"help": "Examples in the curvature batch."})
     llqr_inner_steps: int = field(default=50, metadata={"help": "Inner SGD-momentum steps per refresh."})
-    llqr_inner_lr: float = field(default=1e-3, metadata={"help": "Inner-loop learning rate."})
+    llqr_inner_lr: float = field(default=1e-3, metadata={"help": "Inner-loop learning rate (> 0)."})
     llqr_inner_momentum: float = field(default=0.9, metadata={"help": "Inner-loop momentum, in [0, 1)."})
     llqr_clip_norm: float = field(default=5.0, metadata={"help": "Per-group clip of the U-gradient (> 0)."})
-    llqr_clip_groups: Literal["module", "tensor"] = field(
+    llqr_clip_groups: ClipGroups = field(
         default="module", metadata={"help": "Clip groups: one per leaf module or one per tensor."}
     )
     llqr_ema_decay: float = field(default=0.95, metadata={"help": "EMA merge U = b U_old + (1 - b) V, in [0, 1]."})
@@ -146,10 +248,173 @@ class LLQRSAMFields:
     llqr_include_pad_rows: bool = field(
         default=False, metadata={"help": "Count pad rows in the curvature problem, as the reference does."}
     )
-    llqr_curvature_sharding: Literal["replicated", "sharded"] = field(
+    llqr_curvature_sharding: CurvatureSharding = field(
         default="replicated", metadata={"help": "Multi-process: same curvature batch everywhere, or sharded."}
     )
     llqr_chunk_size: int | None = field(default=None, metadata={"help": "Recompute the curvature batch in chunks."})
+
+    if TYPE_CHECKING:  # a field of TrainingArguments, which every concrete argument class mixes in
+
+        @property
+        def label_smoothing_factor(self) -> float: ...
+
+    def to_sam_config(self) -> SAMConfig:
+        """The frozen [`~hf_llqrsam.config.SAMConfig`] of these arguments, with `fisher_sam_eta` resolved.
+
+        `sam_<x>` becomes `x`; the per-mode fields keep their names. `fisher_sam_eta=None` becomes 0.1 for the
+        reference form and 1.0 for the paper form (`algorithm.md` §8.4).
+        """
+        eta = self.fisher_sam_eta
+        if eta is None:
+            eta = 0.1 if self.fisher_sam_form == "reference" else 1.0
+        return SAMConfig(
+            mode=self.sam_mode,
+            rho=self.sam_rho,
+            rho_schedule=self.sam_rho_schedule,
+            rho_min=self.sam_rho_min,
+            start_step=self.sam_start_step,
+            interval=self.sam_interval,
+            norm=self.sam_norm,
+            eps=self.sam_eps,
+            accumulation=self.sam_accumulation,
+            scope=self.sam_scope,
+            bn_stats=self.sam_bn_stats,
+            same_dropout=self.sam_same_dropout,
+            asam_eta=self.asam_eta,
+            fsam_beta=self.fsam_beta,
+            fsam_sigma=self.fsam_sigma,
+            fsam_init=self.fsam_init,
+            fisher_sam_form=self.fisher_sam_form,
+            fisher_sam_eta=eta,
+            gsam_alpha=self.gsam_alpha,
+            vasso_theta=self.vasso_theta,
+            infosam_alpha=self.infosam_alpha,
+            infosam_damping=self.infosam_damping,
+            infosam_variance=self.infosam_variance,
+        )
+
+    def to_llqr_config(self) -> LLQRConfig | None:
+        """The frozen [`~hf_llqrsam.llqr.LLQRConfig`] of these arguments, or `None` when `llqr` is off.
+
+        `llqr_<x>` becomes `x`; `label_smoothing` comes from `label_smoothing_factor`, so that the curvature problem
+        uses the training loss (`algorithm.md` §3).
+        """
+        if not self.llqr:
+            return None
+        return LLQRConfig(
+            structure=self.llqr_structure,
+            divergence=self.llqr_divergence,
+            ngd_scaling=self.llqr_ngd_scaling,
+            renyi_alpha=self.llqr_renyi_alpha,
+            update_interval=self.llqr_update_interval,
+            update_until=self.llqr_update_until,
+            batch_size=self.llqr_batch_size,
+            inner_steps=self.llqr_inner_steps,
+            inner_lr=self.llqr_inner_lr,
+            inner_momentum=self.llqr_inner_momentum,
+            clip_norm=self.llqr_clip_norm,
+            clip_groups=self.llqr_clip_groups,
+            ema_decay=self.llqr_ema_decay,
+            warm_start=self.llqr_warm_start,
+            damping=self.llqr_damping,
+            min_diag=self.llqr_min_diag,
+            allow_inversion=self.llqr_allow_inversion,
+            identity_scaling=self.llqr_identity_scaling,
+            include_pad_rows=self.llqr_include_pad_rows,
+            curvature_sharding=self.llqr_curvature_sharding,
+            chunk_size=self.llqr_chunk_size,
+            apply=self.llqr_apply,
+            in_perturbation=self.llqr_in_perturbation,
+            on_update=self.llqr_on_update,
+            label_smoothing=self.label_smoothing_factor,
+        )
+
+
+if get_args(SAMMode) != SAM_MODE_NAMES:  # pragma: no cover - guarded by a test as well
+    raise ImportError(f"SAMMode {get_args(SAMMode)} does not list hf_llqrsam.modes.SAM_MODE_NAMES {SAM_MODE_NAMES}.")
+
+# ---------------------------------------------------------------------------------------------- 1. types
+
+_Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(x: Any) -> bool:  # numpy integers too; bools are not ints here
+    return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
+
+
+def _is_float(x: Any) -> bool:  # ints and numpy floats too; bools are not numbers here
+    if type(x) is float or type(x) is int:
+        return math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _type_rule(name: str, hint: Any) -> _Rule:
+    """(predicate, "what is allowed") for one annotation: Literal, bool, int, float, or `X | None` of those."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if not all(isinstance(a, str) for a in allowed):
+            raise TypeError(f"Unsupported annotation {hint!r} of {name}: only str Literals are validated.")
+        members = frozenset(allowed)
+        return (lambda x: isinstance(x, str) and x in members), "one of " + ", ".join(map(repr, allowed))
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        if len(inner) != 1 or len(get_args(hint)) != 2:
+            raise TypeError(f"Unsupported annotation {hint!r} of {name}: only `X | None` unions are validated.")
+        check, what = _type_rule(name, inner[0])
+        return (lambda x: x is None or check(x)), f"{what} or None"
+    if hint is bool:
+        return (lambda x: isinstance(x, bool)), "a bool (True or False)"
+    if hint is int:
+        return _is_int, "an int"
+    if hint is float:
+        return _is_float, "a finite float"
+    raise TypeError(f"Unsupported annotation {hint!r} of {name}: add a rule to hf_llqrsam.args._type_rule.")
+
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LLQRSAMFields))
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LLQRSAMFields)}
+_TYPE_RULES: dict[str, _Rule] = {
+    name: _type_rule(name, hint) for name, hint in get_type_hints(LLQRSAMFields).items() if name in _DEFAULTS
+}
+if any(default is MISSING for default in _DEFAULTS.values()):  # pragma: no cover - the ignored-flag check needs them
+    raise TypeError("Every LLQRSAMFields field needs a plain default.")
+
+# ---------------------------------------------------------------------------------------------- 2. ranges
+
+# Checked on every value that is not None, whatever the mode: a bad number is an error even where it is ignored.
+# `sam_rho` is checked in the cross-field rules (> 0 only when SAM is on); `fsam_sigma` may be any finite float.
+_RANGES: dict[str, _Rule] = {
+    "sam_rho_min": (lambda x: x >= 0, ">= 0"),
+    "sam_start_step": (lambda x: x >= 0, ">= 0"),
+    "sam_interval": (lambda x: x >= 1, ">= 1"),
+    "sam_eps": (lambda x: x > 0, "> 0"),
+    "asam_eta": (lambda x: x >= 0, ">= 0"),
+    "fsam_beta": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "fisher_sam_eta": (lambda x: x > 0, "> 0 (or None)"),
+    "gsam_alpha": (lambda x: x >= 0, ">= 0"),
+    "vasso_theta": (lambda x: 0 < x <= 1, "in (0, 1]"),
+    "infosam_alpha": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "infosam_damping": (lambda x: x > 0, "> 0"),
+    "llqr_renyi_alpha": (lambda x: x > 0 and x != 1, "> 0 and != 1"),
+    "llqr_update_interval": (lambda x: x >= 1, ">= 1"),
+    "llqr_update_until": (lambda x: x >= 0, ">= 0 (or None)"),
+    "llqr_batch_size": (lambda x: x >= 1, ">= 1"),
+    "llqr_inner_steps": (lambda x: x >= 0, ">= 0"),
+    "llqr_inner_lr": (lambda x: x > 0, "> 0"),
+    "llqr_inner_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "llqr_clip_norm": (lambda x: x > 0, "> 0"),
+    "llqr_ema_decay": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "llqr_damping": (lambda x: x >= 0, ">= 0"),
+    "llqr_min_diag": (lambda x: x > 0, "> 0"),
+    "llqr_identity_scaling": (lambda x: x > 0, "> 0"),
+    "llqr_chunk_size": (lambda x: x >= 1, ">= 1 (or None)"),
+}
+_UNBOUNDED: frozenset[str] = frozenset({"sam_rho", "fsam_sigma"})  # finite is enough (sam_rho: see above)
+
+
+def _fail(message: str) -> NoReturn:
+    raise ValueError(message)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -157,109 +422,172 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def validate_llqrsam_args(args: Any) -> None:
-    """Check the hf_llqrsam fields of `args`, alone and against each other (`integration.md` §8).
+def validate_llqrsam_fields(args: Any) -> None:
+    """Check the hf_llqrsam fields of `args` alone and against each other (types, ranges, mode rules).
+
+    Needs nothing but the fields of [`LLQRSAMFields`], so the argument classes run it before
+    [`~transformers.TrainingArguments`] processes its own fields.
 
     Raises:
-        `ValueError`: naming the offending field(s) and the allowed values.
+        `ValueError`: naming the offending field(s), the value and what is allowed.
     """
-    mode = args.sam_mode
-    sam_on = mode != "none"
-    _check(mode in SAM_MODES, f"Invalid {mode=} for sam_mode. Must be one of {', '.join(SAM_MODES)}.")
-    if sam_on:
-        _check(args.sam_rho > 0, f"Invalid sam_rho={args.sam_rho}. Must be > 0 when sam_mode != 'none'.")
-    _check(args.sam_rho_min >= 0, f"Invalid sam_rho_min={args.sam_rho_min}. Must be >= 0.")
-    _check(args.sam_interval >= 1, f"Invalid sam_interval={args.sam_interval}. Must be >= 1.")
-    _check(args.sam_start_step >= 0, f"Invalid sam_start_step={args.sam_start_step}. Must be >= 0.")
-    _check(args.sam_eps > 0, f"Invalid sam_eps={args.sam_eps}. Must be > 0.")
-    _check(0 <= args.fsam_beta < 1, f"Invalid fsam_beta={args.fsam_beta}. Must be in [0, 1).")
-    _check(args.asam_eta >= 0, f"Invalid asam_eta={args.asam_eta}. Must be >= 0.")
-    if args.fisher_sam_eta is not None:
-        _check(args.fisher_sam_eta > 0, f"Invalid fisher_sam_eta={args.fisher_sam_eta}. Must be > 0 (or None).")
-    _check(args.gsam_alpha >= 0, f"Invalid gsam_alpha={args.gsam_alpha}. Must be >= 0.")
-    _check(0 < args.vasso_theta <= 1, f"Invalid vasso_theta={args.vasso_theta}. Must be in (0, 1].")
-    _check(0 <= args.infosam_alpha < 1, f"Invalid infosam_alpha={args.infosam_alpha}. Must be in [0, 1).")
-    _check(args.infosam_damping > 0, f"Invalid infosam_damping={args.infosam_damping}. Must be > 0.")
+    for name in _FIELDS:
+        value = getattr(args, name)
+        check, allowed = _TYPE_RULES[name]
+        if not check(value):
+            _fail(f"Invalid {name}={value!r}. Must be {allowed}.")
+        if value is not None and name in _RANGES:
+            in_range, bound = _RANGES[name]
+            if not in_range(value):
+                _fail(f"Invalid {name}={value!r}. Must be {bound}.")
+    _validate_sam_rules(args)
+    if args.llqr:
+        _validate_llqr_rules(args)
 
-    if mode in ("asam", "fisher_sam"):
-        _check(
-            args.sam_norm == "euclidean",
-            f"Invalid sam_norm={args.sam_norm!r} with sam_mode={mode!r}: {mode} has its own normaliser, "
-            "so sam_norm must be 'euclidean'.",
-        )
-    if mode in ("fsam", "fisher_sam", "gsam", "vasso", "infosam"):
-        _check(
-            args.sam_accumulation == "window",
-            f"Invalid sam_accumulation={args.sam_accumulation!r} with sam_mode={mode!r}: {mode} needs the window "
-            "gradient, so sam_accumulation must be 'window'.",
-        )
-    if mode == "gsam":
-        _check(
-            args.sam_scope == "global",
-            f"Invalid sam_scope={args.sam_scope!r} with sam_mode='gsam'. Must be 'global'.",
-        )
+
+def _validate_sam_rules(args: Any) -> None:
+    mode = args.sam_mode
+    if mode != "none":
+        _check(args.sam_rho > 0, f"Invalid sam_rho={args.sam_rho!r}. Must be > 0 when sam_mode != 'none'.")
     if args.sam_rho_schedule == "lr_proportional":
         _check(
             args.sam_rho_min <= args.sam_rho,
-            f"Invalid sam_rho_min={args.sam_rho_min}. Must be <= sam_rho={args.sam_rho} for lr_proportional.",
+            f"Invalid sam_rho_min={args.sam_rho_min!r}. Must be <= sam_rho={args.sam_rho!r} for lr_proportional.",
         )
-
-    _validate_llqr_args(args, mode)
-    validate_setup_args(args)
-
-
-def _validate_llqr_args(args: Any, mode: str) -> None:
-    _check(
-        args.llqr_update_interval >= 1, f"Invalid llqr_update_interval={args.llqr_update_interval}. Must be >= 1."
-    )
-    if args.llqr_update_until is not None:
-        _check(args.llqr_update_until >= 0, f"Invalid llqr_update_until={args.llqr_update_until}. Must be >= 0.")
-    _check(args.llqr_batch_size >= 1, f"Invalid llqr_batch_size={args.llqr_batch_size}. Must be >= 1.")
-    _check(args.llqr_inner_steps >= 0, f"Invalid llqr_inner_steps={args.llqr_inner_steps}. Must be >= 0.")
-    _check(args.llqr_inner_lr > 0, f"Invalid llqr_inner_lr={args.llqr_inner_lr}. Must be > 0.")
-    _check(
-        0 <= args.llqr_inner_momentum < 1,
-        f"Invalid llqr_inner_momentum={args.llqr_inner_momentum}. Must be in [0, 1).",
-    )
-    _check(args.llqr_clip_norm > 0, f"Invalid llqr_clip_norm={args.llqr_clip_norm}. Must be > 0.")
-    _check(0 <= args.llqr_ema_decay <= 1, f"Invalid llqr_ema_decay={args.llqr_ema_decay}. Must be in [0, 1].")
-    _check(args.llqr_damping >= 0, f"Invalid llqr_damping={args.llqr_damping}. Must be >= 0.")
-    _check(args.llqr_min_diag > 0, f"Invalid llqr_min_diag={args.llqr_min_diag}. Must be > 0.")
-    _check(
-        args.llqr_renyi_alpha > 0 and args.llqr_renyi_alpha != 1,
-        f"Invalid llqr_renyi_alpha={args.llqr_renyi_alpha}. Must be > 0 and != 1.",
-    )
-    _check(
-        args.llqr_identity_scaling > 0,
-        f"Invalid llqr_identity_scaling={args.llqr_identity_scaling}. Must be > 0.",
-    )
-    if args.llqr_chunk_size is not None:
-        _check(args.llqr_chunk_size >= 1, f"Invalid llqr_chunk_size={args.llqr_chunk_size}. Must be >= 1.")
-    if not args.llqr:
+    spec = MODES.get(mode)
+    if spec is None:
         return
-    if mode in ("fisher_sam", "gsam", "vasso", "infosam"):
-        raise ValueError(
-            f"Invalid llqr=True with sam_mode={mode!r}: LLQR combines with sam_mode none, sam, fsam or asam. "
-            "Set --llqr false or choose another sam_mode."
+    if spec.own_normaliser and args.sam_norm != "euclidean":
+        _fail(
+            f"Invalid sam_norm={args.sam_norm!r} with sam_mode={mode!r}: {mode} has its own normaliser, so sam_norm "
+            "must be 'euclidean'.",
         )
-    if mode == "asam":
-        _check(
-            not args.llqr_in_perturbation,
-            "Invalid llqr_in_perturbation=True with sam_mode='asam': ASAM keeps its own geometry, so only "
-            "llqr_on_update may be on. Pass --no_llqr_in_perturbation.",
+    if spec.window_only and args.sam_accumulation != "window":
+        _fail(
+            f"Invalid sam_accumulation={args.sam_accumulation!r} with sam_mode={mode!r}: {mode} needs the window "
+            f"gradient, so sam_accumulation must be 'window' (micro supports {_modes_where('window_only', False)}).",
         )
-    _check(
-        args.llqr_on_update or (mode in ("sam", "fsam") and args.llqr_in_perturbation),
-        "Invalid llqr=True with U used nowhere: enable llqr_on_update, or llqr_in_perturbation with sam/fsam.",
-    )
+    if spec.global_only and args.sam_scope != "global":
+        _fail(
+            f"Invalid sam_scope={args.sam_scope!r} with sam_mode={mode!r}: {mode} needs the all-reduced gradient, "
+            "so sam_scope must be 'global'.",
+        )
+
+
+def _modes_where(attribute: str, value: bool) -> str:
+    return ", ".join(repr(m) for m, spec in MODES.items() if getattr(spec, attribute) is value)
+
+
+def _validate_llqr_rules(args: Any) -> None:
+    """The rules that hold with `llqr=True`: where U may enter (C and/or P), and that it enters somewhere."""
+    mode = args.sam_mode
+    spec = MODES.get(mode)
+    if spec is not None and not (spec.llqr_geometry or spec.llqr_descent):
+        with_llqr = ", ".join(["'none'", *(repr(m) for m, s in MODES.items() if s.llqr_geometry or s.llqr_descent)])
+        _fail(
+            f"Invalid llqr=True with sam_mode={mode!r}: LLQR enters neither {mode}'s perturbation nor its descent. "
+            f"LLQR combines with sam_mode {with_llqr}. Set --llqr false or choose another sam_mode."
+        )
+    if spec is not None and args.llqr_in_perturbation and not spec.llqr_geometry:
+        _fail(
+            f"Invalid llqr_in_perturbation=True with sam_mode={mode!r}: {mode} keeps its own perturbation geometry, "
+            f"so U cannot enter C (it can with {_modes_where('llqr_geometry', True)}). Pass --no_llqr_in_perturbation."
+        )
+    if spec is not None and args.llqr_on_update and not spec.llqr_descent:
+        _fail(
+            f"Invalid llqr_on_update=True with sam_mode={mode!r}: {mode} has its own descent, so U cannot enter P "
+            f"(it can with 'none', {_modes_where('llqr_descent', True)}). Pass --no_llqr_on_update."
+        )
+    in_c = spec is not None and spec.llqr_geometry and args.llqr_in_perturbation
+    if not (args.llqr_on_update or in_c):
+        _fail(
+            f"Invalid llqr=True with U used nowhere (llqr_on_update=False, and with sam_mode={mode!r} U is not in "
+            "the perturbation): enable llqr_on_update, or llqr_in_perturbation with "
+            f"{_modes_where('llqr_geometry', True)}."
+        )
     if args.llqr_apply == "update":
         _check(args.llqr_on_update, "Invalid llqr_apply='update'. Requires llqr_on_update=True.")
-    if args.sam_norm == "matrix" and mode in ("sam", "fsam") and args.llqr_in_perturbation:
+    if args.sam_norm == "matrix" and in_c:
         _check(
             args.llqr_structure in ("diagonal", "scalar"),
             f"Invalid sam_norm='matrix' with llqr_structure={args.llqr_structure!r}: the matrix norm needs a "
-            "symmetric PSD U, so llqr_structure must be 'diagonal' or 'scalar'.",
+            "symmetric PSD U, so llqr_structure must be 'diagonal' or 'scalar' (or use sam_norm='euclidean').",
         )
+
+
+# ---------------------------------------------------------------------------------------------- 5. ignored flags
+
+_MODE_OF: dict[str, str] = {name: mode for mode, spec in MODES.items() for name in spec.hyperparameters}
+
+
+def ignored_flags(args: Any) -> list[str]:
+    """The hf_llqrsam flags set to a non-default value that this run does not use, each with the reason."""
+    mode = args.sam_mode
+    ignored = []
+    for name in _FIELDS:
+        if name in ("sam_mode", "llqr"):
+            continue
+        value = getattr(args, name)
+        if value == _DEFAULTS[name]:
+            continue
+        if name.startswith("llqr_"):
+            reason = _llqr_flag_unused(args, name)
+        elif name in _MODE_OF:
+            reason = f"only used with sam_mode={_MODE_OF[name]!r}" if mode != _MODE_OF[name] else None
+        elif mode == "none":
+            reason = "sam_mode='none'"
+        elif name == "sam_rho_min" and args.sam_rho_schedule != "lr_proportional":
+            reason = "only used with sam_rho_schedule='lr_proportional'"
+        else:
+            reason = None
+        if reason is not None:
+            ignored.append(f"{name}={value!r} ({reason})")
+    return ignored
+
+
+def _llqr_flag_unused(args: Any, name: str) -> str | None:
+    if not args.llqr:
+        return "llqr=False"
+    if name == "llqr_in_perturbation" and args.sam_mode == "none":
+        return "sam_mode='none' has no perturbation"
+    if name == "llqr_renyi_alpha" and args.llqr_divergence != "renyi":
+        return "only used with llqr_divergence='renyi'"
+    if name == "llqr_ngd_scaling" and args.llqr_divergence != "ngd":
+        return "only used with llqr_divergence='ngd'"
+    return None
+
+
+def warn_ignored_flags(args: Any, stacklevel: int = 2) -> None:
+    """One `UserWarning` naming every flag set to a non-default value that this run ignores (see [`ignored_flags`])."""
+    ignored = ignored_flags(args)
+    if ignored:
+        warnings.warn(
+            f"hf_llqrsam: these flags have no effect in this run (sam_mode={args.sam_mode!r}, llqr={args.llqr}): "
+            + "; ".join(ignored)
+            + ".",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def validate_llqrsam_args(args: Any) -> None:
+    """Every argument-time check of `args` (`integration.md` §8, §10): fields, support matrix, ignored flags.
+
+    Raises:
+        `ValueError`: naming the offending field(s), the value and what is allowed.
+    """
+    validate_llqrsam_fields(args)
+    validate_setup_args(args)
+    warn_ignored_flags(args, stacklevel=2)
+
+
+def _post_init(args: Any, base_post_init: Callable[[], None]) -> None:
+    validate_llqrsam_fields(args)
+    validate_deepspeed_args(args)  # before the base class loads the DeepSpeed config (and imports deepspeed)
+    base_post_init()
+    validate_setup_args(args)
+    # user code -> __init__ -> __post_init__ -> _post_init -> warn_ignored_flags
+    warn_ignored_flags(args, stacklevel=4)
 
 
 @dataclass
@@ -275,12 +603,13 @@ class LLQRSAMTrainingArguments(TrainingArguments, LLQRSAMFields):
     >>> args = LLQRSAMTrainingArguments(output_dir="out", sam_mode="sam", sam_rho=0.05, report_to="none")
     >>> args.sam_mode
     'sam'
+    >>> args.to_sam_config().rho
+    0.05
     ```
     """
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # type: ignore[no-untyped-call]
-        validate_llqrsam_args(self)
+        _post_init(self, super().__post_init__)
 
 
 @dataclass
@@ -291,5 +620,77 @@ class LLQRSAMSeq2SeqTrainingArguments(Seq2SeqTrainingArguments, LLQRSAMFields):
     """
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # type: ignore[no-untyped-call]
-        validate_llqrsam_args(self)
+        _post_init(self, super().__post_init__)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+@contextlib.contextmanager
+def cli_errors(parser: argparse.ArgumentParser | None = None) -> Iterator[None]:
+    """Turn a bad value on the command line into a one-line `prog: error: <message>` on stderr and exit code 2.
+
+    Wrap only the parsing call (`parse_args_into_dataclasses`, `parse_yaml_file`, `parse_json_file`, `parse_dict`).
+    Two kinds of error become one line:
+
+    - a `ValueError` raised while the dataclasses are built: the validation of this module raises from
+      `__post_init__`, which `HfArgumentParser` would otherwise let through as a traceback;
+    - with `parser` given, argparse's own errors (an unknown `choice`, `--sam_interval 1.5`), which would otherwise
+      print the whole usage line of every TrainingArguments flag first. `parser.error` is restored on exit.
+
+    Example:
+
+    ```python
+    >>> parser = HfArgumentParser((ModelArguments, LLQRSAMTrainingArguments))
+    >>> with cli_errors(parser):
+    ...     model_args, training_args = parser.parse_args_into_dataclasses()
+    ```
+    """
+    prog = parser.prog if parser is not None else os.path.basename(sys.argv[0])
+
+    def error(message: str) -> NoReturn:
+        sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")  # one line, whatever the message
+        raise SystemExit(2)
+
+    patched = parser if parser is not None and "error" not in vars(parser) else None
+    if patched is not None:
+        patched.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    except ValueError as err:
+        error(str(err))
+    finally:
+        if patched is not None:
+            del patched.error
+
+
+def parse_args(
+    parser_or_dataclasses: HfArgumentParser | type | Iterable[type],
+    argv: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, ...]:
+    """`HfArgumentParser.parse_args_into_dataclasses(argv)` where a bad value exits 2 with a one-line error.
+
+    Args:
+        parser_or_dataclasses (`HfArgumentParser`, a dataclass type, or an iterable of them):
+            the parser to use (keeps its `set_defaults`), or the dataclass types to build one for.
+        argv (`Sequence[str]`, *optional*): the arguments; `None` reads `sys.argv[1:]`.
+        kwargs: passed on to `parse_args_into_dataclasses` (e.g. `return_remaining_strings=True`).
+
+    Returns:
+        `tuple`: one instance per dataclass type, as `parse_args_into_dataclasses` returns them.
+
+    Example:
+
+    ```python
+    >>> from hf_llqrsam.args import LLQRSAMTrainingArguments, parse_args
+    >>> (args,) = parse_args(LLQRSAMTrainingArguments, ["--output_dir", "out", "--sam_mode", "sam"])
+    ```
+    """
+    if isinstance(parser_or_dataclasses, HfArgumentParser):
+        parser = parser_or_dataclasses
+    else:
+        parser = HfArgumentParser(cast(Any, parser_or_dataclasses))
+    with cli_errors(parser):
+        return tuple(parser.parse_args_into_dataclasses(args=None if argv is None else list(argv), **kwargs))
+    raise AssertionError("unreachable")  # pragma: no cover - cli_errors exits or re-raises

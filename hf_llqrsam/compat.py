@@ -20,18 +20,48 @@ def _fsdp_version(args: Any) -> int | None:
     return int(config.get("version", 2))
 
 
+def validate_deepspeed_args(args: Any) -> None:
+    """Reject DeepSpeed with SAM/LLQR. A no-op when both are off.
+
+    It needs only the raw `deepspeed` field, so the argument classes run it *before*
+    [`~transformers.TrainingArguments`] loads the DeepSpeed config (which needs `deepspeed` installed): the user gets
+    this message, not an import error.
+
+    Raises:
+        `ValueError`: naming `deepspeed`.
+    """
+    if llqrsam_active(args) and args.deepspeed:
+        raise ValueError(
+            f"Invalid deepspeed={_short(args.deepspeed)} with sam_mode/llqr: DeepSpeed runs engine.step() inside "
+            "backward and partitions grads and params, so the two-pass step cannot be built on it. Drop --deepspeed "
+            f"(use DDP or FSDP2), or turn SAM and LLQR off. {_SEE}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def validate_setup_args(args: Any) -> None:
-    """Reject, from the arguments alone, the setups SAM/LLQR cannot run on. A no-op when both are off."""
+    """Reject, from the arguments alone, the setups SAM/LLQR cannot run on. A no-op when both are off.
+
+    Covers the rows of the README's support matrix that the arguments decide: DeepSpeed, LOMO/AdaLOMO, layerwise
+    optimizers, `ddp_static_graph`, `parallelism_config` (TP/CP), FSDP on CPU, FSDP1, LLQR under FSDP2 and
+    `sam_accumulation="micro"` under FSDP. The model- and data-level rows are checked by [`validate_setup_model`].
+
+    Raises:
+        `ValueError`: naming the offending flag and what to use instead.
+    """
     if not llqrsam_active(args):
         return
+    validate_deepspeed_args(args)
     optim = str(getattr(args.optim, "value", args.optim))
-    if args.deepspeed:
-        raise NotImplementedError(
-            "Invalid deepspeed with sam_mode/llqr: DeepSpeed runs engine.step() inside backward and partitions grads "
-            f"and params, so the two-pass step cannot be built on it. {_SEE}"
-        )
     if optim in ("lomo", "adalomo"):
-        raise ValueError(f"Invalid optim={optim!r} with sam_mode/llqr: LOMO updates weights inside backward. {_SEE}")
+        raise ValueError(
+            f"Invalid optim={optim!r} with sam_mode/llqr: LOMO updates weights inside backward, during pass 1. Use an "
+            f"optimizer that steps after backward (e.g. adamw_torch, sgd). {_SEE}"
+        )
     if optim.endswith("_layerwise"):
         raise ValueError(
             f"Invalid optim={optim!r} with sam_mode/llqr: layerwise optimizers step in post-accumulate-grad hooks, "
@@ -40,24 +70,30 @@ def validate_setup_args(args: Any) -> None:
     if args.ddp_static_graph:
         raise ValueError(
             "Invalid ddp_static_graph=True with sam_mode/llqr: static graphs crash with no_sync "
-            f"(pytorch/pytorch#143580) and then silently stop syncing (pytorch/pytorch#187732). {_SEE}"
+            f"(pytorch/pytorch#143580) and then silently stop syncing (pytorch/pytorch#187732). Leave it False. {_SEE}"
         )
     if args.parallelism_config is not None:
         raise ValueError(
             "Invalid parallelism_config with sam_mode/llqr: tensor/context/sequence parallelism adds a gradient "
-            f"sync path our sync control does not cover. {_SEE}"
+            f"sync path our sync control does not cover. Leave it unset (use DDP or FSDP2). {_SEE}"
         )
     version = _fsdp_version(args)
     if version is None:
         return
     if args.use_cpu:
         raise ValueError(
-            f"Invalid fsdp={args.fsdp!r} with use_cpu=True: Accelerate would silently fall back to DDP. {_SEE}"
+            f"Invalid fsdp={args.fsdp!r} with use_cpu=True: Accelerate would silently fall back to DDP. Drop --fsdp "
+            f"on CPU, or run FSDP2 on GPUs. {_SEE}"
         )
     if version == 1:
-        raise ValueError(f"Invalid fsdp_config version=1 with sam_mode/llqr: FSDP1 is not supported, use 2. {_SEE}")
+        raise ValueError(
+            f"Invalid fsdp_config version=1 with sam_mode/llqr: FSDP1 is not supported. Use version 2. {_SEE}"
+        )
     if args.llqr:
-        raise ValueError(f"Invalid llqr=True with fsdp: LLQR under FSDP2 is not supported in v1. {_SEE}")
+        raise ValueError(
+            "Invalid llqr=True with fsdp: LLQR under FSDP2 is not supported in v1. Drop --fsdp (use DDP) or --llqr. "
+            + _SEE
+        )
     if args.sam_accumulation == "micro":
         raise ValueError(
             "Invalid sam_accumulation='micro' with fsdp: FSDP2 no_sync keeps unsharded grads; use 'window'. " + _SEE

@@ -1,69 +1,98 @@
-"""Typed, frozen configs built from the flat CLI fields: the only config types the math modules accept."""
+"""The typed, frozen SAM-family config: the only SAM settings object the math modules accept.
+
+It is built from the flat CLI fields by [`~hf_llqrsam.args.LLQRSAMFields.to_sam_config`], field by field. The
+`Literal` aliases below are the single source of the allowed values: the CLI fields are typed with the same aliases.
+
+Pure Python: imports nothing but the standard library.
+"""
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
+
+__all__ = [
+    "Accumulation",
+    "BNStats",
+    "FSAMInit",
+    "FisherSAMForm",
+    "InfoSAMVariance",
+    "Norm",
+    "RhoSchedule",
+    "SAMConfig",
+    "SAMMode",
+    "Scope",
+]
+
+# Must list exactly `hf_llqrsam.modes.SAM_MODE_NAMES` (a test checks it; mypy needs the values spelled out).
+SAMMode = Literal["none", "sam", "asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam"]
+RhoSchedule = Literal["constant", "iwslt14_cosine_ramp", "lr_proportional"]
+Norm = Literal["euclidean", "matrix"]
+Accumulation = Literal["window", "micro"]
+Scope = Literal["global", "local"]
+BNStats = Literal["second", "first"]
+FSAMInit = Literal["zero", "first_grad"]
+FisherSAMForm = Literal["reference", "paper"]
+InfoSAMVariance = Literal["instant", "ema"]
 
 
 @dataclass(frozen=True)
 class SAMConfig:
-    """The SAM-family settings of one run (see [`~hf_llqrsam.args.LLQRSAMFields`] for each field's meaning).
+    """The SAM-family settings of one run (defaults from `algorithm.md` §12.1).
 
-    `fisher_sam_eta` is resolved here: `None` becomes 0.1 for the reference form and 1.0 for the paper form
-    (`algorithm.md` §8.4).
+    Each field mirrors a CLI field of [`~hf_llqrsam.args.LLQRSAMFields`]: `mode`, `rho`, `rho_schedule`, `rho_min`,
+    `start_step`, `interval`, `norm`, `eps`, `accumulation`, `scope`, `bn_stats` and `same_dropout` are `sam_<name>`;
+    the per-mode fields keep their CLI names. The defaults equal the CLI defaults, except `mode` (`"sam"` here, as
+    the config is only consulted for a SAM run; `"none"` on the CLI) and `fisher_sam_eta`, which is resolved.
+
+    Args:
+        mode (`str`, *optional*, defaults to `"sam"`): the SAM variant (`none`, `sam`, `asam`, `fsam`, `fisher_sam`,
+            `gsam`, `vasso`, `infosam`).
+        rho (`float`, *optional*, defaults to `0.1`): radius ρ of ε = ρ·Cv/√(ν² + eps).
+        rho_schedule (`str`, *optional*, defaults to `"constant"`): `constant`, `iwslt14_cosine_ramp` or
+            `lr_proportional`.
+        rho_min (`float`, *optional*, defaults to `0.0`): lower end of the `lr_proportional` schedule.
+        start_step (`int`, *optional*, defaults to `0`): plain (one-pass) optimizer steps before this one.
+        interval (`int`, *optional*, defaults to `1`): SAM on every k-th step after `start_step`.
+        norm (`str`, *optional*, defaults to `"euclidean"`): ν = ‖Cv‖₂ (`euclidean`) or √(vᵀCv) (`matrix`).
+        eps (`float`, *optional*, defaults to `1e-12`): added to ν² inside the square root.
+        accumulation (`str`, *optional*, defaults to `"window"`): one ε per accumulation window or per micro-batch.
+        scope (`str`, *optional*, defaults to `"global"`): ε from the all-reduced or the rank-local gradient.
+        bn_stats (`str`, *optional*, defaults to `"second"`): which pass leaves the BatchNorm running statistics.
+        same_dropout (`bool`, *optional*, defaults to `False`): replay pass 1's dropout masks in pass 2.
+        asam_eta (`float`, *optional*, defaults to `0.01`): ASAM's T = |θ| + η.
+        fsam_beta (`float`, *optional*, defaults to `0.9`): FSAM's EMA decay of the clean gradient ḡ.
+        fsam_sigma (`float`, *optional*, defaults to `1.0`): FSAM's probe v = g − σḡ.
+        fsam_init (`str`, *optional*, defaults to `"zero"`): FSAM's initial ḡ: `zero` or `first_grad`.
+        fisher_sam_form (`str`, *optional*, defaults to `"reference"`): C = 1/(g² + η) (`reference`) or
+            C = 1/(1 + ηg²) (`paper`).
+        fisher_sam_eta (`float`, *optional*, defaults to `0.1`): η, resolved: the CLI's `None` becomes 0.1 for the
+            reference form and 1.0 for the paper form (`algorithm.md` §8.4).
+        gsam_alpha (`float`, *optional*, defaults to `0.4`): GSAM's descent g̃ − α g⊥.
+        vasso_theta (`float`, *optional*, defaults to `0.4`): VaSSO's d ← (1 − θ)d + θg.
+        infosam_alpha (`float`, *optional*, defaults to `0.9`): infoSAM's gradient EMA decay.
+        infosam_damping (`float`, *optional*, defaults to `1e-8`): floor δ of infoSAM's noise estimate.
+        infosam_variance (`str`, *optional*, defaults to `"instant"`): infoSAM's noise estimate: `instant` or `ema`.
     """
 
-    mode: str = "sam"
+    mode: SAMMode = "sam"
     rho: float = 0.1
-    rho_schedule: str = "constant"
+    rho_schedule: RhoSchedule = "constant"
     rho_min: float = 0.0
     start_step: int = 0
     interval: int = 1
-    norm: str = "euclidean"
+    norm: Norm = "euclidean"
     eps: float = 1e-12
-    accumulation: str = "window"
-    scope: str = "global"
-    bn_stats: str = "second"
+    accumulation: Accumulation = "window"
+    scope: Scope = "global"
+    bn_stats: BNStats = "second"
     same_dropout: bool = False
     asam_eta: float = 0.01
     fsam_beta: float = 0.9
     fsam_sigma: float = 1.0
-    fsam_init: str = "zero"
-    fisher_sam_form: str = "reference"
+    fsam_init: FSAMInit = "zero"
+    fisher_sam_form: FisherSAMForm = "reference"
     fisher_sam_eta: float = 0.1
     gsam_alpha: float = 0.4
     vasso_theta: float = 0.4
     infosam_alpha: float = 0.9
     infosam_damping: float = 1e-8
-    infosam_variance: str = "instant"
-
-    @classmethod
-    def from_args(cls, args: Any) -> "SAMConfig":
-        """Build from any object carrying the `sam_*` / per-mode fields (a training-arguments instance)."""
-        eta = args.fisher_sam_eta
-        if eta is None:
-            eta = 0.1 if args.fisher_sam_form == "reference" else 1.0
-        return cls(
-            mode=args.sam_mode,
-            rho=args.sam_rho,
-            rho_schedule=args.sam_rho_schedule,
-            rho_min=args.sam_rho_min,
-            start_step=args.sam_start_step,
-            interval=args.sam_interval,
-            norm=args.sam_norm,
-            eps=args.sam_eps,
-            accumulation=args.sam_accumulation,
-            scope=args.sam_scope,
-            bn_stats=args.sam_bn_stats,
-            same_dropout=args.sam_same_dropout,
-            asam_eta=args.asam_eta,
-            fsam_beta=args.fsam_beta,
-            fsam_sigma=args.fsam_sigma,
-            fsam_init=args.fsam_init,
-            fisher_sam_form=args.fisher_sam_form,
-            fisher_sam_eta=eta,
-            gsam_alpha=args.gsam_alpha,
-            vasso_theta=args.vasso_theta,
-            infosam_alpha=args.infosam_alpha,
-            infosam_damping=args.infosam_damping,
-            infosam_variance=args.infosam_variance,
-        )
+    infosam_variance: InfoSAMVariance = "instant"

@@ -1,12 +1,16 @@
 """The typed, frozen LLQR config: the only settings object the `hf_llqrsam.llqr` math modules accept."""
 
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 Structure = Literal["diagonal", "scalar", "kfac", "ekfac", "sep_ekfac"]
 Divergence = Literal["ngd", "newton", "renyi", "reverse_kl"]
+NGDScaling = Literal["sum", "mean"]
+ClipGroups = Literal["module", "tensor"]
+CurvatureSharding = Literal["replicated", "sharded"]
+Apply = Literal["gradient", "update"]
 
-__all__ = ["Divergence", "LLQRConfig", "Structure"]
+__all__ = ["Apply", "ClipGroups", "CurvatureSharding", "Divergence", "LLQRConfig", "NGDScaling", "Structure"]
 
 
 @dataclass(frozen=True)
@@ -15,6 +19,7 @@ class LLQRConfig:
 
     Each field `x` mirrors the CLI field `llqr_x` of [`~hf_llqrsam.args.LLQRSAMFields`], except `label_smoothing`,
     which comes from `label_smoothing_factor` so that the curvature problem uses the training loss (`algorithm.md` §3).
+    [`~hf_llqrsam.args.LLQRSAMFields.to_llqr_config`] builds it field by field; the defaults equal the CLI defaults.
 
     Args:
         structure (`str`, *optional*, defaults to `"diagonal"`):
@@ -42,12 +47,16 @@ class LLQRConfig:
         curvature_sharding (`str`, *optional*, defaults to `"replicated"`): `replicated` or `sharded` (§5.6).
         chunk_size (`int`, *optional*): recompute the curvature batch in chunks of this many examples (§4.5).
         apply (`str`, *optional*, defaults to `"gradient"`): precondition the gradient or the optimizer's update.
+        in_perturbation (`bool`, *optional*, defaults to `True`): use U as the perturbation geometry, C = U in
+            ε = ρ·Cv/√(ν² + eps); only modes whose `ModeSpec.llqr_geometry` is set admit it (`sam`, `fsam`).
+        on_update (`bool`, *optional*, defaults to `True`): use U as the descent preconditioner, P = U on the descent
+            gradient (or, with `apply="update"`, on the base optimizer's update).
         label_smoothing (`float`, *optional*, defaults to `0.0`): ε_ls of the training loss.
     """
 
     structure: Structure = "diagonal"
     divergence: Divergence = "ngd"
-    ngd_scaling: Literal["sum", "mean"] = "sum"
+    ngd_scaling: NGDScaling = "sum"
     renyi_alpha: float = 0.5
     update_interval: int = 1000
     update_until: int | None = None
@@ -56,7 +65,7 @@ class LLQRConfig:
     inner_lr: float = 1e-3
     inner_momentum: float = 0.9
     clip_norm: float = 5.0
-    clip_groups: Literal["module", "tensor"] = "module"
+    clip_groups: ClipGroups = "module"
     ema_decay: float = 0.95
     warm_start: bool = True
     damping: float = 0.0
@@ -64,13 +73,9 @@ class LLQRConfig:
     allow_inversion: bool = False
     identity_scaling: float = 1.0
     include_pad_rows: bool = False
-    curvature_sharding: Literal["replicated", "sharded"] = "replicated"
+    curvature_sharding: CurvatureSharding = "replicated"
     chunk_size: int | None = None
-    apply: Literal["gradient", "update"] = "gradient"
+    apply: Apply = "gradient"
+    in_perturbation: bool = True
+    on_update: bool = True
     label_smoothing: float = 0.0
-
-    @classmethod
-    def from_args(cls, args: Any) -> "LLQRConfig":
-        """Build from an object carrying the `llqr_*` fields and `label_smoothing_factor` (training arguments)."""
-        values = {f.name: getattr(args, f"llqr_{f.name}") for f in fields(cls) if f.name != "label_smoothing"}
-        return cls(**values, label_smoothing=args.label_smoothing_factor)

@@ -1,16 +1,23 @@
 """The flags: native to HfArgumentParser, serialisable, and every bad value rejected naming the flag."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 import types
+import typing
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import HfArgumentParser
 
 from hf_llqrsam import LLQRSAMSeq2SeqTrainingArguments, LLQRSAMTrainer, LLQRSAMTrainingArguments
+from hf_llqrsam.args import SAM_MODES, LLQRSAMFields
 from hf_llqrsam.compat import validate_setup_args
+from hf_llqrsam.config import SAMConfig
+from hf_llqrsam.llqr.config import LLQRConfig
+from hf_llqrsam.modes import MODES, SAM_MODE_NAMES
 from tests.utils import image_dataset, tiny_vit
 
 
@@ -94,7 +101,7 @@ def test_bad_configuration_rejected_naming_the_flag(tmp_path, overrides, match):
 
 
 def test_unknown_sam_mode_rejected_in_python(tmp_path):
-    with pytest.raises(ValueError, match=r"sam_mode.*Must be one of none, sam, asam"):
+    with pytest.raises(ValueError, match=r"Invalid sam_mode='sharp'\. Must be one of 'none', 'sam', 'asam'"):
         LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", sam_mode="sharp")
 
 
@@ -106,7 +113,7 @@ def _namespace(tmp_path, **overrides):
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"sam_mode": "sam", "deepspeed": "ds.json"}, NotImplementedError, "deepspeed"),
+        ({"sam_mode": "sam", "deepspeed": "ds.json"}, ValueError, "deepspeed='ds.json' with sam_mode/llqr"),
         ({"llqr": True, "parallelism_config": object()}, ValueError, "parallelism_config"),
         ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 2}}, ValueError, "use_cpu=True"),
         ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 1}, "use_cpu": False}, ValueError,
@@ -155,3 +162,107 @@ def test_llqr_rejects_iterable_dataset(tmp_path):
                                     max_steps=1)
     with pytest.raises(ValueError, match="IterableDataset"):
         LLQRSAMTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8).to_iterable_dataset())
+
+
+# ---------------------------------------------------------------------------------------------- the config builders
+
+
+def _args(tmp_path, **overrides):
+    return LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+
+
+def test_sam_config_defaults_equal_the_cli_defaults(tmp_path):
+    """The two sources of defaults cannot drift: SAMConfig() is the CLI defaults' config (mode aside)."""
+    built = _args(tmp_path, sam_mode="sam").to_sam_config()
+    assert dataclasses.replace(built, mode=SAMConfig().mode) == SAMConfig()
+    assert dataclasses.replace(_args(tmp_path).to_sam_config(), mode=SAMConfig().mode) == SAMConfig()
+
+
+def test_llqr_config_defaults_equal_the_cli_defaults(tmp_path):
+    """LLQRConfig() is the CLI defaults' config, apart from the fields that come from TrainingArguments."""
+    from_training_args = {"label_smoothing"}
+    built = _args(tmp_path, llqr=True, label_smoothing_factor=0.25).to_llqr_config()
+    assert built is not None and built.label_smoothing == 0.25
+    assert dataclasses.replace(built, **{k: getattr(LLQRConfig(), k) for k in from_training_args}) == LLQRConfig()
+    assert _args(tmp_path).to_llqr_config() is None
+
+
+def test_config_types_equal_the_cli_types():
+    """The configs' Literal types are the CLI fields' types, so the allowed values cannot drift either."""
+    cli = typing.get_type_hints(LLQRSAMFields)
+    for name, hint in typing.get_type_hints(SAMConfig).items():
+        source = f"sam_{name}" if f"sam_{name}" in cli else name
+        expected = float if name == "fisher_sam_eta" else cli[source]  # resolved: never None in the config
+        assert hint == expected, name
+    for name, hint in typing.get_type_hints(LLQRConfig).items():
+        if name != "label_smoothing":
+            assert hint == cli[f"llqr_{name}"], name
+
+
+class _Recorder:
+    """Stands in for the arguments: answers every attribute with a distinct sentinel and records the reads."""
+
+    def __init__(self, **fixed):
+        self.fixed, self.read = fixed, []
+
+    def __getattr__(self, name):
+        self.read.append(name)
+        return self.fixed.get(name, f"<{name}>")
+
+
+def test_every_field_is_consumed_by_exactly_one_builder():
+    names = [f.name for f in dataclasses.fields(LLQRSAMFields)]
+    sam, llqr = _Recorder(fisher_sam_eta=0.3), _Recorder(llqr=True)
+    LLQRSAMFields.to_sam_config(sam)  # type: ignore[arg-type]
+    LLQRSAMFields.to_llqr_config(llqr)  # type: ignore[arg-type]
+    read_sam, read_llqr = set(sam.read) & set(names), set(llqr.read) & set(names) - {"llqr"}
+    assert not read_sam & read_llqr
+    assert read_sam | read_llqr | {"llqr"} == set(names), set(names) - read_sam - read_llqr
+    assert set(llqr.read) - set(names) == {"label_smoothing_factor"}
+
+
+def test_builders_map_each_field_to_its_namesake():
+    """`sam_x` -> `x` (or the per-mode name) in SAMConfig, `llqr_x` -> `x` in LLQRConfig, values passed through."""
+    sam = LLQRSAMFields.to_sam_config(_Recorder(fisher_sam_eta=0.3))  # type: ignore[arg-type]
+    for f in dataclasses.fields(SAMConfig):
+        cli = "sam_mode" if f.name == "mode" else (f"sam_{f.name}" if f.name in _SAM_PREFIXED else f.name)
+        assert getattr(sam, f.name) == (0.3 if f.name == "fisher_sam_eta" else f"<{cli}>"), f.name
+    llqr = LLQRSAMFields.to_llqr_config(_Recorder(llqr=True))  # type: ignore[arg-type]
+    assert llqr is not None
+    for f in dataclasses.fields(LLQRConfig):
+        cli = "label_smoothing_factor" if f.name == "label_smoothing" else f"llqr_{f.name}"
+        assert getattr(llqr, f.name) == f"<{cli}>", f.name
+
+
+_SAM_PREFIXED = {"rho", "rho_schedule", "rho_min", "start_step", "interval", "norm", "eps", "accumulation", "scope",
+                 "bn_stats", "same_dropout"}
+
+
+@pytest.mark.parametrize(("form", "eta"), [("reference", 0.1), ("paper", 1.0)])
+def test_fisher_sam_eta_is_resolved(tmp_path, form, eta):
+    args = _args(tmp_path, sam_mode="fisher_sam", fisher_sam_form=form)
+    assert args.to_sam_config().fisher_sam_eta == eta
+    assert _args(tmp_path, sam_mode="fisher_sam", fisher_sam_form=form, fisher_sam_eta=0.5).to_sam_config(
+    ).fisher_sam_eta == 0.5
+
+
+def test_sam_modes_come_from_the_mode_records():
+    assert SAM_MODES == SAM_MODE_NAMES == ("none", *MODES)
+    assert typing.get_args(typing.get_type_hints(LLQRSAMFields)["sam_mode"]) == SAM_MODE_NAMES
+    assert typing.get_args(typing.get_type_hints(SAMConfig)["mode"]) == SAM_MODE_NAMES
+
+
+def test_docstring_lists_every_field():
+    doc = LLQRSAMFields.__doc__ or ""
+    missing = [f.name for f in dataclasses.fields(LLQRSAMFields) if f"    {f.name} (`" not in doc]
+    assert not missing
+    assert all(f.metadata.get("help") for f in dataclasses.fields(LLQRSAMFields))
+
+
+def test_configs_stay_pure():
+    """config.py and llqr/config.py import nothing but the standard library (no transformers, no torch)."""
+    for path in ("hf_llqrsam/config.py", "hf_llqrsam/llqr/config.py"):
+        source = (Path(__file__).parents[2] / path).read_text()
+        imports = {line.split()[1].split(".")[0] for line in source.splitlines()
+                   if line.startswith(("import ", "from ")) and not line.startswith("from .")}
+        assert imports <= {"dataclasses", "typing"}, (path, imports)
