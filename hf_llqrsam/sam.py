@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SAMConfig
+from .modes import MODES
 
 __all__ = [
     "IdentityPreconditioner",
@@ -126,15 +127,21 @@ class SAMState:
         self.skipped_ascent = 0
 
     def get(self, kind: str, names: Sequence[str], like: Sequence[Tensor]) -> list[Tensor]:
-        """The `kind` buffers for `names`, created as zeros shaped like `like` on first use."""
-        store = self.buffers.setdefault(kind, {})
+        """The `kind` buffers for `names`; zeros shaped like `like` where none is stored yet (nothing is stored)."""
+        store = self.buffers.get(kind, {})
         out = []
         for name, t in zip(names, like, strict=True):
             buf = store.get(name)
             if buf is None:
-                buf = store[name] = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+                buf = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
             out.append(buf)
         return out
+
+    def set(self, kind: str, names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+        """Replace the `kind` buffers of `names` (commits an out-of-place state update)."""
+        store = self.buffers.setdefault(kind, {})
+        for name, t in zip(names, tensors, strict=True):
+            store[name] = t
 
     def has(self, kind: str) -> bool:
         return bool(self.buffers.get(kind))
@@ -147,6 +154,15 @@ class SAMState:
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Restore from [`state_dict`]; raises `ValueError` naming the buffer if any entry is non-finite."""
+        for kind, buffers in state["buffers"].items():
+            for name, t in buffers.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"Invalid SAM state: buffer {kind!r} of {name!r} holds non-finite values, so every later "
+                        "ascent would be skipped. Resume from an earlier checkpoint, or delete its llqrsam_state.pt "
+                        "to restart the SAM state."
+                    )
         self.ascents = int(state["ascents"])
         self.skipped_ascent = int(state["skipped_ascent"])
         self.buffers = {
@@ -164,114 +180,164 @@ def compute_perturbation(
     geometry: Preconditioner | None = None,
     grad_scale: float = 1.0,
 ) -> Perturbation:
-    """ε = ρ · C v / √(ν(v)² + eps) for `cfg.mode`, updating the mode's state (`algorithm.md` §8.1–8.4).
+    """ε = ρ · C v / √(ν(v)² + eps) for `cfg.mode`, driven by its [`~hf_llqrsam.modes.ModeSpec`] (`docs/algorithm.md`
+    §8).
+
+    The mode's state (FSAM ḡ, VaSSO d, infoSAM m and v) is computed out of place and committed only when g, ν and ε
+    are all finite; a non-finite ascent leaves the state bit-identical and returns `finite=False` with ε empty.
 
     Args:
         cfg (`SAMConfig`): the run's SAM settings.
-        state (`SAMState`): per-mode state; updated only when the gradient is finite.
+        state (`SAMState`): per-mode state.
         names, params, grads (`Sequence`): aligned canonical names, parameters and their pass-1 gradients.
         rho (`float`): the radius at this step (from the ρ schedule).
-        geometry (`Preconditioner`, *optional*): C = U for the `sam`/`fsam` rows; `None` is C = I.
-        grad_scale (`float`, *optional*, defaults to 1.0): the fp16 loss scale S the gradients carry; modes that
-            are not scale-invariant (FSAM, Fisher-SAM, VaSSO, infoSAM) work on g / S (`integration.md` §6).
+        geometry (`Preconditioner`, *optional*): C = U, only for modes whose spec has `llqr_geometry`; `None` is I.
+        grad_scale (`float`, *optional*, defaults to 1.0): the fp16 loss scale S the gradients carry. Modes with
+            `loss_scale="invariant"` build ε from the scaled g (ε does not change); `true_units` modes work on g / S
+            (`docs/integration.md` §6). GSAM's clean copy stays in the units of `grads`, the units of pass 2.
     """
-    # g: fp32 view of the pass-1 gradient in true units (a copy only when a cast or unscale is needed).
-    g = [_at_least_fp32(t) for t in grads]
-    if grad_scale != 1.0:
-        g = list(torch._foreach_div(g, grad_scale))
-    grad_norm = float(total_norm(g))
-    if not math.isfinite(grad_norm):
+    spec = MODES.get(cfg.mode)
+    if spec is None:
+        raise ValueError(f"Invalid sam_mode={cfg.mode!r} for compute_perturbation. Must be one of {', '.join(MODES)}.")
+    if geometry is not None and not spec.llqr_geometry:
+        raise ValueError(f"Invalid geometry for sam_mode={cfg.mode!r}: its spec keeps its own C (no llqr_geometry).")
+    # raw: fp32 view of the pass-1 gradient as it is (a copy only for a cast); g: in the units the mode works in.
+    raw = [_at_least_fp32(t) for t in grads]
+    unscale = grad_scale != 1.0 and spec.loss_scale == "true_units"
+    g = list(torch._foreach_div(raw, grad_scale)) if unscale else raw
+    g_norm = float(total_norm(g))
+    grad_norm = g_norm if unscale or grad_scale == 1.0 else g_norm / grad_scale  # ‖g‖ in true units, for the logs
+    if not math.isfinite(g_norm):
         state.skipped_ascent += 1
         return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
 
-    mode = cfg.mode
     first = state.ascents == 0
-    v: list[Tensor] = g
-    norm_sq: Tensor | None = None  # ν², when the mode fixes its own normaliser
-    if mode in ("sam", "gsam"):
-        cv = geometry.apply(names, v) if geometry is not None else v
-    elif mode == "fsam":
-        gbar = state.get("gbar", names, g)
-        if not (first and cfg.fsam_init == "first_grad"):
-            v = list(torch._foreach_add(g, gbar, alpha=-cfg.fsam_sigma))  # uses the pre-update ḡ
-        cv = geometry.apply(names, v) if geometry is not None else v
-        if first and cfg.fsam_init == "first_grad":
-            torch._foreach_copy_(gbar, g)
-        else:
-            torch._foreach_lerp_(gbar, g, 1.0 - cfg.fsam_beta)  # ḡ ← β ḡ + (1 − β) g, clean and raw
-    elif mode == "asam":
-        # T = |θ| + η, with T = 1 for biases (Kwon et al. 2021, reference `asam_eta`).
-        t = [torch.ones_like(gi) if n.endswith("bias") else _at_least_fp32(p.detach()).abs() + cfg.asam_eta
-             for n, p, gi in zip(names, params, g, strict=True)]
-        tg = list(torch._foreach_mul(t, g))
-        norm_sq = total_norm(tg) ** 2
-        cv = list(torch._foreach_mul(tg, t))
-    elif mode == "fisher_sam":
-        g2 = torch._foreach_mul(g, g)
-        if cfg.fisher_sam_form == "reference":  # C = 1/(g² + η), reference `fisher_sam_eta`
-            denom = torch._foreach_add(g2, cfg.fisher_sam_eta)
-        else:  # paper form C = 1/(1 + η g²)
-            denom = torch._foreach_add(torch._foreach_mul(g2, cfg.fisher_sam_eta), 1.0)
-        cv = list(torch._foreach_div(g, denom))
-        norm_sq = _dot(g, cv)
-    elif mode == "vasso":
-        d = state.get("d", names, g)
-        torch._foreach_lerp_(d, g, cfg.vasso_theta)  # d ← (1 − θ) d + θ g
-        v = cv = d
-    elif mode == "infosam":
-        cv = _infosam_direction(cfg, state, names, g, first)
-    else:
-        raise ValueError(f"Invalid sam_mode={mode!r} for compute_perturbation.")
+    pending: dict[str, list[Tensor]] = {}  # state updates, committed only if ε is finite
+    v = _probe(spec.probe, cfg, state, names, g, first, pending)
+    cv, norm_sq = _geometry(spec.geometry, cfg, state, names, params, v, g, geometry, first, pending)
 
     # ‖Cv‖ and ν² as Python floats: with C = I and the euclidean norm both are ‖g‖, already known (no extra
     # reduction, no extra device sync); ‖ε‖ = scale·‖Cv‖ exactly, so ε is never reduced again.
-    cv_norm = grad_norm if cv is g else float(total_norm(cv))
+    cv_norm = g_norm if cv is g else float(total_norm(cv))
     if norm_sq is not None:
         nu_sq = float(norm_sq)
     elif cfg.norm == "matrix":
         nu_sq = float(_dot(v, cv))
     else:
         nu_sq = cv_norm**2
-    scale = rho / math.sqrt(nu_sq + cfg.eps)
+    denom = nu_sq + cfg.eps
+    scale = rho / math.sqrt(denom) if math.isfinite(denom) and denom > 0 else math.inf
+    if not (math.isfinite(cv_norm) and math.isfinite(scale) and math.isfinite(scale * cv_norm)):
+        state.skipped_ascent += 1  # g was finite, but C v or ν overflowed (or vᵀCv ≤ 0 for an indefinite U)
+        return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
     eps = list(torch._foreach_mul(cv, scale))
+    for kind, tensors in pending.items():
+        state.set(kind, names, tensors)
     state.ascents += 1
     return Perturbation(
         eps=eps,
         finite=True,
         grad_norm=grad_norm,
-        probe_norm=grad_norm if v is g else float(total_norm(v)),
+        probe_norm=g_norm if v is g else float(total_norm(v)),
         perturbation_norm=scale * cv_norm,
-        clean_grads=[t.clone() for t in g] if mode == "gsam" else [],
+        clean_grads=[t.clone() for t in raw] if spec.descent == "gsam" else [],
     )
 
 
-def _infosam_direction(
-    cfg: SAMConfig, state: SAMState, names: Sequence[str], g: list[Tensor], first: bool
+def _probe(
+    probe: str,
+    cfg: SAMConfig,
+    state: SAMState,
+    names: Sequence[str],
+    g: list[Tensor],
+    first: bool,
+    pending: dict[str, list[Tensor]],
 ) -> list[Tensor]:
-    """u = g / (b + δ), b the per-coordinate noise estimate (`infosam.md`, prototype `INFOSAM` with its fixes).
+    """The probe v of the spec: g; FSAM's g − σḡ (pre-update ḡ; ḡ ← βḡ + (1 − β)g); VaSSO's d ← (1 − θ)d + θg."""
+    match probe:
+        case "gradient":
+            return g
+        case "ema_difference":
+            if first and cfg.fsam_init == "first_grad":  # the official F-SAM code starts ḡ at g₀
+                pending["gbar"] = [t.clone() for t in g]
+                return g
+            gbar = state.get("gbar", names, g)
+            pending["gbar"] = list(torch._foreach_lerp(gbar, g, 1.0 - cfg.fsam_beta))
+            return list(torch._foreach_add(g, gbar, alpha=-cfg.fsam_sigma))
+        case "ema":
+            d = list(torch._foreach_lerp(state.get("d", names, g), g, cfg.vasso_theta))
+            pending["d"] = d
+            return d
+    raise ValueError(f"Unknown probe {probe!r}.")
+
+
+def _geometry(
+    geometry_kind: str,
+    cfg: SAMConfig,
+    state: SAMState,
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    v: list[Tensor],
+    g: list[Tensor],
+    geometry: Preconditioner | None,
+    first: bool,
+    pending: dict[str, list[Tensor]],
+) -> tuple[list[Tensor], Tensor | None]:
+    """(C v, ν² when the mode fixes its own normaliser, else None) for the spec's geometry."""
+    match geometry_kind:
+        case "preconditioner":
+            return (geometry.apply(names, v) if geometry is not None else v), None
+        case "identity":
+            return v, None
+        case "asam":
+            # T = |θ| + η, with T = 1 for biases (Kwon et al. 2021, reference `asam_eta`).
+            t = [torch.ones_like(gi) if n.endswith("bias") else _at_least_fp32(p.detach()).abs() + cfg.asam_eta
+                 for n, p, gi in zip(names, params, g, strict=True)]
+            tg = list(torch._foreach_mul(t, g))
+            return list(torch._foreach_mul(tg, t)), total_norm(tg) ** 2
+        case "fisher":
+            g2 = torch._foreach_mul(g, g)
+            if cfg.fisher_sam_form == "reference":  # C = 1/(g² + η), reference `fisher_sam_eta`
+                denom = torch._foreach_add(g2, cfg.fisher_sam_eta)
+            else:  # paper form C = 1/(1 + η g²)
+                denom = torch._foreach_add(torch._foreach_mul(g2, cfg.fisher_sam_eta), 1.0)
+            cv = list(torch._foreach_div(g, denom))
+            return cv, _dot(g, cv)
+        case "infosam":
+            return _infosam_direction(cfg, state, names, g, first, pending), None
+    raise ValueError(f"Unknown geometry {geometry_kind!r}.")
+
+
+def _infosam_direction(
+    cfg: SAMConfig,
+    state: SAMState,
+    names: Sequence[str],
+    g: list[Tensor],
+    first: bool,
+    pending: dict[str, list[Tensor]],
+) -> list[Tensor]:
+    """u = g / (b + δ), b the per-coordinate noise estimate (`docs/infosam.md`, prototype `INFOSAM` with its fixes).
 
     First step: m = g and b = 1, i.e. plain SAM. Later: m ← α m + (1 − α) g, then b = (m − g)² (`instant`, as
     coded in the prototype) or v ← α v + (1 − α)(g − m_prev)² (`ema`, our extension; v starts at its first sample).
     """
-    m = state.get("m", names, g)
     if first:
-        torch._foreach_copy_(m, g)
+        pending["m"] = [t.clone() for t in g]
         return g
+    m = state.get("m", names, g)
+    new_m = list(torch._foreach_lerp(m, g, 1.0 - cfg.infosam_alpha))
+    pending["m"] = new_m
     if cfg.infosam_variance == "instant":
-        torch._foreach_lerp_(m, g, 1.0 - cfg.infosam_alpha)
-        diff = torch._foreach_sub(m, g)
+        diff = torch._foreach_sub(new_m, g)
         b = list(torch._foreach_mul(diff, diff))
     else:
         diff = torch._foreach_sub(g, m)
-        sample = torch._foreach_mul(diff, diff)
-        had_v = state.has("v")
-        var = state.get("v", names, g)
-        if had_v:
-            torch._foreach_lerp_(var, sample, 1.0 - cfg.infosam_alpha)
+        sample = list(torch._foreach_mul(diff, diff))
+        if state.has("v"):
+            b = list(torch._foreach_lerp(state.get("v", names, g), sample, 1.0 - cfg.infosam_alpha))
         else:
-            torch._foreach_copy_(var, sample)
-        torch._foreach_lerp_(m, g, 1.0 - cfg.infosam_alpha)
-        b = var
+            b = sample
+        pending["v"] = b
     return list(torch._foreach_div(g, torch._foreach_add(b, cfg.infosam_damping)))
 
 

@@ -1,0 +1,134 @@
+"""One frozen record per SAM mode: the "preconditioned SAM" template of `docs/algorithm.md` §8.2 as data.
+
+Every place that needs to know something about a mode reads it here: argument validation (which flags belong to a
+mode, window-only modes, scope and normaliser restrictions, where LLQR may enter), [`~hf_llqrsam.sam.
+compute_perturbation`] (probe, geometry, normaliser, loss-scale convention, state), the trainer (the descent
+correction, which state a checkpoint must carry) and the README's template table ([`mode_table`], checked against
+the README by a test). Adding a mode is one record here, its branch in `sam.py` and its oracle test.
+
+Pure Python: imports nothing but the standard library.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["MODES", "SAM_MODE_NAMES", "ModeSpec", "mode_table"]
+
+Probe = Literal["gradient", "ema_difference", "ema"]
+Geometry = Literal["preconditioner", "identity", "asam", "fisher", "infosam"]
+LossScale = Literal["invariant", "true_units"]
+Descent = Literal["plain", "gsam"]
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What defines one SAM mode in the template ε = ρ·Cv/√(ν(v)² + eps), θ ← OuterOpt(θ, P·g̃).
+
+    Args:
+        name (`str`): the `sam_mode` value.
+        probe (`str`): how v is built: `gradient` (v = g), `ema_difference` (FSAM: v = g − σḡ), `ema` (VaSSO:
+            v = d ← (1 − θ)d + θg).
+        geometry (`str`): C: `preconditioner` (I, or U when LLQR enters C), `identity`, `asam` (T²), `fisher`
+            (diag(1/(g² + η))), `infosam` (diag(1/(b + δ))).
+        own_normaliser (`bool`): the mode fixes ν itself, so `sam_norm` must stay `euclidean`.
+        descent (`str`): `plain` (P·g̃) or `gsam` (g̃ − α g⊥, from the clean gradient kept in the same units as g̃).
+        state (`tuple[str, ...]`): the [`~hf_llqrsam.sam.SAMState`] buffer kinds the mode keeps and checkpoints.
+        window_only (`bool`): needs the whole window's gradient (no `sam_accumulation="micro"`).
+        global_only (`bool`): needs the all-reduced gradient (no `sam_scope="local"`).
+        loss_scale (`str`): `invariant`: ε is unchanged when g is multiplied by the fp16 loss scale S, so ε is built
+            from the scaled gradient; `true_units`: the mode is not scale-invariant (EMAs, g² terms), so it works on
+            g/S (`docs/integration.md` §6).
+        llqr_geometry (`bool`): LLQR may enter the perturbation as C = U (`llqr_in_perturbation`).
+        llqr_descent (`bool`): LLQR may enter the descent as P = U (`llqr_on_update`).
+        hyperparameters (`tuple[str, ...]`): the mode's own flags (warned about when set under another mode).
+        source (`str`): the paper or code the record follows.
+        doc (`tuple[str, str, str, str, str]`): the README table cells: v, C, ν, P, state.
+    """
+
+    name: str
+    probe: Probe
+    geometry: Geometry
+    own_normaliser: bool
+    descent: Descent
+    state: tuple[str, ...]
+    window_only: bool
+    global_only: bool
+    loss_scale: LossScale
+    llqr_geometry: bool
+    llqr_descent: bool
+    hyperparameters: tuple[str, ...]
+    source: str
+    doc: tuple[str, str, str, str, str]
+
+
+MODES: dict[str, ModeSpec] = {
+    spec.name: spec
+    for spec in (
+        ModeSpec(
+            name="sam", probe="gradient", geometry="preconditioner", own_normaliser=False, descent="plain",
+            state=(), window_only=False, global_only=False, loss_scale="invariant", llqr_geometry=True,
+            llqr_descent=True, hyperparameters=(), source="Foret et al., ICLR 2021, arXiv 2010.01412",
+            doc=("g", "I (U with `--llqr`)", "‖Cv‖ or √(vᵀCv)", "I (U with `--llqr`)", "–"),
+        ),
+        ModeSpec(
+            name="asam", probe="gradient", geometry="asam", own_normaliser=True, descent="plain", state=(),
+            window_only=False, global_only=False, loss_scale="invariant", llqr_geometry=False, llqr_descent=True,
+            hyperparameters=("asam_eta",), source="Kwon et al., ICML 2021 (ASAM), arXiv 2102.11600",
+            doc=("g", "T², T = \\|θ\\| + η (T = 1 on biases)", "‖Tg‖", "I (U with `--llqr`)", "–"),
+        ),
+        ModeSpec(
+            name="fsam", probe="ema_difference", geometry="preconditioner", own_normaliser=False, descent="plain",
+            state=("gbar",), window_only=True, global_only=False, loss_scale="true_units", llqr_geometry=True,
+            llqr_descent=True, hyperparameters=("fsam_beta", "fsam_sigma", "fsam_init"),
+            source="Li et al., CVPR 2024 (Friendly-SAM)",
+            doc=("g − σḡ", "I (U with `--llqr`)", "‖Cv‖ or √(vᵀCv)", "I (U with `--llqr`)", "ḡ"),
+        ),
+        ModeSpec(
+            name="fisher_sam", probe="gradient", geometry="fisher", own_normaliser=True, descent="plain", state=(),
+            window_only=True, global_only=False, loss_scale="true_units", llqr_geometry=False, llqr_descent=False,
+            hyperparameters=("fisher_sam_form", "fisher_sam_eta"), source="Kim et al., ICML 2022 (Fisher SAM)",
+            doc=("g", "diag(1/(g² + η))", "√(gᵀCg)", "I", "–"),
+        ),
+        ModeSpec(
+            name="gsam", probe="gradient", geometry="identity", own_normaliser=False, descent="gsam", state=(),
+            window_only=True, global_only=True, loss_scale="invariant", llqr_geometry=False, llqr_descent=False,
+            hyperparameters=("gsam_alpha",), source="Zhuang et al., ICLR 2022 (GSAM), Alg. 1",
+            doc=("g", "I", "‖g‖", "g̃ − α g⊥", "–"),
+        ),
+        ModeSpec(
+            name="vasso", probe="ema", geometry="identity", own_normaliser=False, descent="plain", state=("d",),
+            window_only=True, global_only=False, loss_scale="true_units", llqr_geometry=False, llqr_descent=False,
+            hyperparameters=("vasso_theta",), source="Li & Giannakis, NeurIPS 2023 (VaSSO)",
+            doc=("d ← (1−θ)d + θg", "I", "‖d‖", "I", "d"),
+        ),
+        ModeSpec(
+            name="infosam", probe="gradient", geometry="infosam", own_normaliser=False, descent="plain",
+            state=("m", "v"), window_only=True, global_only=False, loss_scale="true_units", llqr_geometry=False,
+            llqr_descent=False, hyperparameters=("infosam_alpha", "infosam_damping", "infosam_variance"),
+            source="arXiv 2501.06603 (preSAM/infoSAM), built from the authors' prototype (`docs/infosam.md`)",
+            doc=("g", "diag(1/(b + δ))", "‖Cg‖ or √(gᵀCg)", "I", "m (and v)"),
+        ),
+    )
+}
+
+SAM_MODE_NAMES: tuple[str, ...] = ("none", *MODES)
+
+
+def mode_table() -> str:
+    """The README's template table (one row per [`ModeSpec`]), as markdown.
+
+    Columns: probe v, geometry C, normaliser ν, descent P, state, window-only, LLQR in C / P, fp16 loss scale.
+    """
+    header = (
+        "| mode | probe v | geometry C | normaliser ν | descent P | state | window only | LLQR in C / P "
+        "| loss scale |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = []
+    for spec in MODES.values():
+        v, c, nu, p, state = spec.doc
+        llqr = f"{'yes' if spec.llqr_geometry else 'no'} / {'yes' if spec.llqr_descent else 'no'}"
+        scale = "scaled g" if spec.loss_scale == "invariant" else "g / S"
+        window = "yes" if spec.window_only else "no"
+        rows.append(f"| `{spec.name}` | {v} | {c} | {nu} | {p} | {state} | {window} | {llqr} | {scale} |")
+    return "\n".join([header, *rows])
