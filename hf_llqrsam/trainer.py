@@ -5,27 +5,25 @@ The Trainer keeps its loop, clipping, optimizer step, scheduler, logging and sav
 """
 
 import contextlib
+import inspect
 import os
 import time
-from collections import defaultdict
 from typing import TYPE_CHECKING, Any, cast
 
-import datasets
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 from .args import LLQRSAMFields, LLQRSAMTrainingArguments
 from .card import method_card_section
-from .checkpoint import load_state, save_state
+from .checkpoint import STATE_FILE, LLQRSAMStateError, describe_state, load_state, save_state
 from .compat import llqrsam_active, validate_setup_model
-from .config import SAMConfig
 from .data import curvature_indices
 from .distributed import any_rank, grad_sync, unwrap
+from .modes import MODES
 from .sam import (
-    Perturbation,
     SAMState,
     apply_perturbation_,
     batchnorm_buffers,
@@ -35,23 +33,12 @@ from .sam import (
     total_norm,
 )
 from .schedules import rho_at
+from .step import RunningMetrics, StepState, batchnorm_policy, copy_into_, replayed_rng, rng_state, set_rng_state
 
 logger = logging.get_logger(__name__)
 
 # Logged keys that are counts (summed over a logging interval); every other key is averaged.
-_COUNTERS = ("sam/skipped", "sam/skipped_ascent", "llqr/nonfinite_ugrad")
-_GEOMETRY_MODES = ("sam", "fsam")
-
-
-def _rng_state() -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
+_COUNTERS = ("sam/skipped", "sam/skipped_ascent", "llqr/nonfinite_ugrad", "llqr/skipped_refresh")
 
 
 # mypy sees the mixin as a Trainer (it is only ever mixed into one); at run time it is a plain object.
@@ -61,13 +48,31 @@ else:
     _MixinBase = object
 
 
+class _TrainAttempt(TrainerCallback):
+    """Resets the per-step state at the start of every training attempt (`on_train_begin`).
+
+    Under `auto_find_batch_size`, an out-of-memory error makes the Trainer rerun its inner loop with a smaller batch;
+    each attempt starts with `on_train_begin`, so nothing of the failed attempt (window, ε, SAM state, U) survives.
+    """
+
+    def __init__(self, trainer: "LLQRSAMTrainerMixin") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._begin_attempt()
+
+
 class LLQRSAMTrainerMixin(_MixinBase):
     """Turns [`~transformers.Trainer`] into a two-pass SAM / LLQR+SAM trainer, driven by `sam_*` / `llqr_*` args.
 
-    Per optimizer step (window mode, `algorithm.md` §8.5): refresh U on schedule; pass 1 on every micro-batch
-    gives g; ε = ρ·Cv/ν(v); pass 2 re-runs the window at θ + ε; θ is restored by copy; the descent gradient P·g̃
-    (GSAM: g̃ − α g⊥) is left in `p.grad` for the Trainer's clip and optimizer step. `sam_mode="none"` with `llqr`
-    off calls the stock `training_step` and nothing else.
+    Per optimizer step (window mode, `docs/algorithm.md` §8.5): refresh U on schedule; pass 1 on every micro-batch
+    gives g; ε = ρ·Cv/ν(v) (the mode's [`~hf_llqrsam.modes.ModeSpec`]); pass 2 re-runs the window at θ + ε; θ is
+    restored by copy; the descent gradient P·g̃ (GSAM: g̃ − α g⊥) is left in `p.grad` for the Trainer's clip and
+    optimizer step. `sam_mode="none"` with `llqr` off calls the stock `training_step` and nothing else.
+
+    The step's state lives in one [`~hf_llqrsam.step.StepState`], made at the step's first micro-batch and dropped at
+    its last (or when a call raises). Every Trainer-method override passes its arguments through to whatever base
+    class the mixin is combined with.
 
     Example:
 
@@ -91,22 +96,50 @@ class LLQRSAMTrainerMixin(_MixinBase):
             )
         validate_setup_model(self.args, self.model, self.train_dataset)
         self.llqrsam_enabled = llqrsam_active(self.args)
-        self.sam_config = SAMConfig.from_args(self.args)
+        self.sam_config = self.args.to_sam_config()
+        self.llqr_config = self.args.to_llqr_config()
+        self.mode_spec = MODES.get(self.sam_config.mode)
+        # Where U enters: C = U (modes whose spec allows it) and P = U. Without --llqr, a fixed U that the user sets as
+        # `trainer.preconditioner` (any `hf_llqrsam.sam.Preconditioner`) enters both.
+        llqr = self.llqr_config
+        self.u_in_perturbation = llqr.in_perturbation if llqr is not None else True
+        self.u_on_update = llqr.on_update and llqr.apply == "gradient" if llqr is not None else True
         self.sam_state = SAMState()
         self.preconditioner: Any = None  # LLQRPreconditioner, built lazily on the first step
-        self._llqrsam_metrics: dict[str, list[float]] = defaultdict(list)
+        self._llqrsam_metrics = RunningMetrics(_COUNTERS)
         self._named_params: list[tuple[str, nn.Parameter]] | None = None
-        self._pending_state: dict[str, Any] | None = None
-        self._window_inputs: list[dict[str, Any]] = []
-        self._window_rng: list[tuple[Tensor, Tensor | None]] = []
-        self._window_pos = 0
-        self._step_is_sam = False
-        self._bn_backup: list[Tensor] | None = None
-        self._perturbation: Perturbation | None = None
-        self._drop_step = False
-        self._clean_loss: Tensor | float = 0.0
-        self._perturbed_loss: Tensor | float = 0.0
+        self._pending_state: tuple[str, dict[str, Any]] | None = None  # (path, contents) of a checkpoint's state
+        self._step: StepState | None = None
+        self._last_call_was_sam = False
+        self._attempt = 0
+        self._attempt_snapshot: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self._pre_step_params: list[Tensor] = []
+        self.add_callback(_TrainAttempt(self))
+
+    # ------------------------------------------------------------------ attempts (train() and its retries)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """[`~transformers.Trainer.train`]; with `auto_find_batch_size`, SAM state and U are snapshot first, so an
+        out-of-memory retry starts from the same state as the failed attempt did."""
+        self._attempt = 0
+        self._attempt_snapshot = None
+        if self.llqrsam_enabled and self.args.auto_find_batch_size:
+            pre = None if self.preconditioner is None else self.preconditioner.state_dict()
+            self._attempt_snapshot = (self.sam_state.state_dict(), pre)
+        return super().train(*args, **kwargs)
+
+    def _begin_attempt(self) -> None:
+        self._step = None
+        self._llqrsam_metrics.drain()
+        if self._attempt > 0 and self._attempt_snapshot is not None:
+            sam, pre = self._attempt_snapshot
+            self.sam_state = SAMState()
+            self.sam_state.load_state_dict(sam, device=self.args.device)
+            if pre is None:
+                self.preconditioner = None
+            else:
+                self.preconditioner.load_state_dict(pre)
+        self._attempt += 1
 
     # ------------------------------------------------------------------ the loop override
 
@@ -115,101 +148,115 @@ class LLQRSAMTrainerMixin(_MixinBase):
     ) -> Tensor:
         if not self.llqrsam_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
-        if self._window_pos == 0:
-            self._begin_step(model)
-        self._window_pos += 1
+        if self._step is None:
+            self._step = self._begin_step(model)
+        st = self._step
+        st.calls += 1
+        self._last_call_was_sam = st.is_sam
         last = self.accelerator.sync_gradients
-        if not self._step_is_sam:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        elif self.sam_config.accumulation == "window":
-            loss = self._window_call(model, inputs, num_items_in_batch, last)
-        else:
-            loss = self._micro_call(model, inputs, num_items_in_batch)
+        try:
+            if not st.is_sam:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            elif self.sam_config.accumulation == "window":
+                loss = self._window_call(st, model, inputs, num_items_in_batch, last)
+            else:
+                loss = self._micro_call(st, model, inputs, num_items_in_batch)
+            if last:
+                self._finish_step(st, model)
+        except BaseException:
+            # A failed call (e.g. out of memory) leaves nothing behind: the weights were restored by `_replay`,
+            # the BatchNorm statistics are put back here, and the next call starts a fresh step.
+            copy_into_(batchnorm_buffers(model), st.bn_at_begin)
+            self._step = None
+            raise
         if last:
-            self._finish_step()
-            self._window_pos = 0
+            self._step = None
         return loss
 
-    def _begin_step(self, model: nn.Module) -> None:
+    def _begin_step(self, model: nn.Module) -> StepState:
         self._resolve_params()
         if self._pending_state is not None:
-            self._load_llqrsam_state(self._pending_state)
+            self._load_llqrsam_state(*self._pending_state)
             self._pending_state = None
         self._maybe_refresh_preconditioner(model)
         cfg, step = self.sam_config, self.state.global_step
-        self._step_is_sam = (
-            cfg.mode != "none" and step >= cfg.start_step and (step - cfg.start_step) % cfg.interval == 0
-        )
-        self._window_inputs, self._window_rng = [], []
-        self._perturbation, self._drop_step = None, False
-        self._clean_loss, self._perturbed_loss = 0.0, 0.0
+        is_sam = cfg.mode != "none" and step >= cfg.start_step and (step - cfg.start_step) % cfg.interval == 0
+        return StepState(step=step, is_sam=is_sam, bn_at_begin=[b.clone() for b in batchnorm_buffers(model)])
 
-    def _window_call(self, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool) -> Tensor:
+    def _window_call(self, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool) -> Tensor:
         """Pass 1 on this micro-batch; on the window's last call, one ε from the window gradient and the replays."""
         cfg = self.sam_config
-        if self._window_pos == 1 and cfg.bn_stats == "second":
-            self._bn_backup = [b.clone() for b in batchnorm_buffers(model)]
-        self._window_inputs.append(inputs)
+        st.inputs.append(inputs)
         if cfg.same_dropout:
-            self._window_rng.append(_rng_state())
+            st.rng.append(rng_state())
         # GA = 1 runs under the Trainer's nullcontext: "local" would silently become global without this.
         sync_ctx = grad_sync(model, False) if last and cfg.scope == "local" else contextlib.nullcontext()
         with sync_ctx:
             loss = super().training_step(model, inputs, nitems)
-        self._clean_loss += loss
+        st.clean_loss += loss
         if last:
-            self._ascend_and_replay(model, self._window_inputs, self._window_rng, nitems, micro=False)
+            self._perturb(st)
+            self._replay(st, model, st.inputs, st.rng, nitems, micro=False, bn_before=st.bn_at_begin)
         return loss
 
-    def _micro_call(self, model: nn.Module, inputs: dict[str, Any], nitems: Any) -> Tensor:
+    def _micro_call(self, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any) -> Tensor:
         """One ε per micro-batch: pass 1 on its own gradient, then pass 2 accumulates onto the window's sum."""
         cfg = self.sam_config
-        grads = [p.grad for _, p in self._named_params if p.grad is not None]  # type: ignore[union-attr]
+        grads = [p.grad for _, p in self._named_params or [] if p.grad is not None]
         stash = {id(g): g.clone() for g in grads} if grads else None
         if grads:
             torch._foreach_zero_(grads)
-        if cfg.bn_stats == "second":
-            self._bn_backup = [b.clone() for b in batchnorm_buffers(model)]
-        rng = [_rng_state()] if cfg.same_dropout else []
+        bn_before = [b.clone() for b in batchnorm_buffers(model)] if cfg.bn_stats == "second" else None
+        rng = [rng_state()] if cfg.same_dropout else []
         with grad_sync(model, cfg.scope == "global"):  # set before the forward (davda54/sam#78)
             loss = super().training_step(model, inputs, nitems)
-        self._clean_loss += loss
-        self._ascend_and_replay(model, [inputs], rng, nitems, micro=True, stash=stash)
+        st.clean_loss += loss
+        self._perturb(st)
+        self._replay(st, model, [inputs], rng, nitems, micro=True, bn_before=bn_before, stash=stash)
         return loss
 
-    def _ascend_and_replay(
-        self,
-        model: nn.Module,
-        replays: list[dict[str, Any]],
-        rng: list[tuple[Tensor, Tensor | None]],
-        nitems: Any,
-        micro: bool,
-        stash: dict[int, Tensor] | None = None,
-    ) -> None:
-        """ε from the gradient in `p.grad`, pass 2 at θ + ε on `replays`, exact restore (`integration.md` §3.3).
-
-        Window mode replays the whole window, synchronising only the last replay; micro mode runs one pass 2 under
-        the Trainer's own sync context, accumulating onto `stash` (earlier micro-batches' pass-2 sum, if any).
-        """
+    def _perturb(self, st: StepState) -> None:
+        """ε from the pass-1 gradient in `p.grad` (the mode's spec decides how); a non-finite ascent drops the step."""
         cfg = self.sam_config
         names, params, grads = self._live_grads()
-        scale = self._grad_scale()
-        rho = rho_at(
-            cfg.rho_schedule, self.state.global_step, cfg.rho, cfg.rho_min,
-            lr=self._get_learning_rate(), lr_max=self.args.learning_rate,
-        )  # fmt: skip
-        pert = compute_perturbation(cfg, self.sam_state, names, params, grads, rho, self._geometry(), scale)
+        lr = float(cast(torch.optim.Optimizer, self.optimizer).param_groups[0]["lr"])  # the live LR (public)
+        rho = rho_at(cfg.rho_schedule, st.step, cfg.rho, cfg.rho_min, lr=lr, lr_max=self.args.learning_rate)
+        pert = compute_perturbation(
+            cfg, self.sam_state, names, params, grads, rho, self._geometry(), self._grad_scale()
+        )
         finite = pert.finite
         if cfg.scope == "local":
             finite = not any_rank(not finite, self.args.device)
-        self._perturbation = pert if finite else None
+        st.perturbation = pert if finite else None
         if not finite:
-            self._drop_step = True
+            st.drop = True
             self._record("sam/skipped_ascent", 1.0)
-        else:
-            self._record_perturbation(pert, rho)
+            return
+        self._record("sam/grad_norm", pert.grad_norm)
+        self._record("sam/perturbation_norm", pert.perturbation_norm)
+        self._record("sam/rho", rho)
+        if self.mode_spec is not None and self.mode_spec.probe != "gradient":
+            self._record("sam/probe_norm", pert.probe_norm)
 
-        # pass 2 accumulates from zero (window) or onto earlier micro-batches' pass 2 (micro)
+    def _replay(
+        self,
+        st: StepState,
+        model: nn.Module,
+        replays: list[dict[str, Any]],
+        rng: list[Any],
+        nitems: Any,
+        micro: bool,
+        bn_before: list[Tensor] | None,
+        stash: dict[int, Tensor] | None = None,
+    ) -> None:
+        """Pass 2 at θ + ε on `replays`, then the exact restore of θ (`docs/integration.md` §3.3–3.5).
+
+        Window mode replays the whole window, synchronising only the last replay; micro mode runs one pass 2 under
+        the Trainer's own sync context, accumulating onto `stash` (earlier micro-batches' pass-2 sum, if any). A
+        skipped ascent still runs pass 2 at θ, so collectives stay aligned across ranks.
+        """
+        cfg = self.sam_config
+        _, params, grads = self._live_grads()
         stashed = stash or {}
         restored = [g for g in grads if id(g) in stashed]
         if restored:
@@ -217,41 +264,38 @@ class LLQRSAMTrainerMixin(_MixinBase):
         zeroed = [g for g in grads if id(g) not in stashed]
         if zeroed:
             torch._foreach_zero_(zeroed)
-        bn = batchnorm_buffers(model)
-        if cfg.bn_stats == "second" and self._bn_backup is not None and bn:
-            torch._foreach_copy_(bn, self._bn_backup)
-        bn_first = [b.clone() for b in bn] if cfg.bn_stats == "first" else None
-        post_pass1_rng = _rng_state() if cfg.same_dropout else None
-        backups = apply_perturbation_(params, pert.eps) if finite else None
+        pert = st.perturbation
+        backups = apply_perturbation_(params, pert.eps) if pert is not None else None
         try:
-            for j, inputs in enumerate(replays):
-                if cfg.same_dropout:
-                    _set_rng_state(rng[j])
-                # Window replays: no sync until the last; micro: the Trainer's own context decides.
-                last = j == len(replays) - 1
-                ctx = contextlib.nullcontext() if micro else grad_sync(model, last)
-                with ctx:
-                    self._perturbed_loss += super().training_step(model, inputs, nitems)
+            with batchnorm_policy(batchnorm_buffers(model), cfg.bn_stats, bn_before), replayed_rng(cfg.same_dropout):
+                for j, inputs in enumerate(replays):
+                    if cfg.same_dropout:
+                        set_rng_state(rng[j])
+                    # Window replays: no sync until the last; micro: the Trainer's own context decides.
+                    ctx = contextlib.nullcontext() if micro else grad_sync(model, j == len(replays) - 1)
+                    with ctx:
+                        st.perturbed_loss += super().training_step(model, inputs, nitems)
         finally:
             if backups is not None:
                 restore_(params, backups)
-            if post_pass1_rng is not None:
-                _set_rng_state(post_pass1_rng)
-            if bn_first:
-                torch._foreach_copy_(bn, bn_first)
-            self._bn_backup = None
 
-    def _finish_step(self) -> None:
-        """At the sync micro-batch: GSAM correction, P = U, finiteness guard and metrics; once per optimizer step."""
+    def _finish_step(self, st: StepState, model: nn.Module) -> None:
+        """At the sync micro-batch: GSAM correction, P = U, finiteness guard and metrics; once per optimizer step.
+
+        A skipped step (non-finite ascent, or a non-finite descent gradient) leaves the weights and the BatchNorm
+        statistics exactly as they were before the step.
+        """
         names, params, grads = self._live_grads()
-        pert = self._perturbation
-        if pert is not None and self.sam_config.mode == "gsam":
+        pert = st.perturbation
+        if pert is not None and self.mode_spec is not None and self.mode_spec.descent == "gsam":
             gsam_descent_(grads, pert.clean_grads, self.sam_config.gsam_alpha)
-        if self.preconditioner is not None and self.args.llqr_on_update and self.args.llqr_apply == "gradient":
+        descent_ok = self.mode_spec is None or self.mode_spec.llqr_descent
+        if self.preconditioner is not None and self.u_on_update and descent_ok:
             self.preconditioner.apply_(names, grads)
         nonfinite = not bool(torch.isfinite(total_norm(grads)))
-        if self._drop_step or nonfinite:
+        if st.drop or nonfinite:
             self._record("sam/skipped", 1.0)
+            copy_into_(batchnorm_buffers(model), st.bn_at_begin)
             scaler = self.accelerator.scaler
             if scaler is not None and scaler.is_enabled():
                 if grads and not nonfinite:
@@ -259,8 +303,8 @@ class LLQRSAMTrainerMixin(_MixinBase):
             else:
                 for p in params:  # no scaler: no grads means the optimizer leaves these weights untouched
                     p.grad = None
-        if self._step_is_sam:
-            clean, perturbed = float(self._clean_loss), float(self._perturbed_loss)
+        if st.is_sam:
+            clean, perturbed = float(st.clean_loss), float(st.perturbed_loss)
             self._record("sam/loss_perturbed", perturbed)
             if pert is not None:
                 self._record("sam/sharpness", perturbed - clean)
@@ -286,51 +330,53 @@ class LLQRSAMTrainerMixin(_MixinBase):
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def _geometry(self) -> Any:
-        if self.preconditioner is not None and self.args.llqr_in_perturbation and self.sam_config.mode in (
-            _GEOMETRY_MODES
-        ):
+        spec = self.mode_spec
+        if self.preconditioner is not None and self.u_in_perturbation and spec is not None and spec.llqr_geometry:
             return self.preconditioner
         return None
 
     def _record(self, key: str, value: float) -> None:
-        self._llqrsam_metrics[key].append(value)
-
-    def _record_perturbation(self, pert: Perturbation, rho: float) -> None:
-        self._record("sam/grad_norm", pert.grad_norm)
-        self._record("sam/perturbation_norm", pert.perturbation_norm)
-        self._record("sam/rho", rho)
-        if self.sam_config.mode in ("fsam", "vasso"):
-            self._record("sam/probe_norm", pert.probe_norm)
+        self._llqrsam_metrics.record(key, value)
 
     # ------------------------------------------------------------------ LLQR
 
     def _maybe_refresh_preconditioner(self, model: nn.Module) -> None:
-        """Refresh U at global steps 0, E, 2E, … before `llqr_update_until` (`algorithm.md` §5.4)."""
-        if not self.args.llqr:
+        """Refresh U at global steps 0, E, 2E, … before `llqr_update_until` (`docs/algorithm.md` §5.4)."""
+        llqr = self.llqr_config
+        if llqr is None:
             return
-        from .llqr import LLQRConfig, LLQRPreconditioner, make_update_probe
+        from .llqr import LLQRPreconditioner, make_update_probe
 
         module = unwrap(model)
         if self.preconditioner is None:
-            self.preconditioner = LLQRPreconditioner(module, LLQRConfig.from_args(self.args))
+            self.preconditioner = LLQRPreconditioner(module, llqr)
         step = self.state.global_step
         if not self.preconditioner.is_due(step) or self.preconditioner.last_update_step == step:
             return
+        if self.preconditioner.num_updates == 0:
+            logger.info(f"LLQR: fitting U on {llqr.batch_size} curvature examples before step {step} (a pause).")
         probe = None
-        if self.args.llqr_apply == "update":
+        if llqr.apply == "update":
             probe = make_update_probe(self._inner_optimizer(), module)
         batch = self._curvature_batch(step)
         start = time.perf_counter()
         metrics = self.preconditioner.update(
-            module, batch, step=step, extractor=self.llqr_logits_and_targets, update_probe=probe
-        )
+            module, batch, step=step, extractor=self.llqr_logits_and_targets, update_probe=probe,
+            pad_token_id=_pad_token_id(module) if llqr.include_pad_rows else None,
+        )  # fmt: skip
         self.preconditioner.broadcast_(0)  # identical U on every rank, free of floating-point drift
-        metrics["llqr/update_seconds"] = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        metrics["llqr/update_seconds"] = seconds
+        logger.info(
+            f"LLQR refresh {self.preconditioner.num_updates} at step {step}: {seconds:.2f} s "
+            f"(J {metrics.get('llqr/objective_start', float('nan')):.4g} -> "
+            f"{metrics.get('llqr/objective_end', float('nan')):.4g})"
+        )
         for key, value in metrics.items():
             self._record(key, value)
 
     def llqr_logits_and_targets(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """`(logits[rows, C], targets[rows], row_mask[rows])` of the curvature batch (`integration.md` §5.3).
+        """`(logits[rows, C], targets[rows], row_mask[rows])` of the curvature batch (`docs/integration.md` §5.3).
 
         Override for heads the default does not know. The default handles classification heads, encoder–decoder
         LMs and causal LMs (labels shifted by one); labels are popped, so the model computes no loss of its own.
@@ -344,16 +390,19 @@ class LLQRSAMTrainerMixin(_MixinBase):
         """`llqr_batch_size` examples drawn as a pure function of (seed, step), through the training collator.
 
         Transforms run under a forked RNG, so the training stream is untouched and resume needs no extra state
-        (`algorithm.md` §5.5). Uses the Trainer's column filtering, as `get_train_dataloader` does (5.23). With
+        (`docs/algorithm.md` §5.5). Uses the Trainer's column filtering, as `get_train_dataloader` does. With
         `llqr_curvature_sharding="sharded"` each rank takes every W-th example; the partial sums are all-reduced.
         """
+        import datasets
+
+        llqr = cast(Any, self.llqr_config)
         dataset, collator = self.train_dataset, self.data_collator
         if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
-        indices = curvature_indices(self.args.seed, step, len(dataset), self.args.llqr_batch_size)  # type: ignore[arg-type]
-        if self.args.llqr_curvature_sharding == "sharded" and self.args.world_size > 1:
+        indices = curvature_indices(self.args.seed, step, len(dataset), llqr.batch_size)  # type: ignore[arg-type]
+        if llqr.curvature_sharding == "sharded" and self.args.world_size > 1:
             indices = indices[self.args.process_index :: self.args.world_size]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed + step)
@@ -364,15 +413,16 @@ class LLQRSAMTrainerMixin(_MixinBase):
         # Accelerate wraps the torch optimizer in an AcceleratedOptimizer once the Trainer prepared it
         return cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
 
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The base optimizer; with `llqr_apply="update"`, step hooks rewrite θ ← θ_old + U(θ − θ_old).
 
         The hooks sit on the torch optimizer itself, so they fire only on steps that really happen (not on steps the
         fp16 scaler skips), and act on the full update: LR, momentum/Adam normalisation and weight decay included
-        (`algorithm.md` §7.3).
+        (`docs/algorithm.md` §7.3).
         """
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if self.args.llqr and self.args.llqr_apply == "update":
+        optimizer = super().create_optimizer(*args, **kwargs)
+        llqr = self.llqr_config
+        if llqr is not None and llqr.apply == "update":
             if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
                 raise ValueError(
                     f"Invalid llqr_apply='update' with optimizer {type(optimizer).__name__} (optim="
@@ -399,40 +449,63 @@ class LLQRSAMTrainerMixin(_MixinBase):
 
     # ------------------------------------------------------------------ other Trainer overrides
 
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+    def floating_point_ops(self, *args: Any, **kwargs: Any) -> int:
         """Both passes are counted on SAM steps (the Trainer calls this once per `training_step`)."""
-        flops = super().floating_point_ops(inputs)
-        return 2 * flops if self.llqrsam_enabled and self._step_is_sam else flops
+        flops = super().floating_point_ops(*args, **kwargs)
+        return 2 * flops if self.llqrsam_enabled and self._last_call_was_sam else flops
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Merge the `sam/*` and `llqr/*` metrics into training logs: counters summed, the rest averaged."""
         if self._llqrsam_metrics and "loss" in logs:
-            for key, values in self._llqrsam_metrics.items():
-                logs[key] = sum(values) if key in _COUNTERS else sum(values) / len(values)
-            self._llqrsam_metrics.clear()
-        super().log(logs, start_time)
+            logs.update(self._llqrsam_metrics.drain())
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
 
     def _llqrsam_state_dict(self) -> dict[str, Any]:
         return {
             "sam": self.sam_state.state_dict(),
             "llqr": self.preconditioner.state_dict() if self.preconditioner is not None else None,
-            "config": {"sam_mode": self.args.sam_mode, "llqr": self.args.llqr, "structure": self.args.llqr_structure},
+            "config": {"sam_mode": self.sam_config.mode, "llqr": self.llqr_config is not None},
         }
 
-    def _load_llqrsam_state(self, state: dict[str, Any]) -> None:
+    def _load_llqrsam_state(self, path: str, state: dict[str, Any]) -> None:
+        """Materialise a checkpoint's SAM state and U (validated); warn about any part this run will not use."""
         config = state["config"]
-        if config["sam_mode"] != self.args.sam_mode or config["llqr"] != self.args.llqr:
-            raise ValueError(
-                f"Invalid resume: the checkpoint was trained with sam_mode={config['sam_mode']!r}, "
-                f"llqr={config['llqr']}, but this run has sam_mode={self.args.sam_mode!r}, llqr={self.args.llqr}."
+        holds = describe_state(state)
+        mode = self.sam_config.mode
+        if config["sam_mode"] == mode:
+            kinds = set(self.mode_spec.state) if self.mode_spec is not None else set()
+            extra = set(state["sam"]["buffers"]) - kinds
+            if extra:
+                raise LLQRSAMStateError(
+                    f"Invalid {path}: SAM buffers {sorted(extra)} do not belong to sam_mode={mode!r} "
+                    f"(expected {sorted(kinds) or 'none'}). The file does not match this run; resume from a "
+                    "checkpoint of this run or delete the file."
+                )
+            try:
+                self.sam_state.load_state_dict(state["sam"], device=self.args.device)
+            except ValueError as err:
+                raise LLQRSAMStateError(f"{path}: {err}") from err
+        elif holds["sam"]:
+            logger.warning(
+                f"The checkpoint's SAM state was written with sam_mode={config['sam_mode']!r}; this run has "
+                f"sam_mode={mode!r}, so that state is not used and the SAM state starts fresh."
             )
-        self.sam_state.load_state_dict(state["sam"], device=self.args.device)
-        if state["llqr"] is not None:
-            from .llqr import LLQRConfig, LLQRPreconditioner
+        if state["llqr"] is None:
+            if self.llqr_config is not None:
+                logger.warning("The checkpoint holds no LLQR state: this run starts with U = I.")
+            return
+        if self.llqr_config is None:
+            logger.warning(
+                "The checkpoint holds a learned LLQR preconditioner U, but this run has llqr=False: U is not used."
+            )
+            return
+        from .llqr import LLQRPreconditioner
 
-            if self.preconditioner is None:
-                self.preconditioner = LLQRPreconditioner(unwrap(self.model), LLQRConfig.from_args(self.args))
-            self.preconditioner.load_state_dict(state["llqr"])
+        if self.preconditioner is None:
+            self.preconditioner = LLQRPreconditioner(unwrap(self.model), self.llqr_config)
+        self.preconditioner.load_state_dict(state["llqr"], source=path)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -441,60 +514,83 @@ class LLQRSAMTrainerMixin(_MixinBase):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not self.llqrsam_enabled:
+        if checkpoint is None:
+            return
+        if not self.llqrsam_enabled:
+            if os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
+                logger.warning(
+                    f"{os.path.join(checkpoint, STATE_FILE)} holds SAM/LLQR state, but this run has sam_mode='none' "
+                    "and llqr=False: it is not used."
+                )
             return
         state = load_state(checkpoint)
         if state is None:
-            if self.args.llqr or self.sam_config.mode in ("fsam", "vasso", "infosam"):
-                logger.warning(f"No llqrsam_state.pt in {checkpoint}: starting with U = I and empty SAM state.")
+            if self.llqr_config is not None or (self.mode_spec is not None and self.mode_spec.state):
+                logger.warning(f"No {STATE_FILE} in {checkpoint}: starting with U = I and empty SAM state.")
             return
-        self._pending_state = state  # materialised on the first training_step, after prepare
+        # materialised on the first training_step, after prepare (FSDP2 swaps the parameters there)
+        self._pending_state = (os.path.join(checkpoint, STATE_FILE), state)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, *args: Any, **kwargs: Any) -> None:
         """Work around huggingface/transformers#43701 (5.x): resume silently drops renamed weights (e.g. ViT).
 
         `load_state_dict(strict=False)` skips checkpoint keys that 5.x `save_pretrained` wrote under their legacy
-        names; `from_pretrained` applies the renames. The canary test `test_vit_resume_canary_43701` fails once
-        upstream fixes it, and then this override can go.
+        names; `from_pretrained` applies the renames. The workaround runs only where the bug bites: transformers 5.x,
+        a plain `PreTrainedModel` (no FSDP/DeepSpeed), and a checkpoint whose tensor names differ from the model's.
+        The canary test `test_vit_resume_canary_43701` fails once upstream fixes it.
         """
+        model = args[0] if args else kwargs.get("model")
         target = self.model if model is None else model
         weights = os.path.join(resume_from_checkpoint, "model.safetensors")
         if (
-            isinstance(target, PreTrainedModel)
+            _TRANSFORMERS_MAJOR >= 5
+            and isinstance(target, PreTrainedModel)
             and os.path.isfile(weights)
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and _renamed_keys(weights, target)
         ):
             dtype = next(target.parameters()).dtype
             loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config, dtype=dtype)
             target.load_state_dict(loaded.state_dict(), strict=True)
             return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
 
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-    ) -> None:
-        """The stock card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`integration.md` §9), plus a section naming
-        the method and its hf_llqrsam hyperparameters ([`~hf_llqrsam.card.method_card_section`])."""
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The base class's card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`docs/integration.md` §9), plus a
+        section naming the method and its hyperparameters ([`~hf_llqrsam.card.method_card_section`]).
+
+        The arguments are passed through to whatever `create_model_card` the base class has (the stock Trainer's,
+        or TRL's `(model_name, dataset_name, tags)`); only `tags` is extended.
+        """
+        bound = inspect.signature(super().create_model_card).bind_partial(*args, **kwargs)
+        tags = bound.arguments.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        ours = ["hf-llqrsam"] + ([self.args.sam_mode] if self.args.sam_mode != "none" else [])
-        ours += ["llqr"] if self.args.llqr else []
-        super().create_model_card(
-            language=language, license=license, tags=tags + [t for t in ours if t not in tags],
-            model_name=model_name, finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
-            dataset=dataset, dataset_args=dataset_args,
-        )
+        ours = ["hf-llqrsam"] + ([self.sam_config.mode] if self.sam_config.mode != "none" else [])
+        ours += ["llqr"] if self.llqr_config is not None else []
+        bound.arguments["tags"] = tags + [t for t in ours if t not in tags]
+        super().create_model_card(*bound.args, **bound.kwargs)
         if self.is_world_process_zero():
             with open(os.path.join(str(self.args.output_dir), "README.md"), "a", encoding="utf-8") as f:
                 f.write(method_card_section(self.args))
+
+
+_TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+
+
+def _renamed_keys(weights: str, model: nn.Module) -> bool:
+    """Whether a checkpoint's tensor names differ from the model's own (the #43701 symptom)."""
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        saved = set(f.keys())
+    return bool(saved - set(model.state_dict()))
+
+
+def _pad_token_id(model: nn.Module) -> int | None:
+    """The target of pad rows with `llqr_include_pad_rows` (the reference's "predict pad"), from the model config."""
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    return pad if isinstance(pad, int) else None
 
 
 class LLQRSAMTrainer(LLQRSAMTrainerMixin, Trainer):

@@ -7,7 +7,6 @@ accelerator before training: backward, step and skip then go through exactly the
 import pytest
 import torch
 
-from hf_llqrsam import LLQRSAMTrainer
 from tests.integration.test_trainer_equivalence import PoisonNet, _Snapshots
 from tests.utils import SequentialTrainer, image_dataset, make_args, max_abs_diff, params_of, tiny_vit
 
@@ -32,25 +31,43 @@ def _with_cpu_scaler(trainer, init_scale=2.0**10):
     return scaler
 
 
-@pytest.mark.parametrize("mode", ["sam", "fsam", "fisher_sam"])
-def test_scaled_gradients_give_the_unscaled_step(tmp_path, mode):
-    """ε from S-scaled grads equals ε from true grads; FSAM's ḡ and Fisher-SAM's C use g/S; pass 1 never unscales."""
+SCALER_CASES = [
+    ("sam", {}), ("sam", {"sam_norm": "matrix"}), ("asam", {"sam_rho": 0.5}), ("fsam", {}), ("fisher_sam", {}),
+    ("fisher_sam", {"fisher_sam_form": "paper"}), ("gsam", {"gsam_alpha": 0.8}), ("vasso", {}), ("infosam", {}),
+    ("infosam", {"infosam_variance": "ema"}), ("sam", {"llqr": True, "llqr_update_interval": 2}),
+    ("fsam", {"llqr": True, "llqr_update_interval": 2}),
+]
+
+
+@pytest.mark.parametrize(("mode", "extra"), SCALER_CASES, ids=[f"{m}-{'-'.join(map(str, e.values()))}"
+                                                                for m, e in SCALER_CASES])
+def test_scaled_gradients_give_the_unscaled_step(tmp_path, mode, extra):
+    """Every mode under a CPU GradScaler (S = 1024) equals fp32 within 1e-6; its state too; pass 1 never unscales.
+
+    GSAM used to subtract an unscaled clean gradient from the scaled pass-2 gradient (a correction of α/S): the
+    `gsam_alpha=0.8` case is 1e-2 away from α = 0 here, so that bug cannot pass this test.
+    """
     ds = image_dataset(16)
     plain, scaled = tiny_vit(), tiny_vit()
-    ref = SequentialTrainer(model=plain, args=make_args(tmp_path, sam_mode=mode), train_dataset=ds)
+    ref = SequentialTrainer(model=plain, args=make_args(tmp_path, sam_mode=mode, **extra), train_dataset=ds)
     ref.train()
-    trainer = SequentialTrainer(model=scaled, args=make_args(tmp_path, sam_mode=mode), train_dataset=ds)
+    trainer = SequentialTrainer(model=scaled, args=make_args(tmp_path, sam_mode=mode, **extra), train_dataset=ds)
     scaler = _with_cpu_scaler(trainer)
     unscale_calls = []
     original_unscale = scaler.unscale_
-    scaler.unscale_ = lambda opt: (unscale_calls.append(trainer._window_pos), original_unscale(opt))[1]
+    scaler.unscale_ = lambda opt: (unscale_calls.append(trainer._step is None), original_unscale(opt))[1]
     trainer.train()
-    # once per optimizer step, inside scaler.step(), never from within training_step (window position > 0)
-    assert unscale_calls == [0, 0, 0]
+    # once per optimizer step, inside scaler.step(), never from within an optimizer step's training_step calls
+    assert unscale_calls == [True, True, True]
     assert max_abs_diff(params_of(plain), params_of(scaled)) < 1e-6
     for kind, buffers in ref.sam_state.buffers.items():
         for name, t in buffers.items():
             torch.testing.assert_close(trainer.sam_state.buffers[kind][name], t, rtol=1e-5, atol=1e-8)
+    if mode == "gsam":  # the correction really acts: α = 0 lands elsewhere
+        no_corr = tiny_vit()
+        SequentialTrainer(model=no_corr, args=make_args(tmp_path, sam_mode="gsam", gsam_alpha=0.0),
+                          train_dataset=ds).train()
+        assert max_abs_diff(params_of(no_corr), params_of(scaled)) > 1e-4
 
 
 def test_scaler_overflow_in_pass1_skips_ascent_and_step(tmp_path):
@@ -68,13 +85,18 @@ def test_scaler_overflow_in_pass1_skips_ascent_and_step(tmp_path):
     assert log["sam/skipped_ascent"] == 1 and log["sam/skipped"] == 1
 
 
-def test_llqrsam_trainer_fp16_on_cpu_still_trains(tmp_path):
-    """`fp16=True` on CPU: Accelerate makes no scaler, so the run is fp32 (as stock) and SAM still steps."""
+def test_llqrsam_trainer_fp16_on_cpu_is_the_fp32_run(tmp_path):
+    """`fp16=True` on CPU: Accelerate makes no scaler and no fp16 autocast, so the run is the fp32 run, bit for bit
+    (as for the stock Trainer), and SAM still steps."""
     ds = image_dataset(8)
     try:
-        args = make_args(tmp_path, sam_mode="sam", fp16=True, max_steps=1)
+        args = make_args(tmp_path, sam_mode="sam", fp16=True, max_steps=2)
     except ValueError as err:  # some versions refuse fp16 on CPU outright
         pytest.skip(str(err))
-    trainer = LLQRSAMTrainer(model=tiny_vit(), args=args, train_dataset=ds)
+    fp16, fp32 = tiny_vit(), tiny_vit()
+    trainer = SequentialTrainer(model=fp16, args=args, train_dataset=ds)
     trainer.train()
-    assert trainer.state.global_step == 1
+    assert trainer.accelerator.scaler is None and trainer.state.global_step == 2
+    SequentialTrainer(model=fp32, args=make_args(tmp_path, sam_mode="sam", max_steps=2), train_dataset=ds).train()
+    assert all(torch.equal(a, b) for a, b in zip(params_of(fp16), params_of(fp32), strict=True))
+    assert max_abs_diff(params_of(fp16), params_of(tiny_vit())) > 1e-3  # it trained

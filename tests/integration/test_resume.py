@@ -1,5 +1,6 @@
 """Resume: 3 steps + checkpoint + 3 steps is bit-identical to 6 uninterrupted steps (integration.md I14, I15)."""
 
+import logging
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_llqrsam import LLQRSAMTrainer
-from hf_llqrsam.checkpoint import STATE_FILE
+from hf_llqrsam.checkpoint import FORMAT_VERSION, STATE_FILE
 from tests.utils import image_dataset, make_args, params_of, tiny_vit
 
 
@@ -35,7 +36,7 @@ def test_resume_is_bit_exact(tmp_path, overrides):
     checkpoint = full_dir / "checkpoint-3"
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)  # weights_only-safe schema
     ascents_per_step = 2 if overrides.get("sam_accumulation") == "micro" else 1  # micro: one per micro-batch
-    assert state["format_version"] == 1 and state["sam"]["ascents"] == 3 * ascents_per_step
+    assert state["format_version"] == FORMAT_VERSION and state["sam"]["ascents"] == 3 * ascents_per_step
 
     resumed = LLQRSAMTrainer(model=tiny_vit(seed=99, dropout=0.1), args=_args(resumed_dir, **overrides),
                              train_dataset=ds)
@@ -47,13 +48,93 @@ def test_resume_is_bit_exact(tmp_path, overrides):
     assert all(torch.equal(opt_full[k]["exp_avg"], opt_res[k]["exp_avg"]) for k in opt_full)
 
 
-def test_resume_rejects_a_checkpoint_of_another_mode(tmp_path):
+def test_resume_with_another_mode_warns_and_starts_the_sam_state_fresh(tmp_path, caplog):
     ds = image_dataset(20)
     first = _args(tmp_path / "a", sam_mode="fsam", max_steps=3)
     LLQRSAMTrainer(model=tiny_vit(), args=first, train_dataset=ds).train()
     other = LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path / "b", sam_mode="sam"), train_dataset=ds)
-    with pytest.raises(ValueError, match="sam_mode='fsam'"):
+    with caplog.at_level(logging.WARNING, logger="hf_llqrsam"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert "sam_mode='fsam'" in caplog.text and "not used" in caplog.text
+    assert other.sam_state.ascents == 3 and not other.sam_state.buffers  # 3 fresh ascents, no ḡ
+
+
+def _llqr_checkpoint(tmp_path, **overrides):
+    ds = image_dataset(20)
+    args = _args(tmp_path / "a", sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3,
+                 max_steps=3, **overrides)
+    LLQRSAMTrainer(model=tiny_vit(), args=args, train_dataset=ds).train()
+    return ds, tmp_path / "a" / "checkpoint-3"
+
+
+def _resume(tmp_path, ds, checkpoint, **overrides):
+    trainer = LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path / "b", **overrides), train_dataset=ds)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+def _poison_state(path, fn):
+    state = torch.load(path, weights_only=True)
+    fn(state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(("poison", "match"), [
+    (lambda s: next(iter(s["llqr"]["blocks"].values()))["d"].view(-1).__setitem__(0, float("nan")), "non-finite"),
+    (lambda s: next(iter(s["llqr"]["blocks"].values()))["d"].fill_(-1.0), "min_diag|positive|<= 0|≤ 0"),
+])
+def test_resume_refuses_a_corrupted_u(tmp_path, poison, match):
+    """A NaN or negative U used to load and freeze training for good; now the resume stops with a clear error."""
+    ds, checkpoint = _llqr_checkpoint(tmp_path)
+    _poison_state(checkpoint / STATE_FILE, poison)
+    with pytest.raises(ValueError, match=match) as err:
+        _resume(tmp_path, ds, checkpoint, sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3)
+    assert STATE_FILE in str(err.value)
+
+
+def test_resume_refuses_a_nonfinite_sam_buffer(tmp_path):
+    ds = image_dataset(20)
+    LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path / "a", sam_mode="fsam", max_steps=3), train_dataset=ds).train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    _poison_state(checkpoint / STATE_FILE, lambda s: next(iter(s["sam"]["buffers"]["gbar"].values())).fill_(
+        float("inf")))
+    with pytest.raises(ValueError, match="non-finite") as err:
+        _resume(tmp_path, ds, checkpoint, sam_mode="fsam")
+    assert str(checkpoint / STATE_FILE) in str(err.value)
+
+
+@pytest.mark.parametrize(("change", "setting"), [
+    ({"llqr_identity_scaling": 2.0}, "llqr_identity_scaling"),
+    ({"llqr_structure": "scalar"}, "llqr_structure"),
+])
+def test_resume_refuses_a_changed_u_setting(tmp_path, change, setting):
+    """Resuming with another identity scaling used to quarter U silently; every U-defining setting is now checked."""
+    ds, checkpoint = _llqr_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=setting):
+        _resume(tmp_path, ds, checkpoint, sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3,
+                **change)
+
+
+def test_resume_with_llqr_or_sam_switched_off_warns(tmp_path, caplog):
+    ds, checkpoint = _llqr_checkpoint(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hf_llqrsam"):
+        no_llqr = _resume(tmp_path / "x", ds, checkpoint, sam_mode="sam")
+    assert "llqr=False: U is not used" in caplog.text and no_llqr.preconditioner is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_llqrsam"):
+        _resume(tmp_path / "y", ds, checkpoint)
+    assert "it is not used" in caplog.text and "sam_mode='none'" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+def test_resume_with_a_damaged_state_file_names_it(tmp_path, damage):
+    ds, checkpoint = _llqr_checkpoint(tmp_path)
+    path = checkpoint / STATE_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
+    with pytest.raises(ValueError, match="corrupt or truncated") as err:
+        _resume(tmp_path, ds, checkpoint, sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3)
+    assert str(path.resolve()) in str(err.value) or str(path) in str(err.value)
 
 
 def test_stock_checkpoint_resumes_with_fresh_state(tmp_path):

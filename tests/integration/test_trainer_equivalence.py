@@ -215,10 +215,10 @@ def test_fixed_u_enters_perturbation_and_descent_once_per_step(tmp_path, mode, i
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
     trainer = SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode=mode, per_device_train_batch_size=2,
-                                gradient_accumulation_steps=2, max_steps=4,
-                                llqr_in_perturbation=in_perturbation), train_dataset=ds)
+                                gradient_accumulation_steps=2, max_steps=4), train_dataset=ds)
     u = FixedDiagonalU(model)
     trainer.preconditioner = u  # llqr=False: U is fixed, never refreshed
+    trainer.u_in_perturbation = in_perturbation
     trainer.train()
     assert u.calls == 4
     oracle = OracleSAM(mode, 0.1, 0.1, u=u.flat(ref), u_in_perturbation=in_perturbation)
