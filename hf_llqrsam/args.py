@@ -1,6 +1,6 @@
 """Training arguments: flat, prefixed `sam_*` / `llqr_*` fields on top of [`~transformers.TrainingArguments`].
 
-The fields follow `algorithm.md` §12.1 (defaults, with the reference knob each one maps to). They are checked when
+The fields follow `docs/algorithm.md` §12.1 (defaults, with the reference knob each one maps to). They are checked when
 the arguments are built, from the Python API and the CLI alike, by [`validate_llqrsam_args`]:
 
 1. every field against its annotated type (`Literal` membership, `bool`, `int`, finite `float`, `X | None`),
@@ -262,7 +262,7 @@ class LLQRSAMFields:
         """The frozen [`~hf_llqrsam.config.SAMConfig`] of these arguments, with `fisher_sam_eta` resolved.
 
         `sam_<x>` becomes `x`; the per-mode fields keep their names. `fisher_sam_eta=None` becomes 0.1 for the
-        reference form and 1.0 for the paper form (`algorithm.md` §8.4).
+        reference form and 1.0 for the paper form (`docs/algorithm.md` §8.4).
         """
         eta = self.fisher_sam_eta
         if eta is None:
@@ -297,7 +297,7 @@ class LLQRSAMFields:
         """The frozen [`~hf_llqrsam.llqr.LLQRConfig`] of these arguments, or `None` when `llqr` is off.
 
         `llqr_<x>` becomes `x`; `label_smoothing` comes from `label_smoothing_factor`, so that the curvature problem
-        uses the training loss (`algorithm.md` §3).
+        uses the training loss (`docs/algorithm.md` §3).
         """
         if not self.llqr:
             return None
@@ -571,7 +571,7 @@ def warn_ignored_flags(args: Any, stacklevel: int = 2) -> None:
 
 
 def validate_llqrsam_args(args: Any) -> None:
-    """Every argument-time check of `args` (`integration.md` §8, §10): fields, support matrix, ignored flags.
+    """Every argument-time check of `args` (`docs/integration.md` §8, §10): fields, support matrix, ignored flags.
 
     Raises:
         `ValueError`: naming the offending field(s), the value and what is allowed.

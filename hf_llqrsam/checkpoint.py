@@ -1,4 +1,4 @@
-"""The `llqrsam_state.pt` file saved next to `optimizer.pt` (`integration.md` §9).
+"""The `llqrsam_state.pt` file saved next to `optimizer.pt` (`docs/integration.md` §9).
 
 It holds only tensors, primitives, dicts and lists, so it loads with `torch.load(..., weights_only=True)`. The top
 level is `{"format_version": 2, "sam": dict, "llqr": dict | None, "config": dict}`.

@@ -1,4 +1,4 @@
-"""The support matrix in code (`integration.md` §10): unsupported setups raise at construction, naming the flag."""
+"""The support matrix in code (`docs/integration.md` §10): unsupported setups raise at construction, naming the flag."""
 
 from typing import Any
 
@@ -101,7 +101,7 @@ def validate_setup_args(args: Any) -> None:
 
 
 def validate_setup_model(args: Any, model: nn.Module, train_dataset: Any) -> None:
-    """Reject the model- and data-level setups LLQR cannot run on (`integration.md` §10)."""
+    """Reject the model- and data-level setups LLQR cannot run on (`docs/integration.md` §10)."""
     if not args.llqr:
         return
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -36,7 +36,7 @@ InfoSAMVariance = Literal["instant", "ema"]
 
 @dataclass(frozen=True)
 class SAMConfig:
-    """The SAM-family settings of one run (defaults from `algorithm.md` §12.1).
+    """The SAM-family settings of one run (defaults from `docs/algorithm.md` §12.1).
 
     Each field mirrors a CLI field of [`~hf_llqrsam.args.LLQRSAMFields`]: `mode`, `rho`, `rho_schedule`, `rho_min`,
     `start_step`, `interval`, `norm`, `eps`, `accumulation`, `scope`, `bn_stats` and `same_dropout` are `sam_<name>`;
@@ -65,7 +65,7 @@ class SAMConfig:
         fisher_sam_form (`str`, *optional*, defaults to `"reference"`): C = 1/(g² + η) (`reference`) or
             C = 1/(1 + ηg²) (`paper`).
         fisher_sam_eta (`float`, *optional*, defaults to `0.1`): η, resolved: the CLI's `None` becomes 0.1 for the
-            reference form and 1.0 for the paper form (`algorithm.md` §8.4).
+            reference form and 1.0 for the paper form (`docs/algorithm.md` §8.4).
         gsam_alpha (`float`, *optional*, defaults to `0.4`): GSAM's descent g̃ − α g⊥.
         vasso_theta (`float`, *optional*, defaults to `0.4`): VaSSO's d ← (1 − θ)d + θg.
         infosam_alpha (`float`, *optional*, defaults to `0.9`): infoSAM's gradient EMA decay.

@@ -1,4 +1,4 @@
-"""Deterministic curvature-batch indices (`algorithm.md` §5.5, `integration.md` §5.2)."""
+"""Deterministic curvature-batch indices (`docs/algorithm.md` §5.5, `docs/integration.md` §5.2)."""
 
 import torch
 

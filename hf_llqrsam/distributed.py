@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-# Wrapper segments that never belong to a canonical parameter name (`integration.md` §7.4).
+# Wrapper segments that never belong to a canonical parameter name (`docs/integration.md` §7.4).
 _LEADING_WRAPPERS = ("_orig_mod", "module")
 _INNER_WRAPPERS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 

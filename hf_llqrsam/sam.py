@@ -1,4 +1,4 @@
-"""The SAM family as one "preconditioned SAM" template, in pure torch (`algorithm.md` §8).
+"""The SAM family as one "preconditioned SAM" template, in pure torch (`docs/algorithm.md` §8).
 
 One step of every method is
 
@@ -17,7 +17,7 @@ One step of every method is
 
 Sources: SAM arXiv 2010.01412; ASAM (Kwon et al., ICML 2021); FSAM (Li et al., CVPR 2024); Fisher-SAM (Kim et al.,
 ICML 2022); GSAM (Zhuang et al., ICLR 2022); VaSSO (Li & Giannakis, NeurIPS 2023); infoSAM arXiv 2501.06603 (built
-from the authors' prototype, see `infosam.md`); LLQR+SAM arXiv 2605.16134, where C = P = U is the learned LLQR
+from the authors' prototype, see `docs/infosam.md`); LLQR+SAM arXiv 2605.16134, where C = P = U is the learned LLQR
 preconditioner that enters through [`Preconditioner`].
 
 All math runs in fp32. Weights are restored by copying a backup, never by subtracting ε, because (θ + ε) − ε ≠ θ in
@@ -52,7 +52,7 @@ __all__ = [
 class Preconditioner(Protocol):
     """A linear operator U on parameter-shaped tensors, keyed by canonical parameter name.
 
-    It enters the perturbation as C = U and the descent as P = U (`algorithm.md` §8.2). Tensors are aligned with
+    It enters the perturbation as C = U and the descent as P = U (`docs/algorithm.md` §8.2). Tensors are aligned with
     `names`; `apply` returns new fp32 tensors, `apply_` writes U·t into `tensors` in place.
     """
 
@@ -62,7 +62,7 @@ class Preconditioner(Protocol):
 
 
 class IdentityPreconditioner:
-    """U = I: the default geometry, under which every LLQR row reduces to its plain row (`algorithm.md` S2)."""
+    """U = I: the default geometry, under which every LLQR row reduces to its plain row (`docs/algorithm.md` S2)."""
 
     def apply(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[Tensor]:
         return list(tensors)

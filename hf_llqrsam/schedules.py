@@ -1,4 +1,4 @@
-"""ρ schedules over the optimizer step (`algorithm.md` §9)."""
+"""ρ schedules over the optimizer step (`docs/algorithm.md` §9)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""[`LLQRSAMTrainer`]: two-pass SAM (and LLQR) inside `training_step`, glue only (`integration.md` §3).
+"""[`LLQRSAMTrainer`]: two-pass SAM (and LLQR) inside `training_step`, glue only (`docs/integration.md` §3).
 
 The Trainer keeps its loop, clipping, optimizer step, scheduler, logging and saving. This module decides *when*
 (window position, sync, cadence) and moves tensors; every formula lives in `sam.py` and `llqr/`.

@@ -15,15 +15,15 @@ __all__ = ["Apply", "ClipGroups", "CurvatureSharding", "Divergence", "LLQRConfig
 
 @dataclass(frozen=True)
 class LLQRConfig:
-    """Settings of the learned LLQR inverse preconditioner U (arXiv 2605.04230; defaults from `algorithm.md` §12.1).
+    """Settings of the learned LLQR inverse preconditioner U (arXiv 2605.04230; defaults from `docs/algorithm.md` §12.1).
 
     Each field `x` mirrors the CLI field `llqr_x` of [`~hf_llqrsam.args.LLQRSAMFields`], except `label_smoothing`,
-    which comes from `label_smoothing_factor` so that the curvature problem uses the training loss (`algorithm.md` §3).
+    which comes from `label_smoothing_factor` so that the curvature problem uses the training loss (`docs/algorithm.md` §3).
     [`~hf_llqrsam.args.LLQRSAMFields.to_llqr_config`] builds it field by field; the defaults equal the CLI defaults.
 
     Args:
         structure (`str`, *optional*, defaults to `"diagonal"`):
-            Block structure of U: `diagonal`, `scalar`, `kfac`, `ekfac` or `sep_ekfac` (`algorithm.md` §6.1).
+            Block structure of U: `diagonal`, `scalar`, `kfac`, `ekfac` or `sep_ekfac` (`docs/algorithm.md` §6.1).
         divergence (`str`, *optional*, defaults to `"ngd"`):
             Curvature G of J(U) = −gᵀUg + ½ (Ug)ᵀ(G + λI)(Ug): `ngd`, `newton`, `renyi` or `reverse_kl` (§3).
         ngd_scaling (`str`, *optional*, defaults to `"sum"`):

@@ -1,4 +1,4 @@
-"""The curvature problem of one LLQR update: the gradient g and the product v ↦ (G_D + λI)·v (`algorithm.md` §3–4).
+"""The curvature problem of one LLQR update: the gradient g and the product v ↦ (G_D + λI)·v (`docs/algorithm.md` §3–4).
 
 With rows r = 1…N that count (valid targets; all rows with `include_pad_rows`), p_r = softmax(z_r),
 F_r = diag(p_r) − p_r p_rᵀ and J_r = ∂z_r/∂θ:
@@ -13,13 +13,13 @@ F_r = diag(p_r) − p_r p_rᵀ and J_r = ∂z_r/∂θ:
 
 ℓ is the training loss: label-smoothed cross-entropy, **mean** over the valid targets (`labels == -100` ignored).
 
-Execution context (`algorithm.md` §4.2, `integration.md` §5.4): every module in eval mode (restored afterwards),
+Execution context (`docs/algorithm.md` §4.2, `docs/integration.md` §5.4): every module in eval mode (restored afterwards),
 `torch.autocast(enabled=False)`, `type(model).forward(model, **batch)` (bypasses instance-level autocast wrappers),
 the MATH SDPA kernel (the fused kernels have no double backward), the global RNG forked, and
 `torch.autograd.grad` only, so no `p.grad` is touched.
 
 Everything is computed as sums over rows and scaled by the global N at the end, which makes chunking
-(`chunk_size`, `algorithm.md` §4.5) and sharding over processes (§5.6) exact.
+(`chunk_size`, `docs/algorithm.md` §4.5) and sharding over processes (§5.6) exact.
 """
 
 import contextlib
@@ -43,7 +43,7 @@ Extractor = Callable[[nn.Module, Mapping[str, Any]], tuple[Tensor, Tensor, Tenso
 def logits_and_targets(
     model: nn.Module, batch: Mapping[str, Any], shift_labels: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the model without its own loss and flatten its output to rows (`integration.md` §5.3).
+    """Run the model without its own loss and flatten its output to rows (`docs/integration.md` §5.3).
 
     `labels` is popped before the forward, so the model computes no loss. Logits `(B, C)` with labels `(B,)`, or
     `(B, T, V)` with labels `(B, T)`; `shift_labels=True` pairs position t with label t + 1 (causal LMs).
@@ -118,7 +118,7 @@ class _Piece:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if include_pad_rows:
             counted = torch.ones_like(valid)
-            if pad_token_id is not None:  # the reference's "predict pad" targets (`algorithm.md` §4.1)
+            if pad_token_id is not None:  # the reference's "predict pad" targets (`docs/algorithm.md` §4.1)
                 targets = torch.where(valid, targets, torch.full_like(targets, pad_token_id))
                 valid = counted
         else:
@@ -208,7 +208,7 @@ def curvature_problem(
     pad_token_id: int | None = None,
     diagnostics: dict[str, Tensor] | None = None,
 ) -> tuple[TensorDict, Callable[[Mapping[str, Tensor]], TensorDict]]:
-    """Build g = ∇ℓ and v ↦ (G_D + λI)·v on the curvature batch, once per LLQR update (`algorithm.md` §4).
+    """Build g = ∇ℓ and v ↦ (G_D + λI)·v on the curvature batch, once per LLQR update (`docs/algorithm.md` §4).
 
     The graph of the forward pass is retained, so each product costs two or three backward passes and no
     forward (unless `chunk_size` is set).
@@ -225,11 +225,11 @@ def curvature_problem(
             reference). Their targets are `pad_token_id` when given, else they add nothing to the loss numerator.
         shift_labels (`bool`, *optional*, defaults to `False`): causal-LM shift in the default extractor.
         chunk_size (`int`, *optional*): recompute the forward per chunk of this many examples on every product
-            instead of retaining the whole graph (exact; `algorithm.md` §4.5).
+            instead of retaining the whole graph (exact; `docs/algorithm.md` §4.5).
         extractor (`Callable`, *optional*): `(model, batch) -> (logits, targets, row_mask)`; defaults to
             [`logits_and_targets`]. It runs inside the fp32/eval/MATH context.
         sharded (`bool`, *optional*, defaults to `False`): the batch is this process's shard; all-reduce N, g and
-            every product (`llqr_curvature_sharding="sharded"`, `algorithm.md` §5.6).
+            every product (`llqr_curvature_sharding="sharded"`, `docs/algorithm.md` §5.6).
         pad_token_id (`int`, *optional*): target of pad rows with `include_pad_rows` (ignored without it).
         diagnostics (`dict`, *optional*): filled with 0-dim long tensors (no host sync), summed over chunks and
             processes: `"rows"`, every row of the batch, and `"nonfinite_rows"`, rows whose loss term is NaN/±Inf

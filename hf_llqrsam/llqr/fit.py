@@ -1,4 +1,4 @@
-"""Learning U: the surrogate U-gradient and the inner loop of one LLQR update (`algorithm.md` §2.1, §5.1–5.2).
+"""Learning U: the surrogate U-gradient and the inner loop of one LLQR update (`docs/algorithm.md` §2.1, §5.1–5.2).
 
 The objective is J(U) = gᵀδ + ½ δᵀ(G + λI)δ with δ = −U g. With r = g + (G + λI)δ,
 
@@ -46,14 +46,14 @@ def surrogate_gradient(
     probe: Sequence[Tensor] | None = None,
     objective: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
-    """J(U) and ∂J/∂(structure parameters) with one product (G + λI)·δ (`algorithm.md` §5.1).
+    """J(U) and ∂J/∂(structure parameters) with one product (G + λI)·δ (`docs/algorithm.md` §5.1).
 
     Args:
         structure (`Structure`): U; its [`~Structure.parameters`] must be leaves that require grad.
         g (`Sequence[Tensor]`): the curvature-batch gradient, aligned with `structure.layouts`.
         gv (`Callable`): v ↦ (G + λI)·v on lists aligned with `structure.layouts`.
         probe (`Sequence[Tensor]`, *optional*): the vector U acts on, δ = −U·probe; defaults to g. With
-            `llqr_apply="update"` it is −Δ_opt(g), so that δ = U·Δ_opt(g) (`algorithm.md` §7.3).
+            `llqr_apply="update"` it is −Δ_opt(g), so that δ = U·Δ_opt(g) (`docs/algorithm.md` §7.3).
         objective (`bool`, *optional*, defaults to `True`): also evaluate J (two dots); J is NaN when `False`.
 
     Returns:
@@ -113,7 +113,7 @@ def group_index(groups: Sequence[Sequence[int]], device: torch.device | None = N
 
 
 def clip_by_groups_(tensors: Sequence[Tensor], group_of: Tensor, clip_norm: float) -> tuple[Tensor, Tensor]:
-    """Scale each group by min(1, clip_norm / ‖group‖₂) in place (`algorithm.md` §5.2, §6.3).
+    """Scale each group by min(1, clip_norm / ‖group‖₂) in place (`docs/algorithm.md` §5.2, §6.3).
 
     Args:
         tensors (`Sequence[Tensor]`): the U-gradient, one tensor per structure parameter.
@@ -133,7 +133,7 @@ def clip_by_groups_(tensors: Sequence[Tensor], group_of: Tensor, clip_norm: floa
 
 @dataclass
 class FitStats:
-    """Inner-loop summaries, logged as `llqr/*` (`integration.md` §11).
+    """Inner-loop summaries, logged as `llqr/*` (`docs/integration.md` §11).
 
     Args:
         objective_start (`float`): J at the first inner step (NaN when there are none).
@@ -168,7 +168,7 @@ def fit_structure(
 
     A new `torch.optim.SGD` (dampening 0, no Nesterov) is built on every call, so the momentum buffer never
     outlives one update. Its heavy-ball step buf ← ∇ + μ·buf, V ← V − η·buf is the reference's solver
-    (`algorithm.md` §5.2). g and G are frozen during the loop.
+    (`docs/algorithm.md` §5.2). g and G are frozen during the loop.
 
     Args:
         structure (`Structure`): V; its parameters are made leaves that require grad.

@@ -1,4 +1,4 @@
-"""How each trainable tensor is viewed by the block structures of U, and the clip groups (`algorithm.md` §6.2–6.3).
+"""How each trainable tensor is viewed by the block structures of U, and the clip groups (`docs/algorithm.md` §6.2–6.3).
 
 A kernel is written in the reference orientation X ∈ R^{m×n}, m the fan-in side and n the fan-out side:
 
@@ -101,7 +101,7 @@ def from_matrix(layout: TensorLayout, x: Tensor) -> Tensor:
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """θ: the `requires_grad` parameters of `model`, tied tensors once under their first name (`algorithm.md` §1)."""
+    """θ: the `requires_grad` parameters of `model`, tied tensors once under their first name (`docs/algorithm.md` §1)."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -154,7 +154,7 @@ def fallback_names(layouts: Sequence[TensorLayout]) -> list[str]:
 
 
 def clip_groups(layouts: Sequence[TensorLayout], mode: Literal["module", "tensor"]) -> list[list[int]]:
-    """Groups of layout indices for `diagonal`/`scalar` U (`algorithm.md` §6.3).
+    """Groups of layout indices for `diagonal`/`scalar` U (`docs/algorithm.md` §6.3).
 
     `module`: one group per module that owns parameters (Linear weight + bias, LayerNorm weight + bias, …);
     `tensor`: one group per tensor. Kronecker structures ignore this and clip each factor on its own.

@@ -1,6 +1,6 @@
 """The LLQR preconditioner: owns U, refreshes it from a curvature batch and applies it (arXiv 2605.04230).
 
-One refresh (`algorithm.md` §5.2–5.3):
+One refresh (`docs/algorithm.md` §5.2–5.3):
 
     g, G ← curvature problem on the batch (eval mode, fp32)
     V ← copy(U) (warm start) or I;  T clipped SGD-momentum steps on J(V) = −gᵀVg + ½ (Vg)ᵀ(G + λI)(Vg)
@@ -127,7 +127,7 @@ class LLQRPreconditioner:
         update_probe: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
         pad_token_id: int | None = None,
     ) -> dict[str, float]:
-        """One LLQR refresh of U on the curvature batch (`algorithm.md` §5.2–5.3); leaves every `p.grad` untouched.
+        """One LLQR refresh of U on the curvature batch (`docs/algorithm.md` §5.2–5.3); leaves every `p.grad` untouched.
 
         A curvature problem that is not finite (g, Δ_opt(g), or J at the first inner step) skips the refresh and
         keeps U bit for bit (see [`fit_problem`]).
@@ -140,13 +140,13 @@ class LLQRPreconditioner:
             extractor (`Callable`, *optional*): `(model, batch) -> (logits, targets, row_mask)`.
             update_probe (`Callable`, *optional*): g ↦ Δ_opt(g), the base optimizer's dry-run update
                 ([`~hf_llqrsam.llqr.update_probe.make_update_probe`]); required with `llqr_apply="update"`, where
-                J is evaluated at δ = U·Δ_opt(g) (`algorithm.md` §7.3).
+                J is evaluated at δ = U·Δ_opt(g) (`docs/algorithm.md` §7.3).
             pad_token_id (`int`, *optional*): with `include_pad_rows`, the target of `labels == -100` rows (the
-                reference's "predict pad" rows, `algorithm.md` §4.1); without it those rows count in N but add
+                reference's "predict pad" rows, `docs/algorithm.md` §4.1); without it those rows count in N but add
                 nothing to the loss numerator. Ignored when `include_pad_rows` is off.
 
         Returns:
-            `dict[str, float]`: the `llqr/*` metrics of `integration.md` §11 (see [`fit_problem`]) and
+            `dict[str, float]`: the `llqr/*` metrics of `docs/integration.md` §11 (see [`fit_problem`]) and
             `llqr/update_seconds`.
         """
         cfg = self.config
@@ -195,7 +195,7 @@ class LLQRPreconditioner:
         rows: Tensor | int | None = None,
         nonfinite_rows: Tensor | int | None = None,
     ) -> dict[str, float]:
-        """The refresh of U on a given curvature problem: inner loop, EMA merge, clamp (`algorithm.md` §5.2–5.3).
+        """The refresh of U on a given curvature problem: inner loop, EMA merge, clamp (`docs/algorithm.md` §5.2–5.3).
 
         [`update`] builds (g, G·v) from a model and a batch and calls this. Call it directly when the curvature
         problem comes from elsewhere (an analytic quadratic, as in the pothole toy).
@@ -213,7 +213,7 @@ class LLQRPreconditioner:
             gv_dict (`Callable`): maps such a dict v to (G + λI)v.
             step (`int`, *optional*): recorded as `last_update_step`.
             update (`Mapping[str, Tensor]`, *optional*): Δ_opt(g) for `llqr_apply="update"`; J is then evaluated
-                at δ = U·Δ_opt(g) (`algorithm.md` §7.3).
+                at δ = U·Δ_opt(g) (`docs/algorithm.md` §7.3).
             rows (`Tensor` or `int`, *optional*), nonfinite_rows (`Tensor` or `int`, *optional*): the curvature
                 batch's row count and its rows with a non-finite loss, for the warning of a skipped refresh.
 

@@ -1,4 +1,4 @@
-"""Block structures: parameterisations of the learned inverse preconditioner U (`algorithm.md` §6.1).
+"""Block structures: parameterisations of the learned inverse preconditioner U (`docs/algorithm.md` §6.1).
 
 Every structure starts as the identity, is learned by the inner loop of [`~hf_llqrsam.llqr.fit.fit_structure`]
 and is not a curvature statistic. In the reference orientation X ∈ R^{m×n} of a kernel (see
@@ -54,14 +54,14 @@ class Structure:
 
     Args:
         layouts (`Sequence[TensorLayout]`): the tensors U acts on, in order.
-        groups (`Sequence[Sequence[int]]`): module clip groups as lists of layout indices (`algorithm.md` §6.3).
+        groups (`Sequence[Sequence[int]]`): module clip groups as lists of layout indices (`docs/algorithm.md` §6.3).
         identity_scaling (`float`, *optional*, defaults to `1.0`): s; the stored operator is s·U.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the block tensors.
         device (`torch.device`, *optional*): device of the block tensors.
     """
 
     kind: ClassVar[str]
-    positive: ClassVar[bool] = False  # clamp entries to ≥ min_diag after the EMA merge (`algorithm.md` §5.3)
+    positive: ClassVar[bool] = False  # clamp entries to ≥ min_diag after the EMA merge (`docs/algorithm.md` §5.3)
 
     def __init__(
         self,
@@ -135,7 +135,7 @@ class Structure:
     # ---- merge, clamp, statistics -------------------------------------------------------------------------
     @torch.no_grad()
     def ema_(self, other: "Structure", decay: float) -> None:
-        """U ← β·U + (1 − β)·V on the structure parameters (factors, not operators; `algorithm.md` §5.3)."""
+        """U ← β·U + (1 − β)·V on the structure parameters (factors, not operators; `docs/algorithm.md` §5.3)."""
         # lerp: β = 1 keeps U and β = 0 gives V bit for bit, and U = V stays U (e.g. zero inner steps)
         for u, v in zip(self.parameters(), other.parameters(), strict=True):
             u.lerp_(v.detach(), 1.0 - decay)

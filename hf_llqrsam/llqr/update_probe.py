@@ -1,4 +1,4 @@
-"""The optimizer's would-be update on the curvature gradient, for `llqr_apply="update"` (`algorithm.md` §7.3).
+"""The optimizer's would-be update on the curvature gradient, for `llqr_apply="update"` (`docs/algorithm.md` §7.3).
 
 With U applied to the base optimizer's output (θ ← θ_old + U·Δ_opt), the LLQR probe is δ = U·Δ_opt(g): the update
 the optimizer would make from its current state if the gradient were the curvature gradient g, learning rate,

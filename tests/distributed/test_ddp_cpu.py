@@ -1,4 +1,4 @@
-"""2-process gloo DDP (torchrun) against single-process references (integration.md I10-I12)."""
+"""2-process gloo DDP (torchrun) against single-process references (docs/integration.md I10-I12)."""
 
 import pytest
 import torch

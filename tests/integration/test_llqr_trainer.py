@@ -1,5 +1,5 @@
 """LLQR inside the Trainer: the reduction to stock, the wiring against a hand-written loop, cadence, resume,
-llqr_apply="update", bf16 and seq2seq (integration.md I4, I9, I14, I16, I17, I19)."""
+llqr_apply="update", bf16 and seq2seq (docs/integration.md I4, I9, I14, I16, I17, I19)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""bf16 on CPU, and the fp16 GradScaler logic with `torch.amp.GradScaler("cpu")` (integration.md I17, I18).
+"""bf16 on CPU, and the fp16 GradScaler logic with `torch.amp.GradScaler("cpu")` (docs/integration.md I17, I18).
 
 Trainer-level fp16 creates no scaler on CPU (Accelerate), so the scaler tests install a CPU GradScaler on the
 accelerator before training: backward, step and skip then go through exactly the code paths a GPU fp16 run uses.

@@ -1,4 +1,4 @@
-"""Resume: 3 steps + checkpoint + 3 steps is bit-identical to 6 uninterrupted steps (integration.md I14, I15)."""
+"""Resume: 3 steps + checkpoint + 3 steps is bit-identical to 6 uninterrupted steps (docs/integration.md I14, I15)."""
 
 import logging
 import os

@@ -17,7 +17,7 @@ from tests.utils import (
     tiny_vit,
 )
 
-TOL = 1e-6  # fp32 parameters (integration.md §14.2)
+TOL = 1e-6  # fp32 parameters (docs/integration.md §14.2)
 
 
 def test_off_path_is_stock_trainer_bitwise(tmp_path):

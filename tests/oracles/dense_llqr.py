@@ -1,6 +1,6 @@
 """Dense oracles for the LLQR objective: flat parameters, dense Hessians, dense G_D and dense structure matrices.
 
-Everything here is built from definitions (`algorithm.md` §2–3, §6.1): G_D is the Hessian of the metric-generating
+Everything here is built from definitions (`docs/algorithm.md` §2–3, §6.1): G_D is the Hessian of the metric-generating
 function Φ of each divergence through the whole network, computed with `torch.autograd.functional.hessian`, and
 the structure matrices M are assembled with Kronecker products from the raw factors. Nothing here calls
 `hf_llqrsam.llqr` code, so the tests compare two independent computations.
@@ -62,7 +62,7 @@ def mean_ce(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Te
 
 
 def phi(divergence: str, logits: Tensor, p0: Tensor, mask: Tensor, alpha: float = 0.5) -> Tensor:
-    """The metric-generating function Φ of each divergence (`algorithm.md` §3), rows in `mask` only."""
+    """The metric-generating function Φ of each divergence (`docs/algorithm.md` §3), rows in `mask` only."""
     logq = torch.log_softmax(logits, dim=-1)[mask]
     p0 = p0[mask]
     match divergence:
@@ -100,7 +100,7 @@ def dense_curvature(
 
 
 def explicit_ggn_sum(model: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
-    """Σ_r J_rᵀ (diag p_r − p_r p_rᵀ) J_r from the explicit logit Jacobian (`algorithm.md` T2)."""
+    """Σ_r J_rᵀ (diag p_r − p_r p_rᵀ) J_r from the explicit logit Jacobian (`docs/algorithm.md` T2)."""
     f, theta0 = logits_fn(model, x)
     jac = torch.autograd.functional.jacobian(f, theta0, vectorize=True)  # (rows, C, n)
     p = torch.softmax(f(theta0), dim=-1)

@@ -1,4 +1,4 @@
-"""T1/T2: g and G·v of `curvature_problem` against dense Hessian oracles (`algorithm.md` §3–4, §13), float64."""
+"""T1/T2: g and G·v of `curvature_problem` against dense Hessian oracles (`docs/algorithm.md` §3–4, §13), float64."""
 
 from types import SimpleNamespace
 
@@ -126,7 +126,7 @@ def test_row_mask_excludes_pad_rows(divergence):
 
 
 def test_include_pad_rows_counts_every_row():
-    """`include_pad_rows=True`: the Fisher includes pad rows and N is the padded count (`algorithm.md` §4.1)."""
+    """`include_pad_rows=True`: the Fisher includes pad rows and N is the padded count (`docs/algorithm.md` §4.1)."""
     model, x, y = _setup(seed=6, pad_rows=(0, 2))
     g_impl, gv = _problem(model, x, y, divergence="ngd", ngd_scaling="mean", include_pad_rows=True)
     _, G_ref = dense_curvature(model, x, y, "ngd", "mean", include_pad_rows=True)

@@ -1,4 +1,4 @@
-"""Unit checks S1–S6 of `algorithm.md` §13 and the infoSAM contract of `infosam.md`, on tiny tensors."""
+"""Unit checks S1–S6 of `docs/algorithm.md` §13 and the infoSAM contract of `docs/infosam.md`, on tiny tensors."""
 
 import math
 

@@ -65,7 +65,7 @@ def main(out_dir: str, names: list[str]) -> None:
         trainer = SequentialTrainer(model=model, args=args, train_dataset=ds, callbacks=[counter])
         ref.append(trainer)
         trainer.train()
-        if name in EXPECTED_ALLREDUCES_PER_STEP:  # integration.md §7.2
+        if name in EXPECTED_ALLREDUCES_PER_STEP:  # docs/integration.md §7.2
             expected = EXPECTED_ALLREDUCES_PER_STEP[name] * args.max_steps
             assert counter.count == expected, f"{name}: {counter.count} all-reduces, expected {expected}"
         if args.torch_compile:  # the run really went through OptimizedModule(DDP(...))
