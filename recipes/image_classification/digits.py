@@ -9,7 +9,6 @@ optimizer sees the same three sets.
 import datasets
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 DIGITS_NUM_VALIDATION = 300
 DIGITS_NUM_TEST = 400
@@ -27,6 +26,8 @@ def load_digits_dataset(image_size: int = 32, seed: int = 0) -> datasets.Dataset
     Returns:
         `datasets.DatasetDict`: columns `image` (`datasets.Image`) and `label` (`ClassLabel` with names "0".."9").
     """
+    from sklearn.datasets import load_digits  # here, not at the top: only the embedded run needs scikit-learn
+
     digits = load_digits()
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     images = [Image.fromarray(p).resize((image_size, image_size), Image.Resampling.BILINEAR) for p in pixels]

@@ -6,11 +6,14 @@
 With no data argument the recipe trains a small ViT (built from `ViTConfig`) on scikit-learn's digits, which ship
 with scikit-learn, so it runs offline. `--dataset_name` (hub), `--train_dir` (imagefolder) and `--model_name_or_path`
 (fine-tune a checkpoint) switch to real workloads. Every `sam_*` / `llqr_*` field of
-[`~hf_llqrsam.LLQRSAMTrainingArguments`] is a command-line flag:
+[`~hf_llqrsam.LLQRSAMTrainingArguments`] is a command-line flag. From the repository root:
 
-    python run_image_classification.py --output_dir out                       # AdamW
-    python run_image_classification.py --output_dir out --sam_mode sam --sam_rho 0.05
-    python run_image_classification.py configs/digits_vit_llqrsam.yaml --output_dir out   # config + overrides
+    python recipes/image_classification/run_image_classification.py --output_dir out    # AdamW
+    python recipes/image_classification/run_image_classification.py --output_dir out --sam_mode sam --sam_rho 0.05
+    python recipes/image_classification/run_image_classification.py \
+        recipes/image_classification/configs/digits_vit_llqrsam.yaml --output_dir out   # config + overrides
+
+A run into an `--output_dir` with checkpoints resumes from the newest (at WARNING); `--fresh` starts over.
 
 `main(argv)` is importable and returns the metrics that it also writes to `<output_dir>/all_results.json`.
 """
@@ -71,6 +74,8 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 1,
     "logging_steps": 10,
     "ddp_find_unused_parameters": False,  # every parameter gets a gradient; SAM would pay the extra traversal twice
+    # Pinned memory needs an accelerator; without one each DataLoader iterator warns (about one warning per epoch).
+    "dataloader_pin_memory": recipe_utils.accelerator_available(),
 }
 
 
@@ -133,6 +138,7 @@ class DataTrainingArguments:
     )
     horizontal_flip: bool = field(default=False, metadata={"help": "Training augmentation: random h-flip (p=0.5)."})
     cutout_size: int = field(default=0, metadata={"help": "Training augmentation: Cutout square side (0: off)."})
+    fresh: bool = field(default=False, metadata={"help": recipe_utils.FRESH_HELP})
     metric_source: Literal["local", "hub", "fallback"] = field(
         default="local",
         metadata={
@@ -290,8 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must be false: the transforms read the image column on the fly.")
 
-    # A run pointed at an output_dir with checkpoints resumes from the newest.
-    last_checkpoint = recipe_utils.last_checkpoint(logger, training_args)
+    # A run pointed at an output_dir with checkpoints resumes from the newest (said at WARNING); --fresh starts over.
+    last_checkpoint = recipe_utils.last_checkpoint(logger, training_args, fresh=data_args.fresh)
 
     set_seed(training_args.seed)
 
@@ -355,13 +361,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results: dict[str, float] = {}
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        # A checkpoint at the end of training would "train" 0 steps and write train_loss 0 over the saved results.
+        if recipe_utils.nothing_left_to_train(logger, trainer, checkpoint):
+            return recipe_utils.saved_results(training_args.output_dir)
+        results.update(recipe_utils.train(trainer, checkpoint, len(train_dataset)))  # saves the model, metrics, state
 
     if training_args.do_eval:
         metrics = trainer.evaluate()

@@ -7,14 +7,18 @@ checkpoints saved to `tmp_path`, and a simulated offline hub.
 import importlib.util
 import json
 import logging
+import re
+import shlex
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
 import datasets
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from transformers import (
@@ -28,7 +32,8 @@ from transformers import (
 
 from hf_llqrsam.card import method_card_section
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "recipes"
 
 
 def _load(path: Path) -> ModuleType:
@@ -148,7 +153,7 @@ def test_image_resumes_from_the_last_checkpoint(image, tmp_path, caplog):
     shutil.copytree(checkpoint, tmp_path / "checkpoint-2")
     with caplog.at_level(logging.INFO):
         image.main(["--output_dir", str(tmp_path), *argv, "--max_steps", "3"])
-    assert f"resuming training at {tmp_path / 'checkpoint-2'}" in caplog.text
+    assert f"Resuming from {tmp_path / 'checkpoint-2'} (step 2 of 2)" in caplog.text
     resumed = json.loads((tmp_path / "trainer_state.json").read_text())
     assert resumed["global_step"] == 3 and resumed["log_history"][:2] == first[:2]
 
@@ -314,3 +319,126 @@ def test_shipped_configs_parse(config, image, translation):
     module = image if config.parent.parent.name == "image_classification" else translation
     _, _, args = module.parse_args([str(config), "--output_dir", "x"])
     assert args.output_dir == "x"
+
+
+# --- re-runs, logging, warnings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["image", "translation"])
+def test_rerun_warns_keeps_the_results_and_fresh_starts_over(recipe, request, tmp_path, caplog):
+    """A second identical run into the same --output_dir resumes from checkpoint-3 = max_steps: it says so at
+    WARNING and leaves all_results.json / train_results.json and the checkpoints as the first run wrote them (no
+    train_loss 0; step 3 is mid-epoch, where transformers 5 would train a 4th step). --fresh deletes the checkpoints
+    and trains again from step 0."""
+    module = request.getfixturevalue(recipe)
+    tiny = TINY_IMAGE if recipe == "image" else TINY_TRANSLATION
+    argv = ["--output_dir", str(tmp_path), *tiny, "--save_strategy", "steps", "--save_steps", "3"]
+    argv += ["--do_predict", "false", "--logging_steps", "1"]
+    module.main(argv)
+    first = _results(tmp_path)
+    first_train = (tmp_path / "train_results.json").read_text()
+    assert first["train_loss"] > 0 and "eval_loss" in first
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        second = module.main(argv)
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"Resuming from {tmp_path / 'checkpoint-3'} (step 3 of 3)" in warned and "pass --fresh" in warned
+    assert "Nothing left to train" in warned and f"train_loss {first['train_loss']:.4g}" in warned
+    assert second == first == _results(tmp_path)
+    assert (tmp_path / "train_results.json").read_text() == first_train
+    assert [path.name for path in tmp_path.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 3
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fresh = module.main([*argv, "--fresh", "--max_steps", "2", "--save_steps", "2", "--seed", "7"])
+    assert "Resuming" not in caplog.text and "--fresh: deleting 1 checkpoint folder(s)" in caplog.text
+    assert [path.name for path in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["log_history"][0]["step"] == 1
+    assert 0 < fresh["train_loss"] == _results(tmp_path)["train_loss"] != first["train_loss"]
+
+
+def test_fresh_and_resume_from_checkpoint_contradict(image, tmp_path):
+    with pytest.raises(ValueError, match="--fresh starts over and --resume_from_checkpoint resumes"):
+        image.main(["--output_dir", str(tmp_path), *TINY_IMAGE, "--fresh", "--resume_from_checkpoint", "x"])
+
+
+def test_hf_llqrsam_info_lines_are_shown_once(image, tmp_path, capsys):
+    """After the recipe's logging set-up (a tiny --llqr run), an INFO line of `hf_llqrsam.trainer` (where the LLQR
+    refresh timings are logged) reaches stdout exactly once; `--log_level warning` hides it."""
+    trainer_logger = logging.getLogger("hf_llqrsam.trainer")
+    package_level = logging.getLogger("hf_llqrsam").level
+    root_handlers = logging.root.handlers[:]
+    logging.root.handlers.clear()  # as in `python run_image_classification.py`, where basicConfig adds the handler
+    try:
+        argv = ["--output_dir", str(tmp_path), *TINY_IMAGE, "--do_eval", "false", "--do_predict", "false"]
+        argv += ["--sam_mode", "sam", "--llqr", "--llqr_update_interval", "2", "--llqr_batch_size", "16"]
+        image.main([*argv, "--llqr_inner_steps", "3", "--max_grad_norm", "0"])
+        assert trainer_logger.isEnabledFor(logging.INFO) and trainer_logger.hasHandlers()
+        capsys.readouterr()
+        trainer_logger.info("LLQR refresh 1 at step 2: 0.01 s")
+        out = capsys.readouterr().out
+        assert out.count("INFO - hf_llqrsam.trainer - LLQR refresh 1 at step 2: 0.01 s") == 1, out
+
+        _, _, args = image.parse_args(["--output_dir", str(tmp_path), "--log_level", "warning"])
+        image.recipe_utils.setup_logging(image.logger, args)
+        assert not trainer_logger.isEnabledFor(logging.INFO)
+    finally:
+        logging.root.handlers[:] = root_handlers
+        logging.getLogger("hf_llqrsam").setLevel(package_level)
+
+
+def test_cpu_run_repeats_no_warning(image, tmp_path, capsys):
+    """No pin_memory warning (one per DataLoader iterator without an accelerator), no warning twice, and no
+    "Writing model shards" bar per checkpoint, in a tiny run that evaluates and saves at every step."""
+    _, _, args = image.parse_args(["--output_dir", "x"])
+    assert args.dataloader_pin_memory == torch.accelerator.is_available()
+    argv = ["--output_dir", str(tmp_path), *TINY_IMAGE, "--eval_strategy", "steps", "--eval_steps", "1"]
+    argv += ["--save_strategy", "steps", "--save_steps", "1", "--disable_tqdm", "false"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image.main(argv)
+    messages = [str(warning.message) for warning in caught]
+    assert not [message for message in messages if "pin_memory" in message]
+    assert not {message for message in messages if messages.count(message) > 1}, messages
+    assert "Writing model shards" not in capsys.readouterr().err
+
+
+# --- the recipe READMEs' commands ----------------------------------------------------------------------------
+
+READMES = [RECIPES / "README.md", RECIPES / "image_classification/README.md", RECIPES / "translation/README.md"]
+
+
+def _commands(readme: Path) -> list[list[str]]:
+    """The commands of the fenced bash blocks (continuation lines joined, comments dropped) and of inline code
+    spans that start with python / torchrun / accelerate, as argument lists."""
+    text = readme.read_text(encoding="utf-8")
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += re.sub(r"\\\n\s*", " ", block).splitlines()
+    lines += [" ".join(span.split()) for span in re.findall(r"`((?:python|torchrun|accelerate) [^`]+)`", text)]
+    return [tokens for line in lines if (tokens := shlex.split(line, comments=True))]
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda path: str(path.relative_to(REPO)))
+def test_readme_commands_run_from_the_repository_root(readme):
+    """Every path-looking argument (recipes/..., *.py, *.yaml) exists relative to the repository root; every
+    `--optim sgd` sets a momentum in --optim_args (transformers' sgd has none); every torchrun has --use_cpu
+    (without it, torchrun on CPU starts independent non-DDP runs)."""
+    commands = _commands(readme)
+    for tokens in commands:
+        command = " ".join(tokens)
+        values = [token.split("=", 1)[-1] if token.startswith("--") else token for token in tokens]
+        for value in values:
+            if value.startswith("recipes/") or value.endswith((".py", ".yaml", ".yml")):
+                assert (REPO / value).exists(), f"{readme.name}: {value!r} does not exist in: {command}"
+        options = dict(zip(tokens, [*tokens[1:], ""], strict=True))
+        if options.get("--optim") == "sgd":
+            momentum = re.search(r"momentum=([0-9.e-]+)", options.get("--optim_args", ""))
+            assert momentum and float(momentum.group(1)) > 0, f"{readme.name}: SGD without momentum: {command}"
+        if "torchrun" in tokens:
+            assert "--use_cpu" in tokens, f"{readme.name}: torchrun without --use_cpu: {command}"
+    if readme.parent != RECIPES:
+        assert commands and any(token.endswith(".py") for tokens in commands for token in tokens)
