@@ -1,4 +1,5 @@
-"""The support matrix in code (`docs/integration.md` §10): unsupported setups raise at construction, naming the flag."""
+"""The support matrix in code (`docs/integration.md` §10): unsupported setups raise at construction, naming the
+flag."""
 
 from typing import Any
 

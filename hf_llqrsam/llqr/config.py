@@ -15,10 +15,12 @@ __all__ = ["Apply", "ClipGroups", "CurvatureSharding", "Divergence", "LLQRConfig
 
 @dataclass(frozen=True)
 class LLQRConfig:
-    """Settings of the learned LLQR inverse preconditioner U (arXiv 2605.04230; defaults from `docs/algorithm.md` §12.1).
+    """Settings of the learned LLQR inverse preconditioner U (arXiv 2605.04230; defaults from `docs/algorithm.md`
+    §12.1).
 
     Each field `x` mirrors the CLI field `llqr_x` of [`~hf_llqrsam.args.LLQRSAMFields`], except `label_smoothing`,
-    which comes from `label_smoothing_factor` so that the curvature problem uses the training loss (`docs/algorithm.md` §3).
+    which comes from `label_smoothing_factor` so that the curvature problem uses the training loss
+    (`docs/algorithm.md` §3).
     [`~hf_llqrsam.args.LLQRSAMFields.to_llqr_config`] builds it field by field; the defaults equal the CLI defaults.
 
     Args:

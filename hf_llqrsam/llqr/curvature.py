@@ -1,4 +1,5 @@
-"""The curvature problem of one LLQR update: the gradient g and the product v ↦ (G_D + λI)·v (`docs/algorithm.md` §3–4).
+"""The curvature problem of one LLQR update: the gradient g and the product v ↦ (G_D + λI)·v (`docs/algorithm.md`
+§3–4).
 
 With rows r = 1…N that count (valid targets; all rows with `include_pad_rows`), p_r = softmax(z_r),
 F_r = diag(p_r) − p_r p_rᵀ and J_r = ∂z_r/∂θ:
@@ -13,7 +14,8 @@ F_r = diag(p_r) − p_r p_rᵀ and J_r = ∂z_r/∂θ:
 
 ℓ is the training loss: label-smoothed cross-entropy, **mean** over the valid targets (`labels == -100` ignored).
 
-Execution context (`docs/algorithm.md` §4.2, `docs/integration.md` §5.4): every module in eval mode (restored afterwards),
+Execution context (`docs/algorithm.md` §4.2, `docs/integration.md` §5.4): every module in eval mode (restored
+afterwards),
 `torch.autocast(enabled=False)`, `type(model).forward(model, **batch)` (bypasses instance-level autocast wrappers),
 the MATH SDPA kernel (the fused kernels have no double backward), the global RNG forked, and
 `torch.autograd.grad` only, so no `p.grad` is touched.

@@ -1,4 +1,5 @@
-"""How each trainable tensor is viewed by the block structures of U, and the clip groups (`docs/algorithm.md` §6.2–6.3).
+"""How each trainable tensor is viewed by the block structures of U, and the clip groups (`docs/algorithm.md`
+§6.2–6.3).
 
 A kernel is written in the reference orientation X ∈ R^{m×n}, m the fan-in side and n the fan-out side:
 
@@ -101,7 +102,8 @@ def from_matrix(layout: TensorLayout, x: Tensor) -> Tensor:
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """θ: the `requires_grad` parameters of `model`, tied tensors once under their first name (`docs/algorithm.md` §1)."""
+    """θ: the `requires_grad` parameters of `model`, tied tensors once under their first name (`docs/algorithm.md`
+    §1)."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 

@@ -127,7 +127,8 @@ class LLQRPreconditioner:
         update_probe: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
         pad_token_id: int | None = None,
     ) -> dict[str, float]:
-        """One LLQR refresh of U on the curvature batch (`docs/algorithm.md` §5.2–5.3); leaves every `p.grad` untouched.
+        """One LLQR refresh of U on the curvature batch (`docs/algorithm.md` §5.2–5.3); leaves every `p.grad`
+        untouched.
 
         A curvature problem that is not finite (g, Δ_opt(g), or J at the first inner step) skips the refresh and
         keeps U bit for bit (see [`fit_problem`]).

@@ -94,7 +94,8 @@ def test_resume_refuses_a_corrupted_u(tmp_path, poison, match):
 
 def test_resume_refuses_a_nonfinite_sam_buffer(tmp_path):
     ds = image_dataset(20)
-    LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path / "a", sam_mode="fsam", max_steps=3), train_dataset=ds).train()
+    LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path / "a", sam_mode="fsam", max_steps=3),
+    train_dataset=ds).train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
     _poison_state(checkpoint / STATE_FILE, lambda s: next(iter(s["sam"]["buffers"]["gbar"].values())).fill_(
         float("inf")))

@@ -1,4 +1,5 @@
-"""LLQRSAMSeq2SeqTrainer with a tiny Marian, DataCollatorForSeq2Seq and predict_with_generate (docs/integration.md I19)."""
+"""LLQRSAMSeq2SeqTrainer with a tiny Marian, DataCollatorForSeq2Seq and predict_with_generate (docs/integration.md
+I19)."""
 
 import pytest
 from transformers import DataCollatorForSeq2Seq

@@ -1,4 +1,5 @@
-"""Exact LQR step by the backward Riccati recursion over the layers of a Linear(+tanh) chain (`docs/algorithm.md` §2.2, T5).
+"""Exact LQR step by the backward Riccati recursion over the layers of a Linear(+tanh) chain (`docs/algorithm.md`
+§2.2, T5).
 
 The network is a chain of stages x_{i+1} = f_i(x_i, θ_i) over the whole batch (the state stacks every sample's
 activation), θ_i = (vec W_i, b_i) in `nn.Linear` order, tanh on every stage but the last, and logits z = x_L.

@@ -1,6 +1,7 @@
 """A textbook SAM-family loop on flattened parameter vectors, written independently of `hf_llqrsam.sam`.
 
-Each mode's ε and descent are spelled out from its paper (see `docs/algorithm.md` §8.2/§8.4 and `docs/infosam.md`), with plain
+Each mode's ε and descent are spelled out from its paper (see `docs/algorithm.md` §8.2/§8.4 and `docs/infosam.md`),
+with plain
 SGD (no momentum, no weight decay) as the outer optimizer.
 """
 

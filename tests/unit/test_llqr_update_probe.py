@@ -1,4 +1,5 @@
-"""`llqr_apply="update"` (`docs/algorithm.md` §7.3): the dry-run optimizer update and the objective it induces (float64)."""
+"""`llqr_apply="update"` (`docs/algorithm.md` §7.3): the dry-run optimizer update and the objective it induces
+(float64)."""
 
 import copy
 
