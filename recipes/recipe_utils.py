@@ -17,6 +17,8 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from hf_llqrsam.args import cli_errors
+
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 FRESH_HELP = (
     "Start over: delete the checkpoint-* folders in --output_dir instead of resuming from the newest one. "
@@ -54,7 +56,8 @@ def parse_args(dataclass_types: tuple[type, ...], defaults: dict[str, Any], argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         argv = config_to_argv(argv[0]) + argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    with cli_errors(parser):  # a bad value exits 2 with one line naming the flag, not a 20-line traceback
+        return parser.parse_args_into_dataclasses(args=argv)
 
 
 def setup_logging(logger: logging.Logger, training_args: Any) -> None:

@@ -6,7 +6,8 @@ step + `zero_grad`. LLQR variants are timed between refreshes; the refresh is ti
 refresh interval E (default 1000): amortised = step + refresh / E. Peers on the same model, data and batch: a
 hand-written SAM loop and `pytorch_optimizer.SAM` (optional extra `peers`). `base_again` is a second, identical base
 instance: its ratio to `base` shows how much of a ratio is machine noise. The training batch defaults to the LLQR
-curvature batch (64), as in every reference preset (`algorithm.md` §12.2); the refresh cost scales with the latter.
+curvature batch (64), as in every reference preset (`docs/algorithm.md` §12.2); the refresh cost scales with
+the latter.
 
 Peak memory is measured per variant in a fresh subprocess: on GPU `torch.cuda.max_memory_allocated`; on CPU the
 persistent tensors (params, optimizer and SAM/LLQR state) plus the peak running sum of the tensor allocations that

@@ -1,10 +1,10 @@
-"""The two-scale pothole toy (`algorithm.md` §13, T-POT): LLQR+SAM escapes a pothole that SAM, GD and LLQR cannot.
+"""The two-scale pothole toy (`docs/algorithm.md` §13, T-POT): LLQR+SAM escapes a pothole that SAM, GD and LLQR cannot.
 
 Surface on θ = (x, y):  L(x, y) = ½·5·x² + ½·0.2·y² − 0.08·exp(−(y − 2)²/(2·0.1²)).
 The average geometry is H̄ = diag(5, 0.2), so the fixed preconditioner is U = diag(0.2, 5). Inside the pothole
 (y* ≈ 1.9428, local curvature κ ≈ 4.770) the y-direction is flat on average but locally sharp. With
 η = 1.8/(U_yy κ) and ρ = 0.05, U amplifies SAM's escape signal along y (arXiv 2605.16134 §3) while x, sharp on
-average, stays stable. The constants are the project's own reconstruction (`algorithm.md` T-POT), not the paper's.
+average, stays stable. The constants are the project's own reconstruction (`docs/algorithm.md` T-POT), not the paper's.
 
 Every perturbation goes through `hf_llqrsam.compute_perturbation`, the function the trainer uses.
 
@@ -146,7 +146,7 @@ class LearnedU:
 
     Each refresh fits the diagonal U on the quadratic model of the smooth surface at the current θ
     (g = H̄θ, G = H̄; the pothole is invisible to it), then merges it by EMA, exactly as a training refresh does.
-    The inner-loop optimum is U = H̄⁻¹ = diag(0.2, 5) on every coordinate where g ≠ 0 (`algorithm.md` §2.1).
+    The inner-loop optimum is U = H̄⁻¹ = diag(0.2, 5) on every coordinate where g ≠ 0 (`docs/algorithm.md` §2.1).
     """
 
     def __init__(self, **llqr: float | int) -> None:

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test_dataset = prepare("test", "--do_predict") if training_args.do_predict else None
 
     # DataCollatorForSeq2Seq(model=model) builds decoder_input_ids, which the label-smoothed loss needs once the
-    # Trainer pops the labels (integration.md §13).
+    # Trainer pops the labels (docs/integration.md §13).
     data_collator = DataCollatorForSeq2Seq(
         tokenizer,
         model=model,
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     if training_args.label_smoothing_factor == 0:
         # huggingface/transformers#47688: Marian/T5 accept **kwargs but drop num_items_in_batch, so the Trainer
-        # would skip the 1/GA scaling of their (mean) loss. Force it (integration.md §13, fix B).
+        # would skip the 1/GA scaling of their (mean) loss. Force it (docs/integration.md §13, fix B).
         trainer.loss_is_scaled_for_ga = False
 
     results: dict[str, float] = {}

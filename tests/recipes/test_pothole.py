@@ -1,4 +1,4 @@
-"""The pothole toy's escape contract (algorithm.md T-POT) on one seed, through the project's perturbation code."""
+"""The pothole toy's escape contract (docs/algorithm.md T-POT) on one seed, through the project's perturbation code."""
 
 import json
 import os

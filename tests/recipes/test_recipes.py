@@ -284,6 +284,19 @@ def test_unknown_sam_mode_exits_with_the_choices(recipe, request, capsys):
 
 
 @pytest.mark.parametrize("recipe", ["image", "translation"])
+@pytest.mark.parametrize(("argv", "flag"), [(["--sam_mode", "sam", "--sam_rho", "1e400"], "sam_rho"),
+                                            (["--sam_mode", "gsam", "--sam_scope", "local"], "sam_scope")])
+def test_bad_value_is_a_one_line_error(recipe, request, capsys, argv, flag):
+    """A value the arguments reject exits 2 with one line naming the flag, not a traceback through __post_init__."""
+    module = request.getfixturevalue(recipe)
+    with pytest.raises(SystemExit) as excinfo:
+        module.parse_args(["--output_dir", "x", *argv])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipe", ["image", "translation"])
 def test_sam_flags_parse(recipe, request):
     module = request.getfixturevalue(recipe)
     _, _, args = module.parse_args(["--output_dir", "x", "--sam_mode", "sam", "--sam_rho", "0.05", "--llqr"])
