@@ -2,7 +2,9 @@
 I19)."""
 
 import pytest
+import torch
 from transformers import DataCollatorForSeq2Seq
+from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_llqrsam import LLQRSAMSeq2SeqTrainer, LLQRSAMSeq2SeqTrainingArguments
 from tests.utils import tiny_marian, tiny_tokenizer, translation_dataset
@@ -26,7 +28,13 @@ def test_seq2seq_sam_trains_and_generates(tmp_path):
     trainer.train()
     assert trainer.state.log_history[0]["sam/perturbation_norm"] == pytest.approx(0.1, rel=1e-5)
     metrics = trainer.evaluate()
-    assert "eval_loss" in metrics
+    # the eval loss is the label-smoothed loss of the trained model on those 4 examples (one eval batch)
+    batch = DataCollatorForSeq2Seq(tok, model)([ds[i] for i in range(4)])
+    labels = batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        expected = LabelSmoother(epsilon=0.1)(model(**batch), labels)
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
     preds = trainer.predict(ds.select(range(4)))
     assert preds.predictions.shape[0] == 4  # generated token ids
 

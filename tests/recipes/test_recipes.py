@@ -77,6 +77,23 @@ def _results(output_dir: Path) -> dict[str, float]:
     return json.loads((output_dir / "all_results.json").read_text())
 
 
+def _assert_fraction_of(value: float, n: int) -> None:
+    """An accuracy over n examples is k/n for an integer k: a made-up or mis-scaled number fails this."""
+    assert 0.0 <= value <= 1.0 and abs(value * n - round(value * n)) < 1e-6, (value, n)
+
+
+def _logged(output_dir: Path, key: str) -> list[float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+def _bleu_of_predictions(output_dir: Path, references: list[str]) -> float:
+    import sacrebleu
+
+    predictions = (output_dir / "generated_predictions.txt").read_text(encoding="utf-8").split("\n")
+    return sacrebleu.corpus_bleu(predictions, [references]).score
+
+
 # --- image classification ------------------------------------------------------------------------------------
 
 
@@ -85,15 +102,19 @@ def test_image_embedded_digits_writes_results_and_card(image, tmp_path):
     saved = _results(tmp_path)
     for key in ["train_loss", "eval_accuracy", "test_accuracy"]:
         assert key in saved and saved[key] == results[key]
-    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    _assert_fraction_of(saved["test_accuracy"], 16)
+    _assert_fraction_of(saved["eval_accuracy"], 16)
     card = (tmp_path / "README.md").read_text()
     assert "hf-llqrsam" in card and "image-classification" in card
     assert "adamw_torch_fused (no SAM)" in card and "- sam_mode: none" in card
 
 
 def test_image_sam_mode_sam_runs_and_names_the_method(image, tmp_path):
-    image.main(["--output_dir", str(tmp_path), *TINY_IMAGE, "--sam_mode", "sam", "--sam_rho", "0.05"])
-    assert "test_accuracy" in _results(tmp_path)
+    image.main(["--output_dir", str(tmp_path), *TINY_IMAGE, "--sam_mode", "sam", "--sam_rho", "0.05",
+                "--logging_steps", "1"])
+    _assert_fraction_of(_results(tmp_path)["test_accuracy"], 16)
+    assert _logged(tmp_path, "sam/rho") and set(_logged(tmp_path, "sam/rho")) == {0.05}  # SAM really ran, at ρ
+    assert all(abs(norm - 0.05) < 1e-6 for norm in _logged(tmp_path, "sam/perturbation_norm"))
     card = (tmp_path / "README.md").read_text()
     assert "- sam\n" in card  # tag
     assert "SAM (rho=0.05)" in card and "- sam_rho: 0.05" in card and "llqr_" not in card
@@ -120,9 +141,10 @@ def test_image_hub_checkpoint_gets_a_resized_head(image, tmp_path):
     ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(checkpoint)
     output_dir = tmp_path / "out"
     image.main(["--output_dir", str(output_dir), "--model_name_or_path", str(checkpoint), *TINY_IMAGE])
-    assert "test_accuracy" in _results(output_dir)
+    _assert_fraction_of(_results(output_dir)["test_accuracy"], 16)
     saved_config = json.loads((output_dir / "config.json").read_text())
     assert len(saved_config["id2label"]) == 10 and saved_config["label2id"]["7"] == 7
+    assert (saved_config["image_size"], saved_config["hidden_size"]) == (16, 32)  # the checkpoint's, not TINY_VIT's
 
 
 def _write_imagefolder(root: Path, classes: list[str], per_class: int) -> None:
@@ -140,7 +162,7 @@ def test_image_local_imagefolder(image, tmp_path):
     output_dir = tmp_path / "out"
     argv = ["--output_dir", str(output_dir), *TINY_IMAGE, "--do_predict", "false"]
     image.main([*argv, "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "validation")])
-    assert "eval_accuracy" in _results(output_dir)
+    _assert_fraction_of(_results(output_dir)["eval_accuracy"], 4)  # the 4 validation images
     assert json.loads((output_dir / "config.json").read_text())["id2label"] == {"0": "cat", "1": "dog"}
 
 
@@ -189,6 +211,11 @@ def test_translation_embedded_phrases_writes_results_and_tokenizer(translation, 
     for key in ["train_loss", "eval_bleu", "test_bleu", "eval_gen_len"]:
         assert key in saved and saved[key] == results[key]
     assert len((tmp_path / "generated_predictions.txt").read_text().split("\n")) == 8
+    sys.path.insert(0, str(RECIPES / "translation"))
+    from number_phrases import load_number_phrase_dataset
+
+    references = [pair["en"] for pair in load_number_phrase_dataset()["test"][:8]["translation"]]
+    assert saved["test_bleu"] == pytest.approx(_bleu_of_predictions(tmp_path, references), abs=1e-3)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert tokenizer.decode(tokenizer("3. März 2021")["input_ids"], skip_special_tokens=True) == "3. März 2021"
     card = (tmp_path / "README.md").read_text()
@@ -231,7 +258,9 @@ def test_translation_hub_checkpoint(translation, tmp_path):
     tokenizer.save_pretrained(checkpoint)
     output_dir = tmp_path / "out"
     translation.main(["--output_dir", str(output_dir), "--model_name_or_path", str(checkpoint), *TINY_TRANSLATION])
-    assert "test_bleu" in _results(output_dir)
+    assert 0.0 <= _results(output_dir)["test_bleu"] <= 100.0
+    saved_config = json.loads((output_dir / "config.json").read_text())
+    assert saved_config["d_model"] == 16 and saved_config["vocab_size"] == len(tokenizer)  # the checkpoint's model
 
 
 def test_translation_local_json_and_csv_files(translation, tmp_path):
@@ -244,14 +273,17 @@ def test_translation_local_json_and_csv_files(translation, tmp_path):
     translation.main(
         [*argv, "--train_file", str(tmp_path / "train.json"), "--validation_file", str(tmp_path / "validation.json")]
     )
-    assert "eval_bleu" in _results(output_dir)
+    assert 0.0 <= _results(output_dir)["eval_bleu"] <= 100.0
+    predictions = (output_dir / "generated_predictions.txt")
+    assert not predictions.exists()  # --do_predict false: no test pass
 
     csv = "german,english\n" + "\n".join(f"{row['de']},{row['en']}" for row in pairs)
     (tmp_path / "train.csv").write_text(csv, encoding="utf-8")
     argv = ["--output_dir", str(tmp_path / "csv"), *TINY_TRANSLATION, "--do_eval", "false", "--do_predict", "false"]
     argv += ["--train_file", str(tmp_path / "train.csv"), "--source_column", "german", "--target_column", "english"]
     translation.main(argv)
-    assert "train_loss" in _results(tmp_path / "csv")
+    csv_results = _results(tmp_path / "csv")
+    assert csv_results["train_loss"] > 0 and csv_results["train_samples"] == 32  # --max_train_samples of 40 rows
 
 
 def test_translation_unknown_language_and_column_name_the_flag(translation, tmp_path):
