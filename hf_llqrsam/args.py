@@ -46,7 +46,16 @@ from .config import (
     SAMMode,
     Scope,
 )
-from .llqr.config import Apply, ClipGroups, CurvatureSharding, Divergence, LLQRConfig, NGDScaling, Structure
+from .llqr.config import (
+    Apply,
+    ClipGroups,
+    CurvatureSharding,
+    Divergence,
+    LLQRConfig,
+    NGDScaling,
+    ShiftLabels,
+    Structure,
+)
 from .modes import MODES, SAM_MODE_NAMES
 
 __all__ = [
@@ -174,6 +183,11 @@ class LLQRSAMFields:
         Store s·U and divide by s when applying (> 0).
     llqr_include_pad_rows (`bool`, *optional*, defaults to `False`):
         Count padding target rows in the curvature problem, as the reference does.
+    llqr_shift_labels (`str`, *optional*, defaults to `"auto"`):
+        Pair the logits at position t with the label at t + 1 in the curvature problem, as a causal LM's loss does.
+        `auto` decides from the model, looking through PEFT / `torch.compile` / DDP wrappers: decoder-only causal
+        LMs shift; encoder–decoder and classification models do not; a model it cannot place raises a `ValueError`
+        at the first LLQR refresh. `true` / `false` force it.
     llqr_curvature_sharding (`str`, *optional*, defaults to `"replicated"`):
         Multi-process: `replicated` (every rank runs the same refresh) or `sharded` (1/W of the batch per rank).
     llqr_chunk_size (`int`, *optional*):
@@ -247,6 +261,9 @@ class LLQRSAMFields:
     llqr_identity_scaling: float = field(default=1.0, metadata={"help": "Store s U and divide by s (> 0)."})
     llqr_include_pad_rows: bool = field(
         default=False, metadata={"help": "Count pad rows in the curvature problem, as the reference does."}
+    )
+    llqr_shift_labels: ShiftLabels = field(
+        default="auto", metadata={"help": "Causal-LM label shift in the curvature problem (auto: from the model)."}
     )
     llqr_curvature_sharding: CurvatureSharding = field(
         default="replicated", metadata={"help": "Multi-process: same curvature batch everywhere, or sharded."}
@@ -327,6 +344,7 @@ class LLQRSAMFields:
             in_perturbation=self.llqr_in_perturbation,
             on_update=self.llqr_on_update,
             label_smoothing=self.label_smoothing_factor,
+            shift_labels=self.llqr_shift_labels,
         )
 
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainerCallback
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 from .args import LLQRSAMFields, LLQRSAMTrainingArguments
@@ -114,6 +113,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._attempt = 0
         self._attempt_snapshot: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self._pre_step_params: list[Tensor] = []
+        self._llqr_shift: bool | None = None  # llqr_shift_labels, resolved at the first curvature batch
         self.add_callback(_TrainAttempt(self))
 
     # ------------------------------------------------------------------ attempts (train() and its retries)
@@ -379,12 +379,21 @@ class LLQRSAMTrainerMixin(_MixinBase):
         """`(logits[rows, C], targets[rows], row_mask[rows])` of the curvature batch (`docs/integration.md` §5.3).
 
         Override for heads the default does not know. The default handles classification heads, encoder–decoder
-        LMs and causal LMs (labels shifted by one); labels are popped, so the model computes no loss of its own.
+        LMs and causal LMs; labels are popped, so the model computes no loss of its own. Causal LMs pair the logits
+        at t with the label at t + 1, as decided once, at the first call, by `llqr_shift_labels`
+        ([`~hf_llqrsam.causal.resolve_shift_labels`]: `auto` looks through PEFT / compile / DDP wrappers to the
+        model's config and class, and raises a `ValueError` naming the flag when it cannot tell).
         """
         from .llqr import logits_and_targets
 
-        causal = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-        return logits_and_targets(model, batch, shift_labels=causal)
+        if self._llqr_shift is None:
+            from .causal import resolve_shift_labels
+
+            labels = batch.get("labels")
+            labels = labels if isinstance(labels, Tensor) else None
+            self._llqr_shift, why = resolve_shift_labels(self.args.llqr_shift_labels, model, labels)
+            logger.info(f"LLQR curvature rows: {'shifted' if self._llqr_shift else 'unshifted'} labels ({why})")
+        return logits_and_targets(model, batch, shift_labels=self._llqr_shift)
 
     def _curvature_batch(self, step: int) -> dict[str, Any]:
         """`llqr_batch_size` examples drawn as a pure function of (seed, step), through the training collator.

@@ -9,8 +9,18 @@ NGDScaling = Literal["sum", "mean"]
 ClipGroups = Literal["module", "tensor"]
 CurvatureSharding = Literal["replicated", "sharded"]
 Apply = Literal["gradient", "update"]
+ShiftLabels = Literal["auto", "true", "false"]
 
-__all__ = ["Apply", "ClipGroups", "CurvatureSharding", "Divergence", "LLQRConfig", "NGDScaling", "Structure"]
+__all__ = [
+    "Apply",
+    "ClipGroups",
+    "CurvatureSharding",
+    "Divergence",
+    "LLQRConfig",
+    "NGDScaling",
+    "ShiftLabels",
+    "Structure",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class LLQRConfig:
         on_update (`bool`, *optional*, defaults to `True`): use U as the descent preconditioner, P = U on the descent
             gradient (or, with `apply="update"`, on the base optimizer's update).
         label_smoothing (`float`, *optional*, defaults to `0.0`): ε_ls of the training loss.
+        shift_labels (`str`, *optional*, defaults to `"auto"`): pair logits at t with labels at t + 1 (causal LMs):
+            `auto` decides from the model (`hf_llqrsam.causal.resolve_shift_labels`), `true` or `false`.
     """
 
     structure: Structure = "diagonal"
@@ -81,3 +93,4 @@ class LLQRConfig:
     in_perturbation: bool = True
     on_update: bool = True
     label_smoothing: float = 0.0
+    shift_labels: ShiftLabels = "auto"
