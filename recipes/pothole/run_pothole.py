@@ -6,7 +6,8 @@ The average geometry is H̄ = diag(5, 0.2), so the fixed preconditioner is U = d
 η = 1.8/(U_yy κ) and ρ = 0.05, U amplifies SAM's escape signal along y (arXiv 2605.16134 §3) while x, sharp on
 average, stays stable. The constants are the project's own reconstruction (`docs/algorithm.md` T-POT), not the paper's.
 
-Every perturbation goes through `hf_llqrsam.compute_perturbation`, the function the trainer uses.
+All runs go as one batch ([`run_batch`]), a vectorised form of the per-seed loop [`run`], whose every perturbation
+goes through `hf_llqrsam.compute_perturbation`, the function the trainer uses; a test proves the two equal.
 
     python recipes/pothole/run_pothole.py --output_dir runs/pothole
 """
@@ -57,9 +58,16 @@ def loss(theta: torch.Tensor) -> torch.Tensor:
 
 
 def grad(theta: torch.Tensor) -> torch.Tensor:
-    x, y = theta[0], theta[1]
+    """∇L at θ of shape (..., 2): one point or a batch of points (one per seed)."""
+    x, y = theta[..., 0], theta[..., 1]
     bump = DEPTH * (y - CENTER) / WIDTH**2 * torch.exp(-((y - CENTER) ** 2) / (2 * WIDTH**2))
-    return torch.stack([A * x, B * y + bump])
+    return torch.stack([A * x, B * y + bump], dim=-1)
+
+
+def draw_noise(seed: int, steps: int, variance: float) -> torch.Tensor:
+    """The gradient noise of one seed, drawn up front: (steps, pass, coordinate), N(0, variance) in each pass."""
+    gen = torch.Generator().manual_seed(seed)
+    return math.sqrt(variance) * torch.randn((steps, 2, 2), generator=gen, dtype=torch.float64)
 
 
 class FixedDiagonal:
@@ -99,29 +107,26 @@ METHODS = {
 def run(method: Method, seed: int, start: tuple[float, float], u: Preconditioner, max_steps: int = MAX_STEPS,
         noise_variance: float = NOISE_VARIANCE, stop: bool = True, keep_every: int = 1,
         refresh: "LearnedU | None" = None) -> dict:
-    """Plain updates θ ← θ − η P g̃ (no momentum) from `start`; stops in the box |x|, |y| < 0.05 when `stop`.
+    """One seed, step by step through `hf_llqrsam.compute_perturbation` (the trainer's function): the reference.
 
-    With `refresh`, U is re-learned on its schedule before the step, from the average geometry at θ.
+    Plain updates θ ← θ − η P g̃ (no momentum) from `start`; stops in the box |x|, |y| < 0.05 when `stop`. With
+    `refresh`, U is re-learned on its schedule before the step, from the average geometry at θ. [`run_seeds`] is the
+    same computation for many seeds at once, and a test proves the two equal.
     """
-    gen = torch.Generator().manual_seed(seed)
-    std = math.sqrt(noise_variance)
+    noise = draw_noise(seed, max_steps, noise_variance)
     theta = torch.tensor(start, dtype=torch.float64)
     cfg, state = SAMConfig(mode="sam", rho=RHO), SAMState()
     geometry = u if method.u_in_perturbation else None
     eta = ETA * method.lr_scale
     path, max_radius, steps, escaped = 0.0, 0.0, 0, False
     trajectory = [theta.tolist()]
-
-    def noisy_grad(at: torch.Tensor) -> torch.Tensor:
-        return grad(at) + std * torch.randn(2, generator=gen, dtype=torch.float64)
-
     for steps in range(1, max_steps + 1):  # noqa: B007  (steps is read after the loop)
         if refresh is not None:
             refresh.maybe_update(steps - 1, theta)
-        g = noisy_grad(theta)
+        g = grad(theta) + noise[steps - 1, 0]
         if method.sam:
             eps = compute_perturbation(cfg, state, NAMES, [theta], [g], RHO, geometry).eps[0]
-            g = noisy_grad(theta + eps)
+            g = grad(theta + eps) + noise[steps - 1, 1]
         step = eta * (u.apply(NAMES, [g])[0] if method.u_on_update else g)
         theta = theta - step
         path += float(step.norm())
@@ -133,6 +138,86 @@ def run(method: Method, seed: int, start: tuple[float, float], u: Preconditioner
             break
     return {"escaped": escaped, "steps": steps, "path_length": path, "max_radius": max_radius,
             "final": theta.tolist(), "trajectory": trajectory}
+
+
+@dataclass
+class Row:
+    """One trajectory of a batch: a method from a start point with one seed's noise (and, optionally, learned U)."""
+
+    method: Method
+    seed: int
+    start: tuple[float, float] = (0.0, Y_STAR)
+    noise_variance: float = NOISE_VARIANCE
+    stop: bool = True
+    refresh: "LearnedU | None" = None
+
+
+def run_batch(rows: Sequence[Row], u_diag: Sequence[float], max_steps: int = MAX_STEPS,
+              keep_every: int = 0) -> list[dict]:
+    """[`run`] for many rows at once, θ ∈ R^{rows×2}: the same arithmetic, vectorised over rows (seeds and methods).
+
+    The perturbation is `compute_perturbation`'s `sam` row with C = I or a diagonal U, taken per row (each row is
+    normalised on its own): ε_r = ρ·C g_r / √(‖C g_r‖² + eps). Rows without SAM use the first-pass gradient, rows
+    without U multiply by ones (exact). A row that reached the stop box is frozen. A row with `refresh` re-learns its U
+    on its schedule, as in [`run`]. With `keep_every > 0`, each row's trajectory is kept every `keep_every` steps.
+    """
+    n = len(rows)
+    noise = torch.stack([draw_noise(r.seed, max_steps, r.noise_variance) for r in rows])  # (rows, steps, pass, 2)
+    theta = torch.tensor([r.start for r in rows], dtype=torch.float64)
+    fixed = torch.tensor(u_diag, dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+    c = torch.stack([fixed if r.method.u_in_perturbation else ones for r in rows])  # perturbation geometry C
+    p = torch.stack([fixed if r.method.u_on_update else ones for r in rows])  # descent preconditioner P
+    sam = torch.tensor([r.method.sam for r in rows])[:, None]
+    eta = torch.tensor([ETA * r.method.lr_scale for r in rows], dtype=torch.float64)[:, None]
+    stop = torch.tensor([r.stop for r in rows])
+    learned = [(i, r.refresh, r.refresh.preconditioner.config.update_interval) for i, r in enumerate(rows)
+               if r.refresh is not None]
+    cfg_eps = SAMConfig(mode="sam", rho=RHO).eps
+    active = torch.ones(n, dtype=torch.bool)
+    arrived_at = torch.full((n,), max_steps)
+    path = torch.zeros(n, dtype=torch.float64)
+    max_radius = torch.zeros(n, dtype=torch.float64)
+    kept = [theta.clone()] if keep_every else []
+    for k in range(max_steps):
+        for i, refresh, interval in learned:
+            if k % interval == 0 and bool(active[i]) and refresh.preconditioner.is_due(k):
+                refresh.maybe_update(k, theta[i])
+                c[i] = p[i] = torch.tensor(refresh.diagonal(), dtype=torch.float64)
+        g = grad(theta) + noise[:, k, 0]
+        cg = c * g
+        nu = torch.linalg.vector_norm(cg, dim=1, keepdim=True)  # ν = ‖Cg‖ per row, as compute_perturbation
+        eps = cg * (RHO / torch.sqrt(nu**2 + cfg_eps))
+        g = torch.where(sam, grad(theta + eps) + noise[:, k, 1], g)
+        step = torch.where(active[:, None], eta * (p * g), 0.0)
+        theta = theta - step
+        path += step.norm(dim=1)
+        max_radius = torch.maximum(max_radius, theta.norm(dim=1))
+        if keep_every and (k + 1) % keep_every == 0:
+            kept.append(theta.clone())
+        arrived = active & stop & (theta.abs() < STOP_BOX).all(dim=1)
+        arrived_at = torch.where(arrived, k + 1, arrived_at)
+        active &= ~arrived
+        if k % 256 == 255 and not bool(active.any()):
+            break
+    trajectory = torch.stack(kept, dim=1) if kept else None  # (rows, kept, 2)
+    out = []
+    for i, r in enumerate(rows):
+        escaped = bool(r.stop and not active[i])
+        steps = int(arrived_at[i])
+        traj = [] if trajectory is None else trajectory[i, : (steps // keep_every) + 1 if escaped else None].tolist()
+        out.append({"escaped": escaped, "steps": steps, "path_length": float(path[i]),
+                    "max_radius": float(max_radius[i]), "final": theta[i].tolist(), "trajectory": traj})
+    return out
+
+
+def run_seeds(method: Method, seeds: Sequence[int], start: tuple[float, float], u_diag: Sequence[float],
+              max_steps: int = MAX_STEPS, noise_variance: float = NOISE_VARIANCE, stop: bool = True,
+              keep_every: int = 0, refresh: "Sequence[LearnedU] | None" = None) -> list[dict]:
+    """[`run_batch`] of one method over `seeds` (with one [`LearnedU`] per seed when `refresh` is given)."""
+    rows = [Row(method, seed, start, noise_variance, stop, None if refresh is None else refresh[i])
+            for i, seed in enumerate(seeds)]
+    return run_batch(rows, u_diag, max_steps, keep_every)
 
 
 class _Theta(torch.nn.Module):
@@ -216,41 +301,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--learned_seeds", type=int, default=5, help="seeds for the learned-U variants (0 skips)")
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # 2-element rows: threads only add overhead
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     os.makedirs(args.output_dir, exist_ok=True)
-    u = FixedDiagonal(U_DIAG)
+    # Everything as one batch: every method × seed, the learned-U variants, the flat basin and the zero-noise run.
+    rows = [Row(METHODS[name], seed) for name in methods for seed in range(args.seeds)]
+    learned_refresh = {name: [LearnedU(**settings) for _ in range(args.learned_seeds)]
+                       for name, settings in LEARNED.items()}
+    rows += [Row(METHODS["llqr_sam"], seed, refresh=refresh) for refreshes in learned_refresh.values()
+             for seed, refresh in enumerate(refreshes)]
+    basin_methods = [name for name in ("sam", "llqr_sam") if name in methods]
+    rows += [Row(METHODS[name], 0, start=(0.0, 0.0), stop=False) for name in basin_methods]
+    rows += [Row(METHODS["llqr_sam"], 0, noise_variance=0.0)]
+    out = iter(run_batch(rows, U_DIAG, args.max_steps, keep_every=7))
 
     results: dict[str, dict[str, list]] = {}
     trajectories: dict[str, list] = {}
     for name in methods:
-        runs = [run(METHODS[name], seed, (0.0, Y_STAR), u, args.max_steps, keep_every=7) for seed in
-                range(args.seeds)]
+        runs = [next(out) for _ in range(args.seeds)]
         results[name] = {k: [r[k] for r in runs] for k in ("escaped", "steps", "path_length")}
-        trajectories[name] = runs[0]["trajectory"]
+        trajectories[name] = runs[0]["trajectory"] if runs else []
         print(f"{name:10s} escaped {sum(results[name]['escaped'])}/{args.seeds}", flush=True)
-
     learned = {}
-    for name, settings in LEARNED.items():
-        runs = []
-        for seed in range(args.learned_seeds):
-            refresh = LearnedU(**settings)
-            r = run(METHODS["llqr_sam"], seed, (0.0, Y_STAR), refresh.preconditioner, args.max_steps,
-                    refresh=refresh, keep_every=args.max_steps)
-            runs.append({"escaped": r["escaped"], "steps": r["steps"], "u_final": refresh.diagonal()})
-        learned[name] = {"settings": settings, "runs": runs}
+    for name, refreshes in learned_refresh.items():
+        runs = [{"escaped": r["escaped"], "steps": r["steps"], "u_final": refresh.diagonal()}
+                for r, refresh in zip([next(out) for _ in refreshes], refreshes, strict=True)]
+        learned[name] = {"settings": LEARNED[name], "runs": runs}
         print(f"{name:28s} escaped {sum(r['escaped'] for r in runs)}/{len(runs)}; final U {runs[0]['u_final']}"
               if runs else name, flush=True)
-
+    basin = {name: next(out)["max_radius"] for name in basin_methods}
+    zero_noise = next(out)
     extras = {
         "learned_u": learned,
-        "flat_basin_max_radius": {name: run(METHODS[name], 0, (0.0, 0.0), u, args.max_steps, stop=False,
-                                            keep_every=args.max_steps)["max_radius"]
-                                  for name in ("sam", "llqr_sam") if name in methods},
-        "llqr_sam_zero_noise": {k: v for k, v in run(METHODS["llqr_sam"], 0, (0.0, Y_STAR), u, args.max_steps,
-                                noise_variance=0.0).items() if k in ("escaped", "steps")},
+        "flat_basin_max_radius": basin,
+        "llqr_sam_zero_noise": {"escaped": zero_noise["escaped"], "steps": zero_noise["steps"]},
         "constants": {"y_star": Y_STAR, "kappa": KAPPA, "eta": ETA, "rho": RHO, "u": list(U_DIAG),
                       "noise_variance": NOISE_VARIANCE, "max_steps": args.max_steps, "seeds": args.seeds},
     }
