@@ -1,9 +1,11 @@
 """The support matrix in code (`docs/integration.md` §10): unsupported setups raise at construction, naming the
 flag."""
 
+import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 _SEE = "See the support matrix in the hf_llqrsam README."
@@ -42,6 +44,34 @@ def validate_deepspeed_args(args: Any) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_launch(args: Any) -> None:
+    """Refuse a multi-process launch that would run as independent, non-DDP trainings (`docs/integration.md` §14.1).
+
+    `torchrun --nproc_per_node 2` (or `accelerate launch --multi_gpu`, even with `use_cpu: true` in its config) on a
+    machine without GPUs starts W processes and a gloo process group, but without `use_cpu=True` the Trainer runs
+    each process as its own single-device training (`parallel_mode` is not `DISTRIBUTED`): W unsynchronised runs on
+    the full dataset, writing to the same `output_dir`, while the launch exits 0. Detected from the environment
+    (`WORLD_SIZE` > 1) or an initialised process group with more than one rank, whatever `sam_mode` is.
+
+    Raises:
+        `ValueError`: naming `--use_cpu`.
+    """
+    from transformers.training_args import ParallelMode
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    processes = max(launched, group)
+    mode = args.parallel_mode
+    if processes > 1 and mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
+        raise ValueError(
+            f"Invalid launch: {processes} processes were started (WORLD_SIZE={launched}, process group of {group}), "
+            f"but the Trainer runs each as an independent, non-DDP training (parallel_mode={mode.value}, device="
+            f"{args.device}), all writing to {args.output_dir!r}. On a machine without GPUs pass --use_cpu "
+            "(use_cpu=True) so that the processes join one gloo DDP run; with GPUs, check that each process sees one. "
+            f"{_SEE}"
+        )
 
 
 def validate_setup_args(args: Any) -> None:

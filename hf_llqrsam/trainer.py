@@ -18,7 +18,7 @@ from transformers.utils import logging
 from .args import LLQRSAMFields, LLQRSAMTrainingArguments
 from .card import method_card_section
 from .checkpoint import STATE_FILE, LLQRSAMStateError, describe_state, load_state, save_state
-from .compat import llqrsam_active, validate_setup_model
+from .compat import llqrsam_active, validate_launch, validate_setup_model
 from .data import curvature_indices
 from .distributed import any_rank, grad_sync, unwrap
 from .modes import MODES
@@ -93,8 +93,11 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 f"Invalid args of type {type(self.args).__name__}: use LLQRSAMTrainingArguments or "
                 "LLQRSAMSeq2SeqTrainingArguments."
             )
+        validate_launch(self.args)
         validate_setup_model(self.args, self.model, self.train_dataset)
         self.llqrsam_enabled = llqrsam_active(self.args)
+        # True while pass 2 (at θ + ε) runs: a `compute_loss` that records metrics can skip them there
+        self.llqrsam_perturbed_pass = False
         self.sam_config = self.args.to_sam_config()
         self.llqr_config = self.args.to_llqr_config()
         self.mode_spec = MODES.get(self.sam_config.mode)
@@ -266,6 +269,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
             torch._foreach_zero_(zeroed)
         pert = st.perturbation
         backups = apply_perturbation_(params, pert.eps) if pert is not None else None
+        self.llqrsam_perturbed_pass = True
         try:
             with batchnorm_policy(batchnorm_buffers(model), cfg.bn_stats, bn_before), replayed_rng(cfg.same_dropout):
                 for j, inputs in enumerate(replays):
@@ -276,6 +280,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
                     with ctx:
                         st.perturbed_loss += super().training_step(model, inputs, nitems)
         finally:
+            self.llqrsam_perturbed_pass = False
             if backups is not None:
                 restore_(params, backups)
 
