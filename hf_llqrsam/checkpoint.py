@@ -7,6 +7,7 @@ level is `{"format_version": 2, "sam": dict, "llqr": dict | None, "config": dict
 |------------------|-----------------------------------------------------------------------------------------|
 | 1                | first format                                                                            |
 | 2                | `llqr` holds a `fingerprint` of the settings that give U its meaning (checked on resume) |
+| 3                | FSDP2: DTensor shards are `{"__dcp__": key}` placeholders, saved with DCP in `llqrsam_dcp/` |
 
 A version-1 file without LLQR state is read as is (its SAM state is unchanged in version 2). A version-1 file with
 LLQR state is refused: its U cannot be checked against the run.
@@ -22,6 +23,7 @@ import torch
 __all__ = [
     "FORMAT_VERSION",
     "REQUIRED_KEYS",
+    "SHARDED_FORMAT_VERSION",
     "STATE_FILE",
     "LLQRSAMStateError",
     "describe_state",
@@ -31,6 +33,7 @@ __all__ = [
 
 STATE_FILE = "llqrsam_state.pt"
 FORMAT_VERSION = 2
+SHARDED_FORMAT_VERSION = 3  # written only when the state holds FSDP2 shards (`hf_llqrsam/sharded_state.py`)
 REQUIRED_KEYS = ("sam", "llqr", "config")
 
 
@@ -48,7 +51,7 @@ def _remedy(path: str) -> str:
     )
 
 
-def save_state(output_dir: str, state: dict[str, Any]) -> str:
+def save_state(output_dir: str, state: dict[str, Any], sharded: bool = False) -> str:
     """Write `state` (with its format version) to `output_dir/llqrsam_state.pt`; returns the path.
 
     The file is written to a temporary name and renamed into place, so an interrupted save never leaves a truncated
@@ -57,6 +60,8 @@ def save_state(output_dir: str, state: dict[str, Any]) -> str:
     Args:
         output_dir (`str`): the checkpoint directory.
         state (`dict[str, Any]`): `sam`, `llqr` and `config` ([`REQUIRED_KEYS`]), tensors and primitives only.
+        sharded (`bool`, *optional*, defaults to `False`): `state` holds DCP placeholders (FSDP2); the file is then
+            written as format version 3, which older versions refuse instead of misreading.
 
     Raises:
         `ValueError`: if a required key is missing (a file that [`load_state`] would refuse is never written).
@@ -67,7 +72,7 @@ def save_state(output_dir: str, state: dict[str, Any]) -> str:
     path = os.path.join(output_dir, STATE_FILE)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+        torch.save({"format_version": SHARDED_FORMAT_VERSION if sharded else FORMAT_VERSION, **state}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -135,12 +140,13 @@ def _validated(state: Any, path: str) -> dict[str, Any]:
             f"with {['format_version', *REQUIRED_KEYS]}. {_remedy(path)}"
         )
     version = state.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+    if version not in (1, FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > SHARDED_FORMAT_VERSION
         origin = "a newer hf_llqrsam" if newer else "no known hf_llqrsam version"
         raise LLQRSAMStateError(
             f"Cannot resume: {path} has format_version={version!r}, written by {origin}; this version reads "
-            f"format_version={FORMAT_VERSION}. Resume with the hf_llqrsam version that wrote it, or: {_remedy(path)}"
+            f"format_version ≤ {SHARDED_FORMAT_VERSION}. Resume with the hf_llqrsam version that wrote it, or: "
+            f"{_remedy(path)}"
         )
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:

@@ -78,8 +78,8 @@ def validate_setup_args(args: Any) -> None:
     """Reject, from the arguments alone, the setups SAM/LLQR cannot run on. A no-op when both are off.
 
     Covers the rows of the README's support matrix that the arguments decide: DeepSpeed, LOMO/AdaLOMO, layerwise
-    optimizers, `ddp_static_graph`, `parallelism_config` (TP/CP), FSDP on CPU, FSDP1, LLQR under FSDP2 and
-    `sam_accumulation="micro"` under FSDP. The model- and data-level rows are checked by [`validate_setup_model`].
+    optimizers, `ddp_static_graph`, `parallelism_config` (TP/CP), FSDP on CPU, FSDP1, and under FSDP2 local scope
+    and Kronecker U ([`validate_fsdp2`]). The model- and data-level rows are checked by [`validate_setup_model`].
 
     Raises:
         `ValueError`: naming the offending flag and what to use instead.
@@ -120,19 +120,43 @@ def validate_setup_args(args: Any) -> None:
         raise ValueError(
             f"Invalid fsdp_config version=1 with sam_mode/llqr: FSDP1 is not supported. Use version 2. {_SEE}"
         )
-    if args.llqr:
+    validate_fsdp2(args, "with fsdp")
+
+
+def validate_fsdp2(args: Any, where: str) -> None:
+    """The rules of SAM/LLQR under FSDP2 (`docs/integration.md` §7.4–7.5), for `fsdp` arguments and for models the
+    user shards with `fully_shard` before building the Trainer; `where` names the setup in the message.
+
+    Supported: every `sam_mode` in window and micro mode (micro syncs every pass 2), global scope, and LLQR with
+    `diagonal` or `scalar` U. Rejected: local scope and Kronecker structures.
+
+    Raises:
+        `ValueError`: naming the flag, why it cannot work under FSDP2, and what to use instead.
+    """
+    if args.sam_mode != "none" and args.sam_scope == "local":
         raise ValueError(
-            "Invalid llqr=True with fsdp: LLQR under FSDP2 is not supported in v1. Drop --fsdp (use DDP) or --llqr. "
-            + _SEE
+            f"Invalid sam_scope='local' {where}: FSDP2 shards every parameter across the ranks and all-gathers one θ "
+            "for each forward, so a rank cannot be perturbed along its own gradient (a rank-local ε needs each rank's "
+            "whole unsynced gradient and its own copy of θ + ε). Use sam_scope='global' (ε from the all-reduced "
+            f"gradient), or DDP for m-sharpness. {_SEE}"
         )
-    if args.sam_accumulation == "micro":
+    if args.llqr and args.llqr_structure not in ("diagonal", "scalar"):
         raise ValueError(
-            "Invalid sam_accumulation='micro' with fsdp: FSDP2 no_sync keeps unsharded grads; use 'window'. " + _SEE
+            f"Invalid llqr_structure={args.llqr_structure!r} {where}: Kronecker factors act on both sides of each "
+            "kernel (U(X) = A X Bᵀ), while FSDP2 shards kernels by rows, so U·g would need each kernel's whole "
+            "gradient on every rank (an all-gather per kernel and step) and factors that cannot be sharded like the "
+            f"parameter. Use llqr_structure='diagonal' or 'scalar' under FSDP2, or DDP. {_SEE}"
         )
 
 
 def validate_setup_model(args: Any, model: nn.Module, train_dataset: Any) -> None:
-    """Reject the model- and data-level setups LLQR cannot run on (`docs/integration.md` §10)."""
+    """Reject the model- and data-level setups SAM/LLQR cannot run on (`docs/integration.md` §10), including a model
+    the user already sharded with FSDP2's `fully_shard` ([`validate_fsdp2`])."""
+    if llqrsam_active(args):
+        from .distributed import is_fsdp2
+
+        if is_fsdp2(model):
+            validate_fsdp2(args, "on an FSDP2 (fully_shard) model")
     if not args.llqr:
         return
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -25,6 +25,7 @@ floating point.
 """
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,7 +44,9 @@ __all__ = [
     "apply_perturbation_",
     "batchnorm_buffers",
     "compute_perturbation",
+    "copy_tensors_",
     "gsam_descent_",
+    "is_dtensor",
     "restore_",
     "total_norm",
 ]
@@ -82,18 +85,70 @@ def _materialize(x: Tensor) -> Tensor:
     return full() if full is not None else x
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether `t` is a `torch.distributed.tensor.DTensor` (an FSDP2 parameter, gradient or state shard).
+
+    Checked without importing `torch.distributed.tensor`: no tensor can be a DTensor before that module is loaded.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _one_spec(parts: Sequence[Tensor]) -> bool:
+    # All DTensors on one mesh with one placement: their partial reductions stack into one DTensor, gathered once.
+    first = parts[0]
+    if not is_dtensor(first):
+        return False
+    mesh, placements = first.device_mesh, first.placements  # type: ignore[attr-defined]
+    return all(
+        is_dtensor(p) and p.device_mesh == mesh and p.placements == placements  # type: ignore[attr-defined]
+        for p in parts
+    )
+
+
 def total_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """‖(t₁, …, t_n)‖₂ over all tensors, in fp32 (DTensor-aware)."""
+    """‖(t₁, …, t_n)‖₂ over all tensors, in fp32.
+
+    DTensor-aware: for FSDP2 shards the per-tensor norms are partial DTensors; when they share one mesh and placement
+    (the FSDP2 case), ‖·‖ of their stack is gathered with a single collective instead of one per tensor.
+    """
     if not tensors:
         return torch.zeros(())
     norms = torch._foreach_norm([_at_least_fp32(t) for t in tensors])
-    return _materialize(torch.linalg.vector_norm(torch.stack([_materialize(n) for n in norms])))
+    if _one_spec(norms):
+        return _materialize(torch.linalg.vector_norm(torch.stack(list(norms))))
+    out: Tensor = torch.linalg.vector_norm(torch.stack([_materialize(n) for n in norms]))
+    return out
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Σᵢ ⟨aᵢ, bᵢ⟩; DTensor shards are reduced globally, with one collective when they share a mesh and placement."""
     if not a:
         return torch.zeros(())
-    return torch.stack([_materialize((x * y).sum()) for x, y in zip(a, b, strict=True)]).sum()
+    parts = [(x * y).sum() for x, y in zip(a, b, strict=True)]
+    if _one_spec(parts):
+        return _materialize(torch.stack(parts).sum())
+    return torch.stack([_materialize(p) for p in parts]).sum()
+
+
+def copy_tensors_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """dst ← src, tensor by tensor (bit-exact).
+
+    One fused `_foreach_copy_` for plain tensors; a per-tensor `copy_` as soon as one tensor is a DTensor, which has
+    no sharding rule for `_foreach_copy_` (`docs/integration.md` §7.4). A DTensor is copied shard by shard, without
+    communication, when both sides are sharded alike.
+    """
+    dst, src = list(dst), list(src)
+    if len(dst) != len(src):
+        raise ValueError(f"copy_tensors_: {len(dst)} destinations for {len(src)} sources.")
+    if not dst:
+        return
+    with torch.no_grad():
+        if any(is_dtensor(t) for t in dst) or any(is_dtensor(t) for t in src):
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s)
+        else:
+            torch._foreach_copy_(dst, src)
 
 
 @dataclass
@@ -355,9 +410,8 @@ def apply_perturbation_(params: Sequence[Tensor], eps: Sequence[Tensor]) -> list
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
-    """θ ← backup by copy (bit-exact), never θ − ε."""
-    with torch.no_grad():
-        torch._foreach_copy_([p.detach() for p in params], list(backups))
+    """θ ← backup by copy (bit-exact), never θ − ε; per tensor for FSDP2 DTensors ([`copy_tensors_`])."""
+    copy_tensors_([p.detach() for p in params], backups)
 
 
 def gsam_descent_(perturbed: Sequence[Tensor], clean: Sequence[Tensor], alpha: float) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .sam import Perturbation
+from .sam import Perturbation, copy_tensors_
 
 __all__ = [
     "RNGState", "RunningMetrics", "StepState", "batchnorm_policy", "copy_into_", "replayed_rng", "rng_state",
@@ -36,10 +36,9 @@ def set_rng_state(state: RNGState) -> None:
 
 
 def copy_into_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
-    """dst ← src, tensor by tensor (bit-exact)."""
-    with torch.no_grad():
-        for d, s in zip(dst, src, strict=True):
-            d.copy_(s)
+    """dst ← src, tensor by tensor (bit-exact): fused for plain tensors, per tensor for FSDP2 DTensors
+    ([`~hf_llqrsam.sam.copy_tensors_`])."""
+    copy_tensors_(dst, src)
 
 
 @dataclass

@@ -20,14 +20,25 @@ from .card import method_card_section
 from .checkpoint import STATE_FILE, LLQRSAMStateError, describe_state, load_state, save_state
 from .compat import llqrsam_active, validate_launch, validate_setup_model
 from .data import curvature_indices
-from .distributed import any_rank, grad_sync, unwrap
+from .distributed import (
+    accelerate_all_reduce,
+    accelerate_broadcast,
+    any_rank,
+    grad_sync,
+    is_fsdp2,
+    sharded_update_probe,
+    unsharded_view,
+    unwrap,
+)
 from .modes import MODES
 from .sam import (
     SAMState,
     apply_perturbation_,
     batchnorm_buffers,
     compute_perturbation,
+    copy_tensors_,
     gsam_descent_,
+    is_dtensor,
     restore_,
     total_norm,
 )
@@ -116,6 +127,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._attempt = 0
         self._attempt_snapshot: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self._pre_step_params: list[Tensor] = []
+        self._fsdp2 = False  # the model is sharded by FSDP2 (resolved with the parameters, after prepare)
         self._llqr_shift: bool | None = None  # llqr_shift_labels, resolved at the first curvature batch
         self.add_callback(_TrainAttempt(self))
 
@@ -263,7 +275,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         stashed = stash or {}
         restored = [g for g in grads if id(g) in stashed]
         if restored:
-            torch._foreach_copy_(restored, [stashed[id(g)] for g in restored])
+            copy_tensors_(restored, [stashed[id(g)] for g in restored])  # per tensor under FSDP2
         zeroed = [g for g in grads if id(g) not in stashed]
         if zeroed:
             torch._foreach_zero_(zeroed)
@@ -275,8 +287,13 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 for j, inputs in enumerate(replays):
                     if cfg.same_dropout:
                         set_rng_state(rng[j])
-                    # Window replays: no sync until the last; micro: the Trainer's own context decides.
-                    ctx = contextlib.nullcontext() if micro else grad_sync(model, j == len(replays) - 1)
+                    # Window replays: no sync until the last; micro: the Trainer's own context decides, except under
+                    # FSDP2, where every pass 2 syncs: unsynced FSDP2 grads stay unsharded, and the next micro-batch's
+                    # forced pass-1 sync would reduce-scatter them together with its own (`docs/integration.md` §7.4).
+                    if micro:
+                        ctx = grad_sync(model, True) if self._fsdp2 else contextlib.nullcontext()
+                    else:
+                        ctx = grad_sync(model, j == len(replays) - 1)
                     with ctx:
                         st.perturbed_loss += super().training_step(model, inputs, nitems)
         finally:
@@ -303,8 +320,11 @@ class LLQRSAMTrainerMixin(_MixinBase):
             copy_into_(batchnorm_buffers(model), st.bn_at_begin)
             scaler = self.accelerator.scaler
             if scaler is not None and scaler.is_enabled():
-                if grads and not nonfinite:
-                    grads[0].view(-1)[0] = float("inf")  # the scaler skips the step and backs off
+                # the scaler skips the step and backs off; under FSDP2 every rank marks its own (non-empty) shard
+                local = (cast(Any, g).to_local() if is_dtensor(g) else g for g in grads)
+                target = next((t for t in local if t.numel()), None)
+                if target is not None and not nonfinite:
+                    target.view(-1)[0] = float("inf")
             else:
                 for p in params:  # no scaler: no grads means the optimizer leaves these weights untouched
                     p.grad = None
@@ -320,6 +340,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         # Resolved lazily, after `accelerator.prepare` (FSDP2 swaps params for DTensors there).
         if self._named_params is None:
             self._named_params = [(n, p) for n, p in unwrap(self.model).named_parameters() if p.requires_grad]
+            self._fsdp2 = is_fsdp2(self.model)
 
     def _live_grads(self) -> tuple[list[str], list[nn.Parameter], list[Tensor]]:
         names, params, grads = [], [], []
@@ -354,7 +375,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
 
         module = unwrap(model)
         if self.preconditioner is None:
-            self.preconditioner = LLQRPreconditioner(module, llqr)
+            self.preconditioner = LLQRPreconditioner(module, llqr, device=self.accelerator.device)
         step = self.state.global_step
         if not self.preconditioner.is_due(step) or self.preconditioner.last_update_step == step:
             return
@@ -363,13 +384,19 @@ class LLQRSAMTrainerMixin(_MixinBase):
         probe = None
         if llqr.apply == "update":
             probe = make_update_probe(self._inner_optimizer(), module)
+            if self._fsdp2:  # Δ_opt(g) from the sharded optimizer state, gathered for the inner loop
+                probe = sharded_update_probe(probe, dict(module.named_parameters()))
         batch = self._curvature_batch(step)
         start = time.perf_counter()
+        # FSDP2: the curvature runs on a hook-free unsharded view (through FSDP2's hooks every product is zero)
+        target = unsharded_view(module) if self._fsdp2 else module
         metrics = self.preconditioner.update(
-            module, batch, step=step, extractor=self.llqr_logits_and_targets, update_probe=probe,
-            pad_token_id=_pad_token_id(module) if llqr.include_pad_rows else None,
+            target, batch, step=step, extractor=self.llqr_logits_and_targets, update_probe=probe,
+            pad_token_id=_pad_token_id(module) if llqr.include_pad_rows else None, all_reduce=accelerate_all_reduce,
         )  # fmt: skip
-        self.preconditioner.broadcast_(0)  # identical U on every rank, free of floating-point drift
+        del target
+        # identical U on every rank, free of floating-point drift (FSDP2 shards have one owner and are skipped)
+        self.preconditioner.broadcast_(0, broadcast=accelerate_broadcast)
         seconds = time.perf_counter() - start
         metrics["llqr/update_seconds"] = seconds
         logger.info(
@@ -458,7 +485,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         with torch.no_grad():
             delta = list(torch._foreach_sub(params, self._pre_step_params))
             self.preconditioner.apply_(names, delta)
-            torch._foreach_copy_(params, torch._foreach_add(self._pre_step_params, delta))
+            copy_tensors_(params, torch._foreach_add(self._pre_step_params, delta))
         self._pre_step_params = []
 
     # ------------------------------------------------------------------ other Trainer overrides
@@ -484,7 +511,19 @@ class LLQRSAMTrainerMixin(_MixinBase):
         }
 
     def _load_llqrsam_state(self, path: str, state: dict[str, Any]) -> None:
-        """Materialise a checkpoint's SAM state and U (validated); warn about any part this run will not use."""
+        """Materialise a checkpoint's SAM state and U (validated); warn about any part this run will not use.
+
+        An FSDP2 checkpoint's shards are read first, with DCP, into tensors like the live ones (a collective: this
+        runs on every rank at the first `training_step`); SAM buffers are then stored like their parameters.
+        """
+        from .sharded_state import has_placeholders, load_sharded
+
+        if self.llqr_config is not None and self.preconditioner is None and state["llqr"] is not None:
+            from .llqr import LLQRPreconditioner
+
+            self.preconditioner = LLQRPreconditioner(unwrap(self.model), self.llqr_config, self.accelerator.device)
+        if has_placeholders(state):
+            state = load_sharded(os.path.dirname(path), state, self._shard_template)
         config = state["config"]
         holds = describe_state(state)
         mode = self.sam_config.mode
@@ -501,6 +540,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 self.sam_state.load_state_dict(state["sam"], device=self.args.device)
             except ValueError as err:
                 raise LLQRSAMStateError(f"{path}: {err}") from err
+            self._align_sam_buffers()
         elif holds["sam"]:
             logger.warning(
                 f"The checkpoint's SAM state was written with sam_mode={config['sam_mode']!r}; this run has "
@@ -518,13 +558,57 @@ class LLQRSAMTrainerMixin(_MixinBase):
         from .llqr import LLQRPreconditioner
 
         if self.preconditioner is None:
-            self.preconditioner = LLQRPreconditioner(unwrap(self.model), self.llqr_config)
+            self.preconditioner = LLQRPreconditioner(unwrap(self.model), self.llqr_config, self.accelerator.device)
         self.preconditioner.load_state_dict(state["llqr"], source=path)
+
+    def _shard_template(self, path: tuple[str, ...], size: torch.Size, dtype: torch.dtype) -> Tensor:
+        """The tensor a DCP shard of an FSDP2 checkpoint is read into (`hf_llqrsam/sharded_state.py`).
+
+        Like the live tensor it replaces (a tensor of U, or the parameter a SAM buffer belongs to): for a DTensor only
+        this rank's shard is read, whatever the world size that wrote it; otherwise a plain tensor of the saved size,
+        read whole (a DDP or one-process resume, or a tensor this run does not have, which validation then reports).
+        """
+        live: Tensor | None = None
+        if len(path) == 4 and path[:2] == ("llqr", "blocks") and self.preconditioner is not None:
+            names = self.preconditioner.names
+            if path[2] in names:
+                live = self.preconditioner.structure.blocks[names.index(path[2])].get(path[3])
+        elif len(path) == 4 and path[:2] == ("sam", "buffers"):
+            live = dict(self._named_params or []).get(path[3])
+        if live is not None and tuple(live.shape) == tuple(size):
+            return torch.empty_like(live, dtype=dtype)
+        return torch.empty(size, dtype=dtype, device=self.args.device)
+
+    def _align_sam_buffers(self) -> None:
+        """Store each loaded SAM buffer like its parameter: an FSDP2 shard for a DTensor parameter (a local slice of
+        a whole saved buffer), a whole tensor otherwise (a gathered shard)."""
+        from .llqr.sharding import full_tensor, shard_like
+
+        params = dict(self._named_params or [])
+        for store in self.sam_state.buffers.values():
+            for name, t in list(store.items()):
+                p = params.get(name)
+                if p is not None and is_dtensor(p) != is_dtensor(t):
+                    store[name] = shard_like(t, p) if is_dtensor(p) else full_tensor(t)
+
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.llqrsam_enabled and self.args.should_save:
-            save_state(output_dir, self._llqrsam_state_dict())
+        self._save_llqrsam_state(output_dir)
+
+    def _save_llqrsam_state(self, output_dir: str) -> None:
+        """`llqrsam_state.pt` (rank 0) next to the optimizer state; under FSDP2 also every rank's shards of U and of
+        the SAM buffers, with DCP in `llqrsam_dcp/` (`hf_llqrsam/sharded_state.py`; the Trainer saves on all ranks)."""
+        if not self.llqrsam_enabled:
+            return
+        from .sharded_state import save_sharded, split_dtensors
+
+        state, shards = split_dtensors(self._llqrsam_state_dict())
+        if shards:
+            save_sharded(output_dir, shards)  # a collective
+        if self.args.should_save:
+            save_state(output_dir, state, sharded=bool(shards))
+
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -560,7 +644,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
             _TRANSFORMERS_MAJOR >= 5
             and isinstance(target, PreTrainedModel)
             and os.path.isfile(weights)
-            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled or is_fsdp2(target))
             and _renamed_keys(weights, target)
         ):
             dtype = next(target.parameters()).dtype

@@ -184,9 +184,14 @@ def _split(batch: Mapping[str, Any], chunk_size: int) -> list[dict[str, Any]]:
     return chunks
 
 
-def _all_reduce_(tensors: list[Tensor]) -> None:
+def _all_reduce_(tensors: list[Tensor], all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Σ over ranks of every tensor in place, as one collective on their concatenation (`all_reduce`, or
+    `torch.distributed.all_reduce` when it is not given)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
+    if all_reduce is None:
+        dist.all_reduce(flat)
+    else:
+        flat = all_reduce(flat)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -207,6 +212,7 @@ def curvature_problem(
     chunk_size: int | None = None,
     extractor: Extractor | None = None,
     sharded: bool = False,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
     pad_token_id: int | None = None,
     diagnostics: dict[str, Tensor] | None = None,
 ) -> tuple[TensorDict, Callable[[Mapping[str, Tensor]], TensorDict]]:
@@ -232,6 +238,9 @@ def curvature_problem(
             [`logits_and_targets`]. It runs inside the fp32/eval/MATH context.
         sharded (`bool`, *optional*, defaults to `False`): the batch is this process's shard; all-reduce N, g and
             every product (`llqr_curvature_sharding="sharded"`, `docs/algorithm.md` §5.6).
+        all_reduce (`Callable`, *optional*): with `sharded`, the sum over ranks `t ↦ Σ_ranks t` (returning the
+            result, in place or not); the trainer passes Accelerate's `reduce`, this module never imports it. Defaults
+            to `torch.distributed.all_reduce`.
         pad_token_id (`int`, *optional*): target of pad rows with `include_pad_rows` (ignored without it).
         diagnostics (`dict`, *optional*): filled with 0-dim long tensors (no host sync), summed over chunks and
             processes: `"rows"`, every row of the batch, and `"nonfinite_rows"`, rows whose loss term is NaN/±Inf
@@ -283,7 +292,7 @@ def curvature_problem(
             torch._foreach_add_(g_sum, part.g_sum)
             count, bad, rows = count + part.count, bad + part.nonfinite_rows, rows + part.rows
     if sharded:
-        _all_reduce_([*g_sum, count, bad, rows])
+        _all_reduce_([*g_sum, count, bad, rows], all_reduce)
     if diagnostics is not None:
         diagnostics.update(rows=rows, nonfinite_rows=bad)
     n_rows = max(int(count), 1)
@@ -312,7 +321,7 @@ def curvature_problem(
                         torch._foreach_add_(acc, part.product(vs))
                     del part
         if sharded:
-            _all_reduce_(acc)
+            _all_reduce_(acc, all_reduce)
         out = torch._foreach_mul(acc, scale)
         if damping:
             torch._foreach_add_(out, vs, alpha=damping)

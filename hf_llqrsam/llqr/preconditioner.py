@@ -20,6 +20,7 @@ from .config import LLQRConfig
 from .curvature import Extractor, curvature_problem
 from .fit import count_nonfinite, fit_structure
 from .layout import clip_groups, fallback_names, tensor_layouts, trainable_parameters
+from .sharding import full_tensor, is_dtensor, shard_like
 from .structures import DiagonalStructure, LLQRStateError, Structure, make_structure
 
 __all__ = ["LLQRPreconditioner", "LLQRStateError"]
@@ -52,7 +53,14 @@ class LLQRPreconditioner:
     ```
     """
 
-    def __init__(self, model: nn.Module, config: LLQRConfig) -> None:
+    def __init__(self, model: nn.Module, config: LLQRConfig, device: torch.device | str | None = None) -> None:
+        """Build U = I over `model`'s trainable tensors.
+
+        `device` places U (the trainer passes `accelerator.device`); it defaults to the parameters' device. Under
+        FSDP2 (DTensor parameters) every tensor of U with its parameter's shape is a DTensor sharded like that
+        parameter, created shard by shard (U is never materialised whole), and the `scalar` structure's c stays a
+        replicated 0-dim tensor. Kronecker structures raise there ([`_materialise_sharded`]).
+        """
         self.config = config
         params = [p for _, p in trainable_parameters(model)]
         if not params:
@@ -68,11 +76,57 @@ class LLQRPreconditioner:
             clip_groups(layouts, config.clip_groups),
             identity_scaling=config.identity_scaling,
             dtype=self.dtype,
-            device=params[0].device,
+            device="meta" if any(is_dtensor(p) for p in params) else (device or params[0].device),
         )
+        self._sharded = self._materialise_sharded(model, device)
         self.num_updates: int = 0
         self.last_update_step: int | None = None
         self._warned_skip = False  # the skipped-refresh warning is logged once per instance
+
+    @torch.no_grad()
+    def _materialise_sharded(self, model: nn.Module, device: torch.device | str | None) -> bool:
+        """FSDP2: replace the meta identity of U by real tensors, each DTensor sharded like its parameter.
+
+        The identity of `diagonal` and `scalar` U is the constant s (`llqr_identity_scaling`), so each shard is made
+        in place with `full_like(parameter)`: no rank ever holds a whole tensor of U. Returns whether any tensor of
+        U is sharded (`False`, and nothing done, when no parameter is a DTensor).
+        """
+        params = dict(trainable_parameters(model))
+        if not any(is_dtensor(p) for p in params.values()):
+            return False
+        if self.config.structure not in ("diagonal", "scalar"):
+            raise ValueError(
+                f"Invalid llqr_structure={self.config.structure!r} under FSDP2: Kronecker factors act on both sides "
+                "of each kernel (U(X) = A X Bᵀ), while FSDP2 shards every kernel by rows (Shard(0), the output side "
+                "that Bᵀ mixes). Applying U to a gradient shard would need the kernel's whole gradient on every rank "
+                "(an extra all-gather per kernel and step), and the n×n factor cannot be sharded like its parameter. "
+                "Use llqr_structure='diagonal' or 'scalar' under FSDP2, or DDP for Kronecker structures."
+            )
+        first = next(iter(params.values()))
+        plain_device = torch.device(device) if device is not None else first.device
+        scale, real = self.structure.scale, {}
+        for layout, block in zip(self.structure.layouts, self.structure.blocks, strict=True):
+            p = params[layout.name]
+            for key, meta in block.items():
+                if id(meta) not in real:
+                    if is_dtensor(p) and tuple(meta.shape) == tuple(p.shape):
+                        real[id(meta)] = torch.full_like(p, scale, dtype=self.dtype)
+                    else:  # scalar c (one per clip group, replicated), or a parameter FSDP2 does not manage
+                        real[id(meta)] = torch.full(meta.shape, scale, dtype=self.dtype, device=plain_device)
+                block[key] = real[id(meta)]
+        self.structure.device = plain_device
+        return True
+
+    def _gathered(self) -> Structure:
+        """U with whole tensors: U itself, or under FSDP2 a copy whose DTensor shards are all-gathered (collective)."""
+        return self.structure.map_tensors(full_tensor) if self._sharded else self.structure
+
+    @torch.no_grad()
+    def _scatter_(self, whole: Structure) -> None:
+        """U ← `whole` (from [`_gathered`]): each rank keeps its own shards (a local slice, no communication)."""
+        for t, w in zip(self.structure.parameters(), whole.parameters(), strict=True):
+            if t is not w:
+                t.copy_(shard_like(w, t))
 
     # ---- cadence ------------------------------------------------------------------------------------------
     def is_due(self, step: int) -> bool:
@@ -88,7 +142,9 @@ class LLQRPreconditioner:
     @torch.no_grad()
     def apply(self, names: Sequence[str], tensors: Sequence[Tensor]) -> list[Tensor]:
         """U·t for each tensor as a new fp32 tensor (fp64 stays fp64); identity for names not in U."""
-        if list(names) == self.names and isinstance(self.structure, DiagonalStructure):
+        # one fused multiply (DTensor shards too: a local product), unless DTensors and plain tensors are mixed
+        uniform = len({is_dtensor(t) for t in tensors}) <= 1
+        if list(names) == self.names and isinstance(self.structure, DiagonalStructure) and uniform:
             return self.structure.apply(tensors)  # the default: fused, no per-tensor loop (falls back on dtype)
         out = []
         for name, t in zip(names, tensors, strict=True):
@@ -110,10 +166,13 @@ class LLQRPreconditioner:
                 fast_d.append(self.structure.blocks[i]["d"])
             else:
                 t.copy_(self.structure.apply_block(i, t.to(self.dtype)))
-        if fast_t:
-            torch._foreach_mul_(fast_t, fast_d)
+        # one fused multiply per kind: FSDP2 shards multiply locally, but one foreach call cannot mix DTensors and
+        # plain tensors (a parameter FSDP2 does not manage)
+        for kind in {is_dtensor(t) for t in fast_t}:
+            ts = [t for t in fast_t if is_dtensor(t) == kind]
+            torch._foreach_mul_(ts, [d for t, d in zip(fast_t, fast_d, strict=True) if is_dtensor(t) == kind])
             if self.structure.scale != 1.0:
-                torch._foreach_div_(fast_t, self.structure.scale)
+                torch._foreach_div_(ts, self.structure.scale)
 
     # ---- refreshing U -------------------------------------------------------------------------------------
     def update(
@@ -126,6 +185,7 @@ class LLQRPreconditioner:
         extractor: Extractor | None = None,
         update_probe: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
         pad_token_id: int | None = None,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, float]:
         """One LLQR refresh of U on the curvature batch (`docs/algorithm.md` §5.2–5.3); leaves every `p.grad`
         untouched.
@@ -145,6 +205,11 @@ class LLQRPreconditioner:
             pad_token_id (`int`, *optional*): with `include_pad_rows`, the target of `labels == -100` rows (the
                 reference's "predict pad" rows, `docs/algorithm.md` §4.1); without it those rows count in N but add
                 nothing to the loss numerator. Ignored when `include_pad_rows` is off.
+            all_reduce (`Callable`, *optional*): the sum over ranks used by `llqr_curvature_sharding="sharded"`,
+                `t ↦ Σ_ranks t` (the trainer passes Accelerate's `reduce`); defaults to `torch.distributed`.
+
+        Under FSDP2 pass an unsharded view of the model (`hf_llqrsam.distributed.unsharded_view`): the inner loop
+        then runs on whole tensors of U, identical on every rank, and each rank keeps its shards of the result.
 
         Returns:
             `dict[str, float]`: the `llqr/*` metrics of `docs/integration.md` §11 (see [`fit_problem`]) and
@@ -173,6 +238,7 @@ class LLQRPreconditioner:
             sharded=cfg.curvature_sharding == "sharded" and dist.is_available() and dist.is_initialized(),
             pad_token_id=pad_token_id,
             diagnostics=diagnostics,
+            all_reduce=all_reduce,
         )
         probe_dict = update_probe(g_dict) if cfg.apply == "update" and update_probe is not None else None
         metrics = self.fit_problem(
@@ -241,7 +307,8 @@ class LLQRPreconditioner:
         if probe is not None and (bad := count_nonfinite(probe)):
             reason = f"the optimizer's dry-run update Δ_opt(g) has {bad} non-finite entries"
             return self._skip(step, reason, *rows_info)
-        v_struct = self.structure.clone() if cfg.warm_start else self.structure.identity()
+        whole = self._gathered()  # FSDP2: the inner loop runs on whole tensors, the same on every rank
+        v_struct = whole.clone() if cfg.warm_start else whole.identity()
         stats = fit_structure(
             v_struct,
             g,
@@ -256,9 +323,10 @@ class LLQRPreconditioner:
         if stats.stopped:
             reason = f"J at the first inner step is {stats.objective_start} (the curvature products are not finite)"
             return self._skip(step, reason, *rows_info)
-        self.structure.ema_(v_struct, cfg.ema_decay)
+        whole.ema_(v_struct, cfg.ema_decay)
         if not cfg.allow_inversion:
-            self.structure.clamp_(cfg.min_diag)
+            whole.clamp_(cfg.min_diag)
+        self._scatter_(whole)  # a no-op unless sharded: `whole` is U itself
         self.num_updates += 1
         self.last_update_step = step
         return {
@@ -267,11 +335,11 @@ class LLQRPreconditioner:
             "llqr/ugrad_norm": stats.ugrad_norm,
             "llqr/clip_fraction": stats.clip_fraction,
             "llqr/nonfinite_ugrad": float(stats.nonfinite_ugrad),
-            **self._summary(skipped=False),
+            **self._summary(skipped=False, whole=whole),
         }
 
-    def _summary(self, skipped: bool) -> dict[str, float]:
-        diag = torch.cat(self.structure.diagonal_parts())
+    def _summary(self, skipped: bool, whole: Structure | None = None) -> dict[str, float]:
+        diag = torch.cat((whole or self._gathered()).diagonal_parts())
         u_min, u_max, u_mean = (float(x) for x in (diag.min(), diag.max(), diag.mean()))
         return {
             "llqr/updates": float(self.num_updates),
@@ -304,11 +372,25 @@ class LLQRPreconditioner:
 
     # ---- multi-process, memory, checkpoints ---------------------------------------------------------------
     @torch.no_grad()
-    def broadcast_(self, src: int = 0) -> None:
-        """Make every rank hold rank `src`'s U (removes floating-point drift between replicated updates)."""
-        if dist.is_available() and dist.is_initialized():
-            for t in self.structure.parameters():
+    def broadcast_(self, src: int = 0, broadcast: Callable[[Tensor, int], Tensor] | None = None) -> None:
+        """Make every rank hold rank `src`'s U (removes floating-point drift between replicated updates).
+
+        Args:
+            src (`int`, *optional*, defaults to 0): the rank whose U is kept.
+            broadcast (`Callable`, *optional*): `(tensor, src) ↦ tensor` holding rank `src`'s values, in place or
+                returned (the trainer passes Accelerate's `broadcast`); defaults to `torch.distributed.broadcast`.
+
+        DTensor shards of U (FSDP2) are skipped: every entry has exactly one owner, so there is nothing to agree on.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for t in self.structure.parameters():
+            if is_dtensor(t):
+                continue
+            if broadcast is None:
                 dist.broadcast(t, src)
+            elif (out := broadcast(t, src)) is not t:
+                t.copy_(out)
 
     def memory_bytes(self) -> int:
         """Bytes held by the structure tensors of U."""

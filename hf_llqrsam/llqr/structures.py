@@ -22,13 +22,14 @@ gives s·U after the division instead of U; only s = 1 is used by its presets.)
 The U-gradient needs no structure-specific code: [`Structure.apply`] is differentiable in [`Structure.parameters`].
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from .layout import TensorLayout, from_matrix, to_matrix
+from .sharding import full_tensor, is_dtensor, local_tensor, shard_like
 
 __all__ = [
     "DiagonalStructure",
@@ -106,6 +107,18 @@ class Structure:
         new.blocks = [{k: copies[id(t)] for k, t in blk.items()} for blk in self.blocks]
         return new
 
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "Structure":
+        """The same structure over `fn(t)` for each of its tensors, each called once (shared tensors stay shared).
+
+        Tensors that `fn` returns unchanged are shared with this structure. Used with
+        [`~hf_llqrsam.llqr.sharding.full_tensor`] to gather FSDP2-sharded U for a refresh.
+        """
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        mapped = {id(t): fn(t) for t in self.parameters()}
+        new.blocks = [{k: mapped[id(t)] for k, t in blk.items()} for blk in self.blocks]
+        return new
+
     # ---- parameters and groups ----------------------------------------------------------------------------
     def parameters(self) -> list[Tensor]:
         """The learnable tensors, each once (the `scalar` structure shares one tensor across a group)."""
@@ -161,13 +174,16 @@ class Structure:
         return out
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.parameters())
+        """Bytes of U held by this rank: under FSDP2 the local shards of DTensor tensors (about 1/W of U)."""
+        return sum(local_tensor(t).numel() * t.element_size() for t in self.parameters())
 
     # ---- (de)serialisation --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """{canonical name: {tensor name: fp32 CPU tensor}}."""
+        """{canonical name: {tensor name: fp32 CPU tensor}}; FSDP2 shards stay DTensors (saved with DCP)."""
         return {
-            lay.name: {k: t.detach().to("cpu", copy=True) for k, t in blk.items()}
+            lay.name: {
+                k: t.detach().clone() if is_dtensor(t) else t.detach().to("cpu", copy=True) for k, t in blk.items()
+            }
             for lay, blk in zip(self.layouts, self.blocks, strict=True)
         }
 
@@ -224,7 +240,9 @@ class Structure:
             for k, t in blk.items():
                 key = f"blocks[{name!r}][{k!r}]"
                 value = saved[k]
-                self._check_tensor(key, value, t, min_value, source, remedy)
+                # a DTensor (an FSDP2 shard read with DCP) is checked whole, one tensor at a time, on every rank
+                whole = full_tensor(value) if isinstance(value, Tensor) else value
+                self._check_tensor(key, whole, t, min_value, source, remedy)
                 first = shared.setdefault(id(t), (key, value))
                 if first[1] is not value and not torch.equal(first[1], value):
                     raise LLQRStateError(
@@ -234,7 +252,8 @@ class Structure:
                     )
                 staged.append((t, value))
         for t, value in staged:
-            t.copy_(value)
+            # whole file → FSDP2 shard: a local slice; DCP shard → DDP / one process: gathered
+            t.copy_(shard_like(value, t) if not is_dtensor(value) else value if is_dtensor(t) else full_tensor(value))
 
     def _check_tensor(
         self, key: str, value: object, target: Tensor, min_value: float | None, source: str, remedy: str
