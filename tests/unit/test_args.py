@@ -118,16 +118,30 @@ def _namespace(tmp_path, **overrides):
         ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 2}}, ValueError, "use_cpu=True"),
         ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 1}, "use_cpu": False}, ValueError,
          "FSDP1"),
-        ({"sam_mode": "sam", "llqr": True, "fsdp": "full_shard", "fsdp_config": {}, "use_cpu": False}, ValueError,
-         "llqr=True with fsdp"),
-        ({"sam_mode": "sam", "sam_accumulation": "micro", "fsdp": "full_shard", "fsdp_config": {},
-          "use_cpu": False}, ValueError, "sam_accumulation='micro' with fsdp"),
+        ({"sam_mode": "sam", "llqr": True, "llqr_structure": "sep_ekfac", "fsdp": "full_shard", "fsdp_config": {},
+          "use_cpu": False}, ValueError, "llqr_structure='sep_ekfac' with fsdp: Kronecker"),
+        ({"sam_mode": "sam", "sam_scope": "local", "fsdp": "full_shard", "fsdp_config": {},
+          "use_cpu": False}, ValueError, "sam_scope='local' with fsdp"),
     ],
 )
 def test_unsupported_setup_rejected(tmp_path, overrides, error, match):
     """Setups TrainingArguments itself cannot build here (no DeepSpeed, no GPU) are checked on a copy."""
     with pytest.raises(error, match=match):
         validate_setup_args(_namespace(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"sam_mode": "sam", "llqr": True},
+        {"sam_mode": "fsam", "llqr": True, "llqr_structure": "scalar", "llqr_apply": "update", "optim": "sgd"},
+        {"sam_mode": "asam", "sam_accumulation": "micro"},
+        {"sam_mode": "infosam", "gradient_accumulation_steps": 2},
+    ],
+)
+def test_fsdp2_setups_accepted(tmp_path, overrides):
+    """What the FSDP2 CPU tests prove (tests/distributed/test_fsdp2_cpu.py) passes the argument checks on GPUs."""
+    validate_setup_args(_namespace(tmp_path, fsdp="full_shard", fsdp_config={"version": 2}, use_cpu=False, **overrides))
 
 
 def test_setup_checks_are_off_on_the_stock_path(tmp_path):

@@ -197,9 +197,12 @@ BAD += [
     ({"sam_mode": "sam", "parallelism_config": object()}, r"Invalid parallelism_config"),
     ({"sam_mode": "sam", "fsdp": True, "use_cpu": True}, r"fsdp=True with use_cpu=True"),
     ({"sam_mode": "sam", "fsdp": True, "fsdp_config": {"version": 1}}, r"fsdp_config version=1.*Use version 2"),
-    ({"sam_mode": "sam", "llqr": True, "fsdp": True, "fsdp_config": {"version": 2}}, r"llqr=True with fsdp"),
-    ({"llqr": True, "fsdp": True}, r"llqr=True with fsdp"),
-    ({"sam_mode": "sam", "sam_accumulation": "micro", "fsdp": True}, r"sam_accumulation='micro' with fsdp"),
+    ({"sam_mode": "sam", "sam_scope": "local", "fsdp": True}, r"sam_scope='local' with fsdp: FSDP2 shards every"),
+    (
+        {"sam_mode": "sam", "llqr": True, "llqr_structure": "kfac", "fsdp": True, "fsdp_config": {"version": 2}},
+        r"llqr_structure='kfac' with fsdp: Kronecker factors act on both sides",
+    ),
+    ({"llqr": True, "llqr_structure": "ekfac", "fsdp": True}, r"llqr_structure='ekfac' with fsdp: Kronecker"),
 ]
 
 
@@ -369,6 +372,9 @@ VALID: list[dict] = [
     {"llqr": True, "llqr_divergence": "renyi", "llqr_renyi_alpha": 2.0, "llqr_update_until": 0, "llqr_chunk_size": 1},
     {"llqr": True, "llqr_ema_decay": 1.0, "llqr_inner_momentum": 0.0, "llqr_inner_steps": 0, "llqr_damping": 0.5},
     {"sam_mode": "sam", "fsdp": True},  # FSDP2, window mode
+    {"sam_mode": "sam", "sam_accumulation": "micro", "fsdp": True},  # FSDP2, micro mode (every pass 2 syncs)
+    {"sam_mode": "sam", "llqr": True, "fsdp": True, "fsdp_config": {"version": 2}},  # LLQR+SAM under FSDP2
+    {"llqr": True, "llqr_structure": "scalar", "fsdp": True},
     {"deepspeed": None, "optim": "lomo", "ddp_static_graph": True},  # the stock path checks nothing
 ]
 
