@@ -3,6 +3,7 @@
 import warnings
 
 import datasets
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -39,7 +40,10 @@ def lm_dataset(n: int = 16, seed: int = 0) -> datasets.Dataset:
 
 
 def lora(model, target_modules: list[str], modules_to_save: list[str] | None = None, seed: int = 0):
-    """A LoRA-wrapped `model` (r=4) whose B factors start non-zero, so every adapter tensor has a gradient."""
+    """A LoRA-wrapped `model` (r=4) whose B factors start non-zero, so every adapter tensor has a gradient.
+
+    Skips the calling test when peft is not installed (it comes with the `peft` extra)."""
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytest.importorskip("peft")
+
 import hf_llqrsam.trainer as trainer_module
 from hf_llqrsam import LLQRSAMTrainer
 from hf_llqrsam.checkpoint import STATE_FILE
