@@ -48,14 +48,18 @@ from .config import (
 )
 from .llqr.config import (
     Apply,
+    CGBeta,
     ClipGroups,
     CurvatureSharding,
     Divergence,
+    InnerSolver,
     LLQRConfig,
     NGDScaling,
+    Schedule,
     ShiftLabels,
     Structure,
 )
+from .llqr.schedules import parse_milestones
 from .modes import MODES, SAM_MODE_NAMES
 
 __all__ = [
@@ -152,25 +156,51 @@ class LLQRSAMFields:
     llqr_renyi_alpha (`float`, *optional*, defaults to `0.5`):
         The Rényi order α (> 0, != 1). Used by `renyi` only.
     llqr_structure (`str`, *optional*, defaults to `"diagonal"`):
-        Structure of U: `diagonal`, `scalar`, `kfac`, `ekfac` or `sep_ekfac`.
+        Structure of U: `diagonal`, `scalar`, `kfac`, `ekfac`, `sep_ekfac`, or the reference's constrained
+        `psd_ekfac`, `psd_sep_ekfac`, `diag_kfac`, `sym_kfac`, `psd_sym_kfac` ([`~hf_llqrsam.llqr.structures_ext`]).
     llqr_update_interval (`int`, *optional*, defaults to `1000`):
         Refresh U every E optimizer steps (>= 1).
+    llqr_update_interval_milestones (`str`, *optional*):
+        Piecewise-constant E, `"k1:E1,k2:E2"`: E = E_i from step k_i on (strictly increasing k_i >= 1, E_i >= 1),
+        refreshes where k % E(k) == 0 (the reference's `piecewise_constant` `precond_update_scheduler`).
     llqr_update_until (`int`, *optional*):
         No refresh at or after this step (>= 0); `None` never stops.
     llqr_batch_size (`int`, *optional*, defaults to `64`):
         Examples in the curvature batch (>= 1).
     llqr_inner_steps (`int`, *optional*, defaults to `50`):
-        Inner SGD-momentum steps T per refresh (>= 0).
+        Inner solver steps T per refresh (>= 0).
+    llqr_inner_solver (`str`, *optional*, defaults to `"momentum"`):
+        The reference's `precond_solver`: `momentum` (heavy ball), `sgd`, `adam` (optax defaults) or `cg` (its
+        `cg_back_pr+`: PR+ nonlinear CG with Armijo backtracking, no clip, no learning rate).
+    llqr_cg_beta (`str`, *optional*, defaults to `"reference"`):
+        `cg` only: `reference` keeps the reference's β bookkeeping (β = 0 every step: steepest descent with the line
+        search); `polak_ribiere` the textbook PR+ between consecutive iterates.
     llqr_inner_lr (`float`, *optional*, defaults to `1e-3`):
-        Inner-loop learning rate (> 0).
+        Inner-loop learning rate (> 0); not used by `cg`.
+    llqr_inner_lr_schedule (`str`, *optional*, defaults to `"constant"`):
+        Schedule of the inner LR over the optimizer step: `constant`, `cosine` (from `llqr_inner_lr` at step 0 to
+        `llqr_inner_lr_schedule_value` at step `llqr_inner_lr_schedule_steps`, then held) or `warmup` (linear from
+        the value to `llqr_inner_lr`).
+    llqr_inner_lr_schedule_value (`float`, *optional*, defaults to `0.0`):
+        The LR schedule's other end (>= 0): cosine's final value, warmup's value at step 0.
+    llqr_inner_lr_schedule_steps (`int`, *optional*):
+        The LR schedule's length in optimizer steps (>= 1); required by `cosine` and `warmup`.
     llqr_inner_momentum (`float`, *optional*, defaults to `0.9`):
-        Inner-loop momentum, in [0, 1).
+        Inner-loop momentum, in [0, 1); `momentum` only.
     llqr_clip_norm (`float`, *optional*, defaults to `5.0`):
         Per-group clip of the U-gradient (> 0).
     llqr_clip_groups (`str`, *optional*, defaults to `"module"`):
         Clip groups: `module` (one per leaf module) or `tensor`.
     llqr_ema_decay (`float`, *optional*, defaults to `0.95`):
         β of the EMA merge U ← βU + (1 − β)V, in [0, 1].
+    llqr_ema_schedule (`str`, *optional*, defaults to `"constant"`):
+        Schedule of β over the optimizer step, as `llqr_inner_lr_schedule` (the reference's `ema_scheduler`). The
+        IWSLT variant (cosine from 0.8 to 0.925 over 133 epochs) is `--llqr_ema_decay 0.8 --llqr_ema_schedule cosine
+        --llqr_ema_schedule_value 0.925 --llqr_ema_schedule_steps <133 × steps per epoch>`.
+    llqr_ema_schedule_value (`float`, *optional*, defaults to `0.0`):
+        The β schedule's other end, in [0, 1]: cosine's final value, warmup's value at step 0.
+    llqr_ema_schedule_steps (`int`, *optional*):
+        The β schedule's length in optimizer steps (>= 1); required by `cosine` and `warmup`.
     llqr_warm_start (`bool`, *optional*, defaults to `True`):
         Start the inner loop from the current U (else from the identity).
     llqr_damping (`float`, *optional*, defaults to `0.0`):
@@ -244,16 +274,41 @@ class LLQRSAMFields:
     llqr_renyi_alpha: float = field(default=0.5, metadata={"help": "Order of the renyi divergence (> 0, != 1)."})
     llqr_structure: Structure = field(default="diagonal", metadata={"help": "Block structure of U."})
     llqr_update_interval: int = field(default=1000, metadata={"help": "Refresh U every E optimizer steps."})
+    llqr_update_interval_milestones: str | None = field(
+        default=None, metadata={"help": "Piecewise-constant E: 'k1:E1,k2:E2' (E_i from step k_i on)."}
+    )
     llqr_update_until: int | None = field(default=None, metadata={"help": "No refresh at or after this step."})
     llqr_batch_size: int = field(default=64, metadata={"help": "Examples in the curvature batch."})
-    llqr_inner_steps: int = field(default=50, metadata={"help": "Inner SGD-momentum steps per refresh."})
+    llqr_inner_steps: int = field(default=50, metadata={"help": "Inner solver steps per refresh."})
+    llqr_inner_solver: InnerSolver = field(
+        default="momentum", metadata={"help": "Inner solver: momentum, sgd, adam or cg (the reference's)."}
+    )
+    llqr_cg_beta: CGBeta = field(
+        default="reference", metadata={"help": "cg: the reference's beta (0: steepest descent) or polak_ribiere."}
+    )
     llqr_inner_lr: float = field(default=1e-3, metadata={"help": "Inner-loop learning rate (> 0)."})
+    llqr_inner_lr_schedule: Schedule = field(
+        default="constant", metadata={"help": "Inner-LR schedule over the optimizer step."}
+    )
+    llqr_inner_lr_schedule_value: float = field(
+        default=0.0, metadata={"help": "Inner-LR schedule's other end: cosine's last, warmup's first value."}
+    )
+    llqr_inner_lr_schedule_steps: int | None = field(
+        default=None, metadata={"help": "Inner-LR schedule's length in optimizer steps."}
+    )
     llqr_inner_momentum: float = field(default=0.9, metadata={"help": "Inner-loop momentum, in [0, 1)."})
     llqr_clip_norm: float = field(default=5.0, metadata={"help": "Per-group clip of the U-gradient (> 0)."})
     llqr_clip_groups: ClipGroups = field(
         default="module", metadata={"help": "Clip groups: one per leaf module or one per tensor."}
     )
     llqr_ema_decay: float = field(default=0.95, metadata={"help": "EMA merge U = b U_old + (1 - b) V, in [0, 1]."})
+    llqr_ema_schedule: Schedule = field(default="constant", metadata={"help": "EMA-decay schedule over the step."})
+    llqr_ema_schedule_value: float = field(
+        default=0.0, metadata={"help": "EMA schedule's other end: cosine's last, warmup's first value."}
+    )
+    llqr_ema_schedule_steps: int | None = field(
+        default=None, metadata={"help": "EMA schedule's length in optimizer steps."}
+    )
     llqr_warm_start: bool = field(default=True, metadata={"help": "Start the inner loop from the current U."})
     llqr_damping: float = field(default=0.0, metadata={"help": "Damping lambda of G + lambda I (>= 0)."})
     llqr_min_diag: float = field(default=1e-8, metadata={"help": "Positivity clamp of diagonal/scalar U (> 0)."})
@@ -325,13 +380,22 @@ class LLQRSAMFields:
             renyi_alpha=self.llqr_renyi_alpha,
             update_interval=self.llqr_update_interval,
             update_until=self.llqr_update_until,
+            update_interval_milestones=self.llqr_update_interval_milestones,
             batch_size=self.llqr_batch_size,
             inner_steps=self.llqr_inner_steps,
+            inner_solver=self.llqr_inner_solver,
+            cg_beta=self.llqr_cg_beta,
             inner_lr=self.llqr_inner_lr,
+            inner_lr_schedule=self.llqr_inner_lr_schedule,
+            inner_lr_schedule_value=self.llqr_inner_lr_schedule_value,
+            inner_lr_schedule_steps=self.llqr_inner_lr_schedule_steps,
             inner_momentum=self.llqr_inner_momentum,
             clip_norm=self.llqr_clip_norm,
             clip_groups=self.llqr_clip_groups,
             ema_decay=self.llqr_ema_decay,
+            ema_schedule=self.llqr_ema_schedule,
+            ema_schedule_value=self.llqr_ema_schedule_value,
+            ema_schedule_steps=self.llqr_ema_schedule_steps,
             warm_start=self.llqr_warm_start,
             damping=self.llqr_damping,
             min_diag=self.llqr_min_diag,
@@ -387,6 +451,8 @@ def _type_rule(name: str, hint: Any) -> _Rule:
         return _is_int, "an int"
     if hint is float:
         return _is_float, "a finite float"
+    if hint is str:
+        return (lambda x: isinstance(x, str)), "a string"
     raise TypeError(f"Unsupported annotation {hint!r} of {name}: add a rule to hf_llqrsam.args._type_rule.")
 
 
@@ -420,9 +486,13 @@ _RANGES: dict[str, _Rule] = {
     "llqr_batch_size": (lambda x: x >= 1, ">= 1"),
     "llqr_inner_steps": (lambda x: x >= 0, ">= 0"),
     "llqr_inner_lr": (lambda x: x > 0, "> 0"),
+    "llqr_inner_lr_schedule_value": (lambda x: x >= 0, ">= 0"),
+    "llqr_inner_lr_schedule_steps": (lambda x: x >= 1, ">= 1 (or None)"),
     "llqr_inner_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
     "llqr_clip_norm": (lambda x: x > 0, "> 0"),
     "llqr_ema_decay": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "llqr_ema_schedule_value": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "llqr_ema_schedule_steps": (lambda x: x >= 1, ">= 1 (or None)"),
     "llqr_damping": (lambda x: x >= 0, ">= 0"),
     "llqr_min_diag": (lambda x: x > 0, "> 0"),
     "llqr_identity_scaling": (lambda x: x > 0, "> 0"),
@@ -523,6 +593,14 @@ def _validate_llqr_rules(args: Any) -> None:
             "the perturbation): enable llqr_on_update, or llqr_in_perturbation with "
             f"{_modes_where('llqr_geometry', True)}."
         )
+    for name in ("inner_lr", "ema"):  # the LLQR schedules (`hf_llqrsam/llqr/schedules.py`)
+        schedule, steps = getattr(args, f"llqr_{name}_schedule"), getattr(args, f"llqr_{name}_schedule_steps")
+        _check(
+            schedule == "constant" or steps is not None,
+            f"Invalid llqr_{name}_schedule_steps=None with llqr_{name}_schedule={schedule!r}: the {schedule} "
+            f"schedule needs its length in optimizer steps (set --llqr_{name}_schedule_steps).",
+        )
+    parse_milestones(args.llqr_update_interval_milestones)  # raises naming the flag
     if args.llqr_apply == "update":
         _check(args.llqr_on_update, "Invalid llqr_apply='update'. Requires llqr_on_update=True.")
     if args.sam_norm == "matrix" and in_c:
@@ -572,6 +650,21 @@ def _llqr_flag_unused(args: Any, name: str) -> str | None:
         return "only used with llqr_divergence='renyi'"
     if name == "llqr_ngd_scaling" and args.llqr_divergence != "ngd":
         return "only used with llqr_divergence='ngd'"
+    return _llqr_solver_flag_unused(args, name)
+
+
+def _llqr_solver_flag_unused(args: Any, name: str) -> str | None:
+    """The inner-solver and schedule flags: which solver or schedule reads each (`hf_llqrsam/llqr/solvers.py`)."""
+    solver = args.llqr_inner_solver
+    if name == "llqr_inner_momentum" and solver != "momentum":
+        return "only used with llqr_inner_solver='momentum'"
+    if name == "llqr_cg_beta" and solver != "cg":
+        return "only used with llqr_inner_solver='cg'"
+    if solver == "cg" and (name in ("llqr_inner_lr", "llqr_clip_norm") or name.startswith("llqr_inner_lr_schedule")):
+        return "llqr_inner_solver='cg' takes the line-search step on the unclipped U-gradient"
+    for schedule in ("llqr_inner_lr_schedule", "llqr_ema_schedule"):
+        if name in (f"{schedule}_value", f"{schedule}_steps") and getattr(args, schedule) == "constant":
+            return f"{schedule}='constant'"
     return None
 
 

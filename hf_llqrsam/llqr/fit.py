@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import CGBeta, InnerSolver
 from .structures import Structure
 
 __all__ = [
@@ -163,27 +164,49 @@ def fit_structure(
     clip_norm: float,
     probe: Sequence[Tensor] | None = None,
     stop_if_nonfinite: bool = False,
+    solver: InnerSolver = "momentum",
+    cg_beta: CGBeta = "reference",
 ) -> FitStats:
-    """The inner loop on V = `structure` in place: `steps` clipped SGD-momentum steps, then V ← nan_to_num(V).
+    """The inner loop on V = `structure` in place: `steps` clipped solver steps, then V ← nan_to_num(V).
 
-    A new `torch.optim.SGD` (dampening 0, no Nesterov) is built on every call, so the momentum buffer never
-    outlives one update. Its heavy-ball step buf ← ∇ + μ·buf, V ← V − η·buf is the reference's solver
-    (`docs/algorithm.md` §5.2). g and G are frozen during the loop.
+    A new solver is built on every call, so no solver state outlives one update. The default, `momentum`, is a
+    `torch.optim.SGD` (dampening 0, no Nesterov) whose heavy-ball step buf ← ∇ + μ·buf, V ← V − η·buf is the
+    reference's default solver (`docs/algorithm.md` §5.2); `sgd` and `adam` replace it after the same clip, and
+    `cg` runs [`~hf_llqrsam.llqr.solvers.fit_cg`] on the unclipped gradient (the reference's solvers,
+    [`~hf_llqrsam.llqr.solvers`]). g and G are frozen during the loop.
 
     Args:
         structure (`Structure`): V; its parameters are made leaves that require grad.
         g (`Sequence[Tensor]`), gv (`Callable`): the curvature problem, aligned with `structure.layouts`.
-        steps (`int`): T. lr (`float`): η. momentum (`float`): μ. clip_norm (`float`): per-group clip.
+        steps (`int`): T. lr (`float`): η (not used by `cg`). momentum (`float`): μ (`momentum` only).
+        clip_norm (`float`): per-group clip (not used by `cg`).
         probe (`Sequence[Tensor]`, *optional*): δ = −V·probe instead of −V·g (see [`surrogate_gradient`]).
         stop_if_nonfinite (`bool`, *optional*, defaults to `False`): if J(V) at the first inner step is NaN/±Inf
             (a non-finite curvature product (G + λI)·δ, or one that overflows J), return at once with
             `stopped=True` and V bit-identical, instead of sanitising a U-gradient that carries no information.
+        solver (`str`, *optional*, defaults to `"momentum"`): `momentum`, `sgd`, `adam` or `cg`.
+        cg_beta (`str`, *optional*, defaults to `"reference"`): the β rule of `cg` (see [`~solvers.fit_cg`]).
     """
+    from .solvers import fit_cg, make_optimizer  # solvers imports FitStats from here
+
     params = structure.parameters()
     for p in params:
         p.requires_grad_(True)
+    if solver == "cg":
+
+        def value_and_grad() -> tuple[Tensor, list[Tensor], int]:
+            value, grads = surrogate_gradient(structure, g, gv, probe)
+            return value, grads, int(sanitize_(grads))
+
+        stats = fit_cg(structure, value_and_grad, steps, stop_if_nonfinite=stop_if_nonfinite, beta=cg_beta)
+        with torch.no_grad():
+            for p in params:
+                if not stats.stopped:
+                    torch.nan_to_num_(p)
+                p.requires_grad_(False)
+        return stats
     group_of = group_index(structure.clip_groups(), params[0].device if params else None)
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=0.0, nesterov=False, foreach=True)
+    opt = make_optimizer(solver, params, lr, momentum)
     nan = torch.tensor(float("nan"))
     first = last = nan
     norms, clipped, bad = [], [], []

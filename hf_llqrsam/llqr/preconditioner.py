@@ -20,6 +20,7 @@ from .config import LLQRConfig
 from .curvature import Extractor, curvature_problem
 from .fit import count_nonfinite, fit_structure
 from .layout import clip_groups, fallback_names, tensor_layouts, trainable_parameters
+from .schedules import check_schedules, ema_decay_at, inner_lr_at, update_interval_at
 from .sharding import full_tensor, is_dtensor, shard_like
 from .structures import DiagonalStructure, LLQRStateError, Structure, make_structure
 
@@ -62,6 +63,7 @@ class LLQRPreconditioner:
         replicated 0-dim tensor. Kronecker structures raise there ([`_materialise_sharded`]).
         """
         self.config = config
+        self._milestones = check_schedules(config)
         params = [p for _, p in trainable_parameters(model)]
         if not params:
             raise ValueError("LLQR needs at least one trainable parameter.")
@@ -130,10 +132,14 @@ class LLQRPreconditioner:
 
     # ---- cadence ------------------------------------------------------------------------------------------
     def is_due(self, step: int) -> bool:
-        """Whether a refresh runs before optimizer step `step`: k % E == 0, k < until, once per k (§5.4)."""
+        """Whether a refresh runs before optimizer step `step`: k % E(k) == 0, k < until, once per k (§5.4).
+
+        E(k) is `update_interval`, or piecewise constant with `update_interval_milestones`
+        ([`~hf_llqrsam.llqr.schedules.update_interval_at`]); a pure function of k, so resume needs no state.
+        """
         until = self.config.update_until
         return (
-            step % self.config.update_interval == 0
+            step % update_interval_at(self.config.update_interval, self._milestones, step) == 0
             and (until is None or step < until)
             and step != self.last_update_step
         )
@@ -309,21 +315,25 @@ class LLQRPreconditioner:
             return self._skip(step, reason, *rows_info)
         whole = self._gathered()  # FSDP2: the inner loop runs on whole tensors, the same on every rank
         v_struct = whole.clone() if cfg.warm_start else whole.identity()
+        # the schedules are pure functions of the refresh's optimizer step (`llqr/schedules.py`)
+        lr, decay = inner_lr_at(cfg, 0 if step is None else step), ema_decay_at(cfg, 0 if step is None else step)
         stats = fit_structure(
             v_struct,
             g,
             gv,
             steps=cfg.inner_steps,
-            lr=cfg.inner_lr,
+            lr=lr,
             momentum=cfg.inner_momentum,
             clip_norm=cfg.clip_norm,
             probe=probe,
             stop_if_nonfinite=True,
+            solver=cfg.inner_solver,
+            cg_beta=cfg.cg_beta,
         )
         if stats.stopped:
             reason = f"J at the first inner step is {stats.objective_start} (the curvature products are not finite)"
             return self._skip(step, reason, *rows_info)
-        whole.ema_(v_struct, cfg.ema_decay)
+        whole.ema_(v_struct, decay)
         if not cfg.allow_inversion:
             whole.clamp_(cfg.min_diag)
         self._scatter_(whole)  # a no-op unless sharded: `whole` is U itself
@@ -335,6 +345,8 @@ class LLQRPreconditioner:
             "llqr/ugrad_norm": stats.ugrad_norm,
             "llqr/clip_fraction": stats.clip_fraction,
             "llqr/nonfinite_ugrad": float(stats.nonfinite_ugrad),
+            "llqr/inner_lr": lr,
+            "llqr/ema_decay": decay,
             **self._summary(skipped=False, whole=whole),
         }
 

@@ -442,7 +442,10 @@ def make_structure(
         case "sep_ekfac":
             cls = SepEKFACStructure
         case _:
-            raise ValueError(
-                f"Invalid llqr_structure={kind!r}. Must be 'diagonal', 'scalar', 'kfac', 'ekfac' or 'sep_ekfac'."
-            )
+            from .structures_ext import EXTENDED  # the reference's constrained Kronecker structures
+
+            if kind not in EXTENDED:
+                allowed = ", ".join(repr(k) for k in ("diagonal", "scalar", "kfac", "ekfac", "sep_ekfac", *EXTENDED))
+                raise ValueError(f"Invalid llqr_structure={kind!r}. Must be one of {allowed}.")
+            cls = EXTENDED[kind]
     return cls(layouts, groups, identity_scaling, dtype, device)

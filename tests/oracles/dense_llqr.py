@@ -144,7 +144,28 @@ def kernel_matrix(kind: str, block: dict[str, Tensor]) -> Tensor:
             left = qa @ torch.diag(block["a"]) @ qa.T
             right = qg @ torch.diag(block["b"]) @ qg.T
             return torch.kron(left.contiguous(), right.T.contiguous())
+        case "psd_ekfac":  # Q_A [(t² + ε) ⊙ (Q_Aᵀ X Q_G)] Q_Gᵀ
+            Q = torch.kron(_mat(block["Q_A"]), _mat(block["Q_G"]))
+            return Q @ torch.diag((block["t"] ** 2 + PSD_EPS).reshape(-1)) @ Q.T
+        case "psd_sep_ekfac":  # (Q_A diag(t_a² + ε) Q_Aᵀ) X (Q_G diag(t_b² + ε) Q_Gᵀ)
+            qa, qg = _mat(block["Q_A"]), _mat(block["Q_G"])
+            left = qa @ torch.diag(block["t_a"] ** 2 + PSD_EPS) @ qa.T
+            right = qg @ torch.diag(block["t_b"] ** 2 + PSD_EPS) @ qg.T
+            return torch.kron(left.contiguous(), right.T.contiguous())
+        case "diag_kfac":  # diag(a) X diag(b)
+            return torch.diag(torch.outer(block["a"], block["b"]).reshape(-1))
+        case "sym_kfac":  # P(T_A) X P(T_B), P(T) = T + Tᵀ − diag(T) (a vector t stands for diag(t))
+            t_a, t_b = _mat(block["T_A"]), _mat(block["T_B"])
+            p_a = t_a + t_a.T - torch.diag(t_a.diagonal())
+            p_b = t_b + t_b.T - torch.diag(t_b.diagonal())
+            return torch.kron(p_a.contiguous(), p_b.T.contiguous())
+        case "psd_sym_kfac":  # (L_A L_Aᵀ) X (L_B L_Bᵀ)
+            l_a, l_b = _mat(block["L_A"]), _mat(block["L_B"])
+            return torch.kron((l_a @ l_a.T).contiguous(), (l_b @ l_b.T).T.contiguous())
     raise ValueError(kind)
+
+
+PSD_EPS = 1e-12  # the reference's ε of raw² + ε (`block_structures.py:_psd_diag_from_raw`)
 
 
 def linear_weight_matrix(kind: str, block: dict[str, Tensor], out_features: int, in_features: int) -> Tensor:

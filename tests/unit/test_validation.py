@@ -123,6 +123,41 @@ BAD += [
     ({"llqr_chunk_size": 0}, r"llqr_chunk_size=0\. Must be >= 1"),
 ]
 
+# the LLQR inner solvers, schedules, milestones and structures (issue 10, LLQR side)
+BAD += [
+    (
+        {"llqr_inner_solver": "cg_back_pr+"},
+        r"Invalid llqr_inner_solver='cg_back_pr\+'\. Must be one of 'momentum', 'sgd', 'adam', 'cg'\.",
+    ),
+    ({"llqr_cg_beta": "pr+"}, r"Invalid llqr_cg_beta='pr\+'\. Must be one of 'reference', 'polak_ribiere'\."),
+    ({"llqr_inner_lr_schedule": "cosine_annealing"}, r"llqr_inner_lr_schedule='cosine_annealing'\. Must be one of"),
+    ({"llqr_ema_schedule": "step_warmup"}, r"Invalid llqr_ema_schedule='step_warmup'\. Must be one of 'constant'"),
+    ({"llqr_structure": "psd-e-kfac"}, r"Invalid llqr_structure='psd-e-kfac'\. Must be one of .*'psd_ekfac'"),
+    ({"llqr_inner_lr_schedule_value": -1e-3}, r"llqr_inner_lr_schedule_value=-0\.001\. Must be >= 0"),
+    ({"llqr_inner_lr_schedule_steps": 0}, r"llqr_inner_lr_schedule_steps=0\. Must be >= 1"),
+    ({"llqr_inner_lr_schedule_steps": 2.5}, r"llqr_inner_lr_schedule_steps=2\.5\. Must be an int or None"),
+    ({"llqr_ema_schedule_value": 1.5}, r"llqr_ema_schedule_value=1\.5\. Must be in \[0, 1\]"),
+    ({"llqr_ema_schedule_value": -0.1}, r"llqr_ema_schedule_value=-0\.1\. Must be in \[0, 1\]"),
+    ({"llqr_ema_schedule_steps": 0}, r"llqr_ema_schedule_steps=0\. Must be >= 1"),
+    ({"llqr_ema_schedule_steps": "100"}, r"llqr_ema_schedule_steps='100'\. Must be an int or None"),
+    ({"llqr_update_interval_milestones": 15}, r"llqr_update_interval_milestones=15\. Must be a string or None"),
+    (
+        {"llqr": True, "llqr_update_interval_milestones": "15"},
+        r"Invalid llqr_update_interval_milestones='15': '15' is not 'step:interval'",
+    ),
+    ({"llqr": True, "llqr_update_interval_milestones": "0:10"}, r"milestones='0:10'.*the step must be >= 1"),
+    ({"llqr": True, "llqr_update_interval_milestones": "5:0"}, r"milestones='5:0'.*the interval >= 1"),
+    ({"llqr": True, "llqr_update_interval_milestones": "20:10,10:5"}, r"the steps must strictly increase"),
+    (
+        {"llqr": True, "llqr_ema_schedule": "cosine", "llqr_ema_schedule_value": 0.925},
+        r"Invalid llqr_ema_schedule_steps=None with llqr_ema_schedule='cosine'",
+    ),
+    (
+        {"llqr": True, "llqr_inner_lr_schedule": "warmup"},
+        r"Invalid llqr_inner_lr_schedule_steps=None with llqr_inner_lr_schedule='warmup'",
+    ),
+]
+
 # the mode rules, from the ModeSpec records
 BAD += [
     ({"sam_mode": m, "sam_accumulation": "micro"}, rf"sam_accumulation='micro' with sam_mode='{m}'.*must be 'window'")
@@ -229,7 +264,7 @@ def test_the_table_covers_every_literal_and_float_flag():
     for bad in (math.inf, math.nan):
         hit = {name for kwargs, _ in BAD for name, v in kwargs.items() if isinstance(v, float) and v is bad}
         assert hit == set(FLOATS), set(FLOATS) - hit
-    assert len(LITERALS) == 16 and len(FLOATS) == 19
+    assert len(LITERALS) == 20 and len(FLOATS) == 21
 
 
 def test_every_number_has_a_range_rule():
@@ -241,6 +276,8 @@ def test_every_number_has_a_range_rule():
 # ---------------------------------------------------------------------------------------------- the CLI
 
 BAD_CLI: list[tuple[list[str], str]] = [
+    (["--llqr", "--llqr_ema_schedule", "cosine"], r"llqr_ema_schedule_steps=None with llqr_ema_schedule='cosine'"),
+    (["--llqr", "--llqr_update_interval_milestones", "15000:"], r"milestones='15000:'.*is not 'step:interval'"),
     (["--sam_mode", "sam", "--sam_rho", "1e400"], r"Invalid sam_rho=inf\. Must be a finite float"),
     (["--sam_rho", "inf"], r"Invalid sam_rho=inf\. Must be a finite float"),
     (["--fsam_sigma", "nan"], r"Invalid fsam_sigma=nan\. Must be a finite float"),
@@ -376,6 +413,14 @@ VALID: list[dict] = [
     {"sam_mode": "sam", "llqr": True, "fsdp": True, "fsdp_config": {"version": 2}},  # LLQR+SAM under FSDP2
     {"llqr": True, "llqr_structure": "scalar", "fsdp": True},
     {"deepspeed": None, "optim": "lomo", "ddp_static_graph": True},  # the stock path checks nothing
+    {"llqr": True, "llqr_inner_solver": "cg", "llqr_cg_beta": "polak_ribiere", "llqr_structure": "psd_ekfac"},
+    {"llqr": True, "llqr_inner_solver": "adam", "llqr_inner_lr_schedule": "cosine", "llqr_inner_lr_schedule_steps": 9},
+    {
+        "llqr": True, "llqr_ema_decay": 0.8, "llqr_ema_schedule": "cosine", "llqr_ema_schedule_value": 0.925,
+        "llqr_ema_schedule_steps": 133 * 1100, "llqr_update_interval_milestones": "5865:10000",
+    },
+    {"llqr": True, "llqr_inner_solver": "sgd", "llqr_structure": "sym_kfac", "llqr_ema_schedule": "warmup",
+     "llqr_ema_schedule_steps": 10, "llqr_update_interval_milestones": " 10:5 , 20:2 "},
 ]
 
 
@@ -393,6 +438,21 @@ def test_valid_configuration_constructs_without_warning(tmp_path, kwargs):
 # ---------------------------------------------------------------------------------------------- ignored flags
 
 IGNORED: list[tuple[dict, list[str]]] = [
+    (
+        {"llqr": True, "llqr_inner_solver": "cg", "llqr_inner_lr": 0.01, "llqr_inner_momentum": 0.5},
+        [
+            "llqr_inner_lr=0.01 (llqr_inner_solver='cg' takes the line-search step on the unclipped U-gradient)",
+            "llqr_inner_momentum=0.5 (only used with llqr_inner_solver='momentum')",
+        ],
+    ),
+    (
+        {"llqr": True, "llqr_cg_beta": "polak_ribiere", "llqr_ema_schedule_steps": 5, "llqr_inner_solver": "adam"},
+        [
+            "llqr_cg_beta='polak_ribiere' (only used with llqr_inner_solver='cg')",
+            "llqr_ema_schedule_steps=5 (llqr_ema_schedule='constant')",
+        ],
+    ),
+    ({"llqr_inner_solver": "adam"}, ["llqr_inner_solver='adam' (llqr=False)"]),
     ({"sam_mode": "sam", "fsam_beta": 0.5}, ["fsam_beta=0.5 (only used with sam_mode='fsam')"]),
     ({"sam_rho": 0.2}, ["sam_rho=0.2 (sam_mode='none')"]),
     ({"llqr_damping": 0.1}, ["llqr_damping=0.1 (llqr=False)"]),
