@@ -1,8 +1,10 @@
 """LLQR: the learned, block-structured inverse preconditioner U of arXiv 2605.04230, in pure torch.
 
 Modules: `config` (LLQRConfig), `curvature` (g and G·v), `layout` (tensor views, clip groups), `structures` (the
-parameterisations of U), `fit` (surrogate U-gradient, inner loop), `preconditioner` (LLQRPreconditioner) and
-`update_probe` (the optimizer's dry-run update for `llqr_apply="update"`).
+parameterisations of U) and `structures_ext` (the reference's constrained Kronecker ones), `fit` (surrogate
+U-gradient, inner loop), `solvers` (the inner solvers: momentum, sgd, adam, nonlinear CG), `schedules` (inner LR, EMA
+decay and refresh interval as functions of the step), `preconditioner` (LLQRPreconditioner) and `update_probe` (the
+optimizer's dry-run update for `llqr_apply="update"`).
 """
 
 from .config import LLQRConfig
