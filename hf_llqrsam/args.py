@@ -38,6 +38,7 @@ from .config import (
     Accumulation,
     BNStats,
     FisherSAMForm,
+    FSAMEma,
     FSAMInit,
     InfoSAMVariance,
     Norm,
@@ -45,6 +46,7 @@ from .config import (
     SAMConfig,
     SAMMode,
     Scope,
+    past_fsam_window,
 )
 from .llqr.config import (
     Apply,
@@ -86,8 +88,8 @@ class LLQRSAMFields:
     > Parameters that control SAM
 
     sam_mode (`str`, *optional*, defaults to `"none"`):
-        One of `none`, `sam`, `asam`, `fsam`, `fisher_sam`, `gsam`, `vasso`, `infosam`. `none` with `llqr` off is the
-        stock [`~transformers.Trainer`] path, bit for bit.
+        One of `none`, `sam`, `asam`, `fsam`, `fisher_sam`, `gsam`, `vasso`, `infosam`, `past_fsam`, `looksam`,
+        `wsam`. `none` with `llqr` off is the stock [`~transformers.Trainer`] path, bit for bit.
     sam_rho (`float`, *optional*, defaults to `0.1`):
         Perturbation radius ρ; ε = ρ·Cv/√(ν² + sam_eps). Must be > 0 when `sam_mode` is not `none`.
     sam_rho_schedule (`str`, *optional*, defaults to `"constant"`):
@@ -99,7 +101,10 @@ class LLQRSAMFields:
     sam_interval (`int`, *optional*, defaults to `1`):
         Run SAM on every k-th step after `sam_start_step`; the other steps are plain.
     sam_norm (`str`, *optional*, defaults to `"euclidean"`):
-        Normaliser ν: `euclidean` ‖Cv‖₂ or `matrix` √(vᵀCv). Modes with their own normaliser need `euclidean`.
+        Normaliser ν: `euclidean` ‖Cv‖₂ or `matrix` √(vᵀCv) (the reference's `norm_mode` `euclidean`,
+        `matrix_norm`), or the same per layer, `layer_euclidean` / `layer_matrix` (`layer_euclidean`,
+        `layer_matrix_norm`): ε_l = ρ (Cv)_l / (ν_l √L) over the L modules that own parameters
+        ([`~hf_llqrsam.sam.layer_groups`]). Modes with their own normaliser need `euclidean`.
     sam_eps (`float`, *optional*, defaults to `1e-12`):
         Added to ν² inside the square root (> 0).
     sam_accumulation (`str`, *optional*, defaults to `"window"`):
@@ -136,6 +141,27 @@ class LLQRSAMFields:
         Floor δ of infoSAM's noise estimate b (> 0).
     infosam_variance (`str`, *optional*, defaults to `"instant"`):
         infoSAM's noise estimate: `instant` b = (m − g)² (the prototype) or `ema`.
+    fsam_ema (`str`, *optional*, defaults to `"precond_grad"`):
+        FSAM's and past-FSAM's reference `perturb_mode` (`lqr_optimizer/_src/utils/utils.py:
+        make_perturbation_from_vector`, `update_gbar`). `precond_grad` (default; today's behaviour) is
+        `ema_precond_grad`, the paper's LLQR-on FSAM sweep: ḡ is the EMA of the raw clean gradient and C = U when
+        `--llqr` with `llqr_in_perturbation`. `grad` is `ema_grad`: the same EMA with U kept out of ε, so with `--llqr`
+        it needs `--no_llqr_in_perturbation` (without U in ε the two are the same). `direction` is `ema_direction`:
+        ḡ is renormalised to unit norm after every update and C v is made unit-norm before ν.
+    past_fsam_overlap (`float`, *optional*, defaults to `0.0`):
+        past-FSAM's `batch_overlap_fraction` f, 1 − 1/K for an integer K (0, 0.5, 2/3, 0.75, ...): the one pass runs
+        on the last K fresh batches (this step's and those of the K − 1 steps before, kept in the SAM state), so
+        consecutive windows share a fraction f, as the reference's windows of K chunks that advance one chunk per
+        step. `per_device_train_batch_size` is the reference's fresh chunk, `batch_size`·(1 − f). Single process.
+    looksam_interval (`int`, *optional*, defaults to `5`):
+        LookSAM's k (>= 1): the full two-pass SAM step on every k-th step after `sam_start_step`, one pass between.
+    looksam_alpha (`float`, *optional*, defaults to `0.7`):
+        LookSAM's α (>= 0): the one-pass steps descend along g + α (‖g‖/‖g_v‖) g_v.
+    wsam_gamma (`float`, *optional*, defaults to `0.9`):
+        WSAM's γ, in [0, 1): the loss L + γ/(1 − γ)·(L(θ + ε) − L), as in `pytorch_optimizer.WSAM`.
+    wsam_decouple (`bool`, *optional*, defaults to `True`):
+        WSAM's sharpness term γ/(1 − γ)(g̃ − g) as its own SGD step after the base optimizer stepped on g (the paper's
+        Algorithm 1, `pytorch_optimizer`'s `decouple=True`), or (False) added to the gradient.
 
     > Parameters that control LLQR (arXiv 2605.04230)
 
@@ -260,6 +286,18 @@ class LLQRSAMFields:
     infosam_variance: InfoSAMVariance = field(
         default="instant", metadata={"help": "infoSAM noise estimate: instant (m - g)^2 or an EMA of it."}
     )
+    fsam_ema: FSAMEma = field(
+        default="precond_grad", metadata={"help": "FSAM/past-FSAM: the reference's perturb_mode (ema_<value>)."}
+    )
+    past_fsam_overlap: float = field(
+        default=0.0, metadata={"help": "past-FSAM: batch overlap fraction, 1 - 1/K for an integer K."}
+    )
+    looksam_interval: int = field(default=5, metadata={"help": "LookSAM: full SAM step every k steps (>= 1)."})
+    looksam_alpha: float = field(default=0.7, metadata={"help": "LookSAM: weight of the reused g_v (>= 0)."})
+    wsam_gamma: float = field(default=0.9, metadata={"help": "WSAM: sharpness weight gamma / (1 - gamma), [0, 1)."})
+    wsam_decouple: bool = field(
+        default=True, metadata={"help": "WSAM: sharpness as a separate SGD step after the base optimizer's."}
+    )
 
     llqr: bool = field(default=False, metadata={"help": "Learn the LLQR inverse preconditioner U."})
     llqr_in_perturbation: bool = field(default=True, metadata={"help": "Use C = U in the perturbation."})
@@ -363,6 +401,12 @@ class LLQRSAMFields:
             infosam_alpha=self.infosam_alpha,
             infosam_damping=self.infosam_damping,
             infosam_variance=self.infosam_variance,
+            fsam_ema=self.fsam_ema,
+            past_fsam_overlap=self.past_fsam_overlap,
+            looksam_interval=self.looksam_interval,
+            looksam_alpha=self.looksam_alpha,
+            wsam_gamma=self.wsam_gamma,
+            wsam_decouple=self.wsam_decouple,
         )
 
     def to_llqr_config(self) -> LLQRConfig | None:
@@ -480,6 +524,14 @@ _RANGES: dict[str, _Rule] = {
     "vasso_theta": (lambda x: 0 < x <= 1, "in (0, 1]"),
     "infosam_alpha": (lambda x: 0 <= x < 1, "in [0, 1)"),
     "infosam_damping": (lambda x: x > 0, "> 0"),
+    "past_fsam_overlap": (
+        lambda x: 0 <= x < 1 and abs(1 / (1 - x) - past_fsam_window(x)) <= 0.01,
+        "1 - 1/K for an integer K >= 1, in [0, 1) (0, 0.5, 0.667, 0.75, ...): the reference needs batch_size % "
+        "(batch_size * (1 - f)) == 0",
+    ),
+    "looksam_interval": (lambda x: x >= 1, ">= 1"),
+    "looksam_alpha": (lambda x: x >= 0, ">= 0"),
+    "wsam_gamma": (lambda x: 0 <= x < 1, "in [0, 1)"),
     "llqr_renyi_alpha": (lambda x: x > 0 and x != 1, "> 0 and != 1"),
     "llqr_update_interval": (lambda x: x >= 1, ">= 1"),
     "llqr_update_until": (lambda x: x >= 0, ">= 0 (or None)"),
@@ -560,6 +612,12 @@ def _validate_sam_rules(args: Any) -> None:
             f"Invalid sam_scope={args.sam_scope!r} with sam_mode={mode!r}: {mode} needs the all-reduced gradient, "
             "so sam_scope must be 'global'.",
         )
+    if spec.passes != "two" and args.sam_interval != 1:
+        cadence = "looksam_interval" if spec.passes == "cadence" else "one pass on every step"
+        _fail(
+            f"Invalid sam_interval={args.sam_interval!r} with sam_mode={mode!r}: {mode} sets its own cadence "
+            f"({cadence}), so sam_interval must be 1.",
+        )
 
 
 def _modes_where(attribute: str, value: bool) -> str:
@@ -603,17 +661,29 @@ def _validate_llqr_rules(args: Any) -> None:
     parse_milestones(args.llqr_update_interval_milestones)  # raises naming the flag
     if args.llqr_apply == "update":
         _check(args.llqr_on_update, "Invalid llqr_apply='update'. Requires llqr_on_update=True.")
-    if args.sam_norm == "matrix" and in_c:
+    if args.sam_norm in ("matrix", "layer_matrix") and in_c:
         _check(
             args.llqr_structure in ("diagonal", "scalar"),
-            f"Invalid sam_norm='matrix' with llqr_structure={args.llqr_structure!r}: the matrix norm needs a "
-            "symmetric PSD U, so llqr_structure must be 'diagonal' or 'scalar' (or use sam_norm='euclidean').",
+            f"Invalid sam_norm={args.sam_norm!r} with llqr_structure={args.llqr_structure!r}: the matrix norm needs "
+            "a symmetric PSD U, so llqr_structure must be 'diagonal' or 'scalar' (or use sam_norm='euclidean').",
+        )
+    reads_ema = spec is not None and "fsam_ema" in spec.hyperparameters + spec.borrows
+    if reads_ema and args.fsam_ema == "grad" and in_c:
+        _fail(
+            f"Invalid fsam_ema='grad' with llqr_in_perturbation=True (sam_mode={mode!r}): fsam_ema='grad' is the "
+            "reference's perturb_mode=ema_grad, which keeps U out of the perturbation. Pass "
+            "--no_llqr_in_perturbation, or use fsam_ema='precond_grad' (ema_precond_grad, C = U)."
         )
 
 
 # ---------------------------------------------------------------------------------------------- 5. ignored flags
 
-_MODE_OF: dict[str, str] = {name: mode for mode, spec in MODES.items() for name in spec.hyperparameters}
+# flag -> the modes that read it: its owner first, then the modes that borrow it (ModeSpec.borrows)
+_MODE_OF: dict[str, tuple[str, ...]] = {
+    name: (mode, *(m for m, s in MODES.items() if name in s.borrows))
+    for mode, spec in MODES.items()
+    for name in spec.hyperparameters
+}
 
 
 def ignored_flags(args: Any) -> list[str]:
@@ -629,7 +699,8 @@ def ignored_flags(args: Any) -> list[str]:
         if name.startswith("llqr_"):
             reason = _llqr_flag_unused(args, name)
         elif name in _MODE_OF:
-            reason = f"only used with sam_mode={_MODE_OF[name]!r}" if mode != _MODE_OF[name] else None
+            users = " or ".join(repr(m) for m in _MODE_OF[name])
+            reason = f"only used with sam_mode={users}" if mode not in _MODE_OF[name] else None
         elif mode == "none":
             reason = "sam_mode='none'"
         elif name == "sam_rho_min" and args.sam_rho_schedule != "lr_proportional":

@@ -12,26 +12,43 @@ from typing import Literal
 __all__ = [
     "Accumulation",
     "BNStats",
+    "FSAMEma",
     "FSAMInit",
     "FisherSAMForm",
     "InfoSAMVariance",
     "Norm",
     "RhoSchedule",
     "SAMConfig",
+    "past_fsam_window",
     "SAMMode",
     "Scope",
 ]
 
 # Must list exactly `hf_llqrsam.modes.SAM_MODE_NAMES` (a test checks it; mypy needs the values spelled out).
-SAMMode = Literal["none", "sam", "asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam"]
+SAMMode = Literal[
+    "none", "sam", "asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam", "past_fsam", "looksam", "wsam"
+]
 RhoSchedule = Literal["constant", "iwslt14_cosine_ramp", "lr_proportional"]
-Norm = Literal["euclidean", "matrix"]
+Norm = Literal["euclidean", "matrix", "layer_euclidean", "layer_matrix"]
 Accumulation = Literal["window", "micro"]
 Scope = Literal["global", "local"]
 BNStats = Literal["second", "first"]
 FSAMInit = Literal["zero", "first_grad"]
+FSAMEma = Literal["grad", "precond_grad", "direction"]
 FisherSAMForm = Literal["reference", "paper"]
 InfoSAMVariance = Literal["instant", "ema"]
+
+
+def past_fsam_window(overlap: float) -> int:
+    """K = round(1 / (1 − f)): how many fresh batches past-FSAM's one pass runs on, for `past_fsam_overlap` f.
+
+    The reference (SimonDufLab/LLQR, `lqr_optimizer/_src/utils/utils.py:prepare_dataloader`) cuts the stream into
+    chunks of `replace = round(B (1 − f))` examples and yields windows of `K = B / replace` consecutive chunks that
+    advance by one chunk per step (it raises unless `B % replace == 0`), so consecutive batches share B − replace.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"Invalid past_fsam_overlap={overlap!r}. Must be in [0, 1).")
+    return max(1, round(1.0 / (1.0 - overlap)))
 
 
 @dataclass(frozen=True)
@@ -45,14 +62,15 @@ class SAMConfig:
 
     Args:
         mode (`str`, *optional*, defaults to `"sam"`): the SAM variant (`none`, `sam`, `asam`, `fsam`, `fisher_sam`,
-            `gsam`, `vasso`, `infosam`).
+            `gsam`, `vasso`, `infosam`, `past_fsam`, `looksam`, `wsam`).
         rho (`float`, *optional*, defaults to `0.1`): radius ρ of ε = ρ·Cv/√(ν² + eps).
         rho_schedule (`str`, *optional*, defaults to `"constant"`): `constant`, `iwslt14_cosine_ramp` or
             `lr_proportional`.
         rho_min (`float`, *optional*, defaults to `0.0`): lower end of the `lr_proportional` schedule.
         start_step (`int`, *optional*, defaults to `0`): plain (one-pass) optimizer steps before this one.
         interval (`int`, *optional*, defaults to `1`): SAM on every k-th step after `start_step`.
-        norm (`str`, *optional*, defaults to `"euclidean"`): ν = ‖Cv‖₂ (`euclidean`) or √(vᵀCv) (`matrix`).
+        norm (`str`, *optional*, defaults to `"euclidean"`): ν = ‖Cv‖₂ (`euclidean`) or √(vᵀCv) (`matrix`), or the
+            same per layer, each layer scaled by 1/√L (`layer_euclidean`, `layer_matrix`).
         eps (`float`, *optional*, defaults to `1e-12`): added to ν² inside the square root.
         accumulation (`str`, *optional*, defaults to `"window"`): one ε per accumulation window or per micro-batch.
         scope (`str`, *optional*, defaults to `"global"`): ε from the all-reduced or the rank-local gradient.
@@ -71,6 +89,15 @@ class SAMConfig:
         infosam_alpha (`float`, *optional*, defaults to `0.9`): infoSAM's gradient EMA decay.
         infosam_damping (`float`, *optional*, defaults to `1e-8`): floor δ of infoSAM's noise estimate.
         infosam_variance (`str`, *optional*, defaults to `"instant"`): infoSAM's noise estimate: `instant` or `ema`.
+        fsam_ema (`str`, *optional*, defaults to `"precond_grad"`): FSAM/past-FSAM's reference `perturb_mode`:
+            `precond_grad`, `grad` (both: ḡ is the EMA of the raw gradient) or `direction` (ḡ and C v unit-norm).
+        past_fsam_overlap (`float`, *optional*, defaults to `0.0`): past-FSAM's `batch_overlap_fraction` f; the pass
+            runs on the last K = 1/(1 − f) fresh batches.
+        looksam_interval (`int`, *optional*, defaults to `5`): LookSAM's k: the full two-pass step every k steps.
+        looksam_alpha (`float`, *optional*, defaults to `0.7`): LookSAM's weight α of the reused component g_v.
+        wsam_gamma (`float`, *optional*, defaults to `0.9`): WSAM's γ; the sharpness weight is γ / (1 − γ).
+        wsam_decouple (`bool`, *optional*, defaults to `True`): WSAM's sharpness term as a separate SGD step after
+            the base optimizer's step (the paper's Algorithm 1), or mixed into the gradient.
     """
 
     mode: SAMMode = "sam"
@@ -96,3 +123,9 @@ class SAMConfig:
     infosam_alpha: float = 0.9
     infosam_damping: float = 1e-8
     infosam_variance: InfoSAMVariance = "instant"
+    fsam_ema: FSAMEma = "precond_grad"
+    past_fsam_overlap: float = 0.0
+    looksam_interval: int = 5
+    looksam_alpha: float = 0.7
+    wsam_gamma: float = 0.9
+    wsam_decouple: bool = True

@@ -14,10 +14,11 @@ from typing import Literal
 
 __all__ = ["MODES", "SAM_MODE_NAMES", "ModeSpec", "mode_table"]
 
-Probe = Literal["gradient", "ema_difference", "ema"]
+Probe = Literal["gradient", "ema_difference", "ema", "past_difference"]
 Geometry = Literal["preconditioner", "identity", "asam", "fisher", "infosam"]
 LossScale = Literal["invariant", "true_units"]
-Descent = Literal["plain", "gsam"]
+Descent = Literal["plain", "gsam", "looksam", "wsam"]
+Passes = Literal["two", "one", "cadence"]
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,12 @@ class ModeSpec:
     Args:
         name (`str`): the `sam_mode` value.
         probe (`str`): how v is built: `gradient` (v = g), `ema_difference` (FSAM: v = g − σḡ), `ema` (VaSSO:
-            v = d ← (1 − θ)d + θg).
+            v = d ← (1 − θ)d + θg), `past_difference` (past-FSAM: v = g̃_{t−1} − σḡ from the state, no pass at θ).
         geometry (`str`): C: `preconditioner` (I, or U when LLQR enters C), `identity`, `asam` (T²), `fisher`
             (diag(1/(g² + η))), `infosam` (diag(1/(b + δ))).
         own_normaliser (`bool`): the mode fixes ν itself, so `sam_norm` must stay `euclidean`.
-        descent (`str`): `plain` (P·g̃) or `gsam` (g̃ − α g⊥, from the clean gradient kept in the same units as g̃).
+        descent (`str`): `plain` (P·g̃), `gsam` (g̃ − α g⊥, from the clean gradient kept in the same units as g̃),
+            `looksam` (g̃ on full steps, g + α‖g‖ ĝ_v between) or `wsam` (g + γ/(1 − γ)(g̃ − g)).
         state (`tuple[str, ...]`): the [`~hf_llqrsam.sam.SAMState`] buffer kinds the mode keeps and checkpoints.
         window_only (`bool`): needs the whole window's gradient (no `sam_accumulation="micro"`).
         global_only (`bool`): needs the all-reduced gradient (no `sam_scope="local"`).
@@ -43,6 +45,12 @@ class ModeSpec:
         hyperparameters (`tuple[str, ...]`): the mode's own flags (warned about when set under another mode).
         source (`str`): the paper or code the record follows.
         doc (`tuple[str, str, str, str, str]`): the README table cells: v, C, ν, P, state.
+        passes (`str`, *optional*, defaults to `"two"`): forward/backward passes per step after `sam_start_step`:
+            `two` (pass 1 at θ, pass 2 at θ + ε), `one` (one pass at θ + ε, ε from the state) or `cadence` (two
+            passes every `looksam_interval`-th step, one pass at θ between). Modes other than `two` set their own
+            cadence, so `sam_interval` must stay 1.
+        borrows (`tuple[str, ...]`, *optional*, defaults to `()`): hyperparameters of another mode that this mode
+            reads too (past-FSAM reads FSAM's `fsam_beta`, `fsam_sigma`, `fsam_ema`); not warned about under it.
     """
 
     name: str
@@ -59,6 +67,8 @@ class ModeSpec:
     hyperparameters: tuple[str, ...]
     source: str
     doc: tuple[str, str, str, str, str]
+    passes: Passes = "two"
+    borrows: tuple[str, ...] = ()
 
 
 MODES: dict[str, ModeSpec] = {
@@ -79,7 +89,7 @@ MODES: dict[str, ModeSpec] = {
         ModeSpec(
             name="fsam", probe="ema_difference", geometry="preconditioner", own_normaliser=False, descent="plain",
             state=("gbar",), window_only=True, global_only=False, loss_scale="true_units", llqr_geometry=True,
-            llqr_descent=True, hyperparameters=("fsam_beta", "fsam_sigma", "fsam_init"),
+            llqr_descent=True, hyperparameters=("fsam_beta", "fsam_sigma", "fsam_init", "fsam_ema"),
             source="Li et al., CVPR 2024 (Friendly-SAM)",
             doc=("g − σḡ", "I (U with `--llqr`)", "‖Cv‖ or √(vᵀCv)", "I (U with `--llqr`)", "ḡ"),
         ),
@@ -108,6 +118,29 @@ MODES: dict[str, ModeSpec] = {
             source="arXiv 2501.06603 (preSAM/infoSAM), built from the authors' prototype (`docs/infosam.md`)",
             doc=("g", "diag(1/(b + δ))", "‖Cg‖ or √(gᵀCg)", "I", "m (and v)"),
         ),
+        ModeSpec(
+            name="past_fsam", probe="past_difference", geometry="preconditioner", own_normaliser=False,
+            descent="plain", state=("gbar", "g_last"), window_only=True, global_only=True, loss_scale="true_units",
+            llqr_geometry=True, llqr_descent=True, hyperparameters=("past_fsam_overlap",),
+            source="the LLQR reference's past-FSAM (SimonDufLab/LLQR, "
+            "`lqr_optimizer/_src/utils/sam_mode_handlers.py:_build_past_fsam_train_step`)",
+            doc=("g̃ₜ₋₁ − σḡ", "I (U with `--llqr`)", "‖Cv‖ or √(vᵀCv)", "I (U with `--llqr`)", "ḡ, g̃ₜ₋₁"),
+            passes="one", borrows=("fsam_beta", "fsam_sigma", "fsam_ema"),
+        ),
+        ModeSpec(
+            name="looksam", probe="gradient", geometry="identity", own_normaliser=False, descent="looksam",
+            state=("gv",), window_only=True, global_only=True, loss_scale="invariant", llqr_geometry=False,
+            llqr_descent=False, hyperparameters=("looksam_interval", "looksam_alpha"),
+            source="Liu et al., CVPR 2022 (LookSAM), Alg. 1",
+            doc=("g", "I", "‖g‖", "g̃ every k-th step, g + α‖g‖ g_v/‖g_v‖ between", "g_v"),
+            passes="cadence",
+        ),
+        ModeSpec(
+            name="wsam", probe="gradient", geometry="identity", own_normaliser=False, descent="wsam", state=(),
+            window_only=True, global_only=True, loss_scale="invariant", llqr_geometry=False, llqr_descent=False,
+            hyperparameters=("wsam_gamma", "wsam_decouple"), source="Yue et al., KDD 2023 (WSAM), Alg. 1",
+            doc=("g", "I", "‖g‖", "g + γ/(1−γ)·(g̃ − g)", "–"),
+        ),
     )
 }
 
@@ -117,18 +150,23 @@ SAM_MODE_NAMES: tuple[str, ...] = ("none", *MODES)
 def mode_table() -> str:
     """The README's template table (one row per [`ModeSpec`]), as markdown.
 
-    Columns: probe v, geometry C, normaliser ν, descent P, state, window-only, LLQR in C / P, fp16 loss scale.
+    Columns: probe v, geometry C, normaliser ν, descent P, state, passes per step, window-only, LLQR in C / P, fp16
+    loss scale.
     """
     header = (
-        "| mode | probe v | geometry C | normaliser ν | descent P | state | window only | LLQR in C / P "
+        "| mode | probe v | geometry C | normaliser ν | descent P | state | passes | window only | LLQR in C / P "
         "| loss scale |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
+    passes = {"two": "2", "one": "1", "cadence": "2 every k-th step, else 1"}
     rows = []
     for spec in MODES.values():
         v, c, nu, p, state = spec.doc
         llqr = f"{'yes' if spec.llqr_geometry else 'no'} / {'yes' if spec.llqr_descent else 'no'}"
         scale = "scaled g" if spec.loss_scale == "invariant" else "g / S"
         window = "yes" if spec.window_only else "no"
-        rows.append(f"| `{spec.name}` | {v} | {c} | {nu} | {p} | {state} | {window} | {llqr} | {scale} |")
+        rows.append(
+            f"| `{spec.name}` | {v} | {c} | {nu} | {p} | {state} | {passes[spec.passes]} | {window} | {llqr} "
+            f"| {scale} |"
+        )
     return "\n".join([header, *rows])

@@ -14,11 +14,15 @@ One step of every method is
 | gsam          | g                 | I                               | ‖g‖          | d = g̃ − α g⊥ | – |
 | vasso         | d = (1−θ)d + θ g  | I                               | ‖d‖          | I | d       |
 | infosam       | g                 | 1/(b + δ), b = noise estimate   | ‖Cg‖         | I | m (, v) |
+| past_fsam     | g̃ₜ₋₁ − σ ḡ        | I or U                          | ‖Cv‖ / √vᵀCv | I or U | ḡ, g̃ₜ₋₁ |
+| looksam       | g                 | I                               | ‖g‖          | g̃ / g + α‖g‖ĝ_v | g_v |
+| wsam          | g                 | I                               | ‖g‖          | g + γ/(1−γ)(g̃ − g) | – |
 
 Sources: SAM arXiv 2010.01412; ASAM (Kwon et al., ICML 2021); FSAM (Li et al., CVPR 2024); Fisher-SAM (Kim et al.,
 ICML 2022); GSAM (Zhuang et al., ICLR 2022); VaSSO (Li & Giannakis, NeurIPS 2023); infoSAM arXiv 2501.06603 (built
-from the authors' prototype, see `docs/infosam.md`); LLQR+SAM arXiv 2605.16134, where C = P = U is the learned LLQR
-preconditioner that enters through [`Preconditioner`].
+from the authors' prototype, see `docs/infosam.md`); past-FSAM (the LLQR reference's one-pass mode); LookSAM (Liu et
+al., CVPR 2022); WSAM (Yue et al., KDD 2023); LLQR+SAM arXiv 2605.16134, where C = P = U is the learned LLQR
+preconditioner that enters through [`Preconditioner`]. `sam_norm` may also normalise per layer ([`layer_groups`]).
 
 All math runs in fp32. Weights are restored by copying a backup, never by subtracting ε, because (θ + ε) − ε ≠ θ in
 floating point.
@@ -26,7 +30,7 @@ floating point.
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,8 +51,12 @@ __all__ = [
     "copy_tensors_",
     "gsam_descent_",
     "is_dtensor",
+    "layer_groups",
+    "looksam_orthogonal",
+    "looksam_reuse_",
     "restore_",
     "total_norm",
+    "wsam_descent_",
 ]
 
 
@@ -173,11 +181,14 @@ class SAMState:
     """Per-mode state, keyed by canonical parameter name, fp32: FSAM ḡ, VaSSO d, infoSAM m and v.
 
     `ascents` counts successful ascents (it decides "first step" behaviour); `skipped_ascent` counts non-finite
-    pass-1 gradients. [`state_dict`] holds only tensors and primitives (loads with `weights_only=True`).
+    pass-1 gradients. `batches` holds past-FSAM's overlap window (`past_fsam_overlap`): the training micro-batches
+    of the last K − 1 optimizer steps, each entry `{"inputs": [dict, ...], "num_items": ...}`, oldest first.
+    [`state_dict`] holds only tensors and primitives (loads with `weights_only=True`).
     """
 
     def __init__(self) -> None:
         self.buffers: dict[str, dict[str, Tensor]] = {}
+        self.batches: list[dict[str, Any]] = []
         self.ascents = 0
         self.skipped_ascent = 0
 
@@ -202,11 +213,14 @@ class SAMState:
         return bool(self.buffers.get(kind))
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "ascents": self.ascents,
             "skipped_ascent": self.skipped_ascent,
             "buffers": {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self.buffers.items()},
         }
+        if self.batches:  # only past-FSAM with an overlap window has any; older files simply lack the key
+            out["batches"] = _map_tensors(self.batches, lambda t: t.detach().cpu().clone())
+        return out
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
         """Restore from [`state_dict`]; raises `ValueError` naming the buffer if any entry is non-finite."""
@@ -223,6 +237,18 @@ class SAMState:
         self.buffers = {
             k: {n: t.to(device=device) for n, t in v.items()} for k, v in state["buffers"].items()
         }
+        self.batches = _map_tensors(list(state.get("batches", [])), lambda t: t.to(device=device))
+
+
+def _map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`fn` applied to every tensor in nested dicts / lists / tuples; everything else is kept as it is."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
 
 
 def compute_perturbation(
@@ -240,11 +266,15 @@ def compute_perturbation(
 
     The mode's state (FSAM ḡ, VaSSO d, infoSAM m and v) is computed out of place and committed only when g, ν and ε
     are all finite; a non-finite ascent leaves the state bit-identical and returns `finite=False` with ε empty.
+    `sam_norm` `layer_euclidean` / `layer_matrix` normalise each layer of [`layer_groups`] on its own and scale it by
+    1/√L (the reference's `layer_euclidean` / `layer_matrix_norm`); `fsam_ema="direction"` makes C v unit-norm before
+    ν (the reference's `ema_direction`, FSAM and past-FSAM only).
 
     Args:
         cfg (`SAMConfig`): the run's SAM settings.
         state (`SAMState`): per-mode state.
-        names, params, grads (`Sequence`): aligned canonical names, parameters and their pass-1 gradients.
+        names, params, grads (`Sequence`): aligned canonical names, parameters and their pass-1 gradients; for
+            past-FSAM (no pass 1) `grads` is the stored g̃ₜ₋₁ (the state's `g_last`, zeros before the first step).
         rho (`float`): the radius at this step (from the ρ schedule).
         geometry (`Preconditioner`, *optional*): C = U, only for modes whose spec has `llqr_geometry`; `None` is I.
         grad_scale (`float`, *optional*, defaults to 1.0): the fp16 loss scale S the gradients carry. Modes with
@@ -274,18 +304,32 @@ def compute_perturbation(
     # ‖Cv‖ and ν² as Python floats: with C = I and the euclidean norm both are ‖g‖, already known (no extra
     # reduction, no extra device sync); ‖ε‖ = scale·‖Cv‖ exactly, so ε is never reduced again.
     cv_norm = g_norm if cv is g else float(total_norm(cv))
-    if norm_sq is not None:
-        nu_sq = float(norm_sq)
-    elif cfg.norm == "matrix":
-        nu_sq = float(_dot(v, cv))
+    if spec.probe in _FSAM_PROBES and cfg.fsam_ema == "direction" and math.isfinite(cv_norm):
+        # reference `ema_direction` (utils.py:make_perturbation_from_vector): C v ← C v / √(‖C v‖² + eps) first
+        unit = math.sqrt(cv_norm**2 + cfg.eps)
+        cv = list(torch._foreach_div(cv, unit))
+        cv_norm = cv_norm / unit
+    if norm_sq is None and cfg.norm in ("layer_euclidean", "layer_matrix"):
+        layered = _layer_scales(cfg, names, v, cv, rho)
+        if layered is None:
+            state.skipped_ascent += 1
+            return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
+        scales, eps_norm = layered
+        eps = list(torch._foreach_mul(cv, scales))
     else:
-        nu_sq = cv_norm**2
-    denom = nu_sq + cfg.eps
-    scale = rho / math.sqrt(denom) if math.isfinite(denom) and denom > 0 else math.inf
-    if not (math.isfinite(cv_norm) and math.isfinite(scale) and math.isfinite(scale * cv_norm)):
-        state.skipped_ascent += 1  # g was finite, but C v or ν overflowed (or vᵀCv ≤ 0 for an indefinite U)
-        return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
-    eps = list(torch._foreach_mul(cv, scale))
+        if norm_sq is not None:
+            nu_sq = float(norm_sq)
+        elif cfg.norm == "matrix":
+            nu_sq = float(_dot(v, cv))
+        else:
+            nu_sq = cv_norm**2
+        denom = nu_sq + cfg.eps
+        scale = rho / math.sqrt(denom) if math.isfinite(denom) and denom > 0 else math.inf
+        if not (math.isfinite(cv_norm) and math.isfinite(scale) and math.isfinite(scale * cv_norm)):
+            state.skipped_ascent += 1  # g was finite, but C v or ν overflowed (or vᵀCv ≤ 0 for an indefinite U)
+            return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
+        eps = list(torch._foreach_mul(cv, scale))
+        eps_norm = scale * cv_norm
     for kind, tensors in pending.items():
         state.set(kind, names, tensors)
     state.ascents += 1
@@ -294,9 +338,61 @@ def compute_perturbation(
         finite=True,
         grad_norm=grad_norm,
         probe_norm=g_norm if v is g else float(total_norm(v)),
-        perturbation_norm=scale * cv_norm,
-        clean_grads=[t.clone() for t in raw] if spec.descent == "gsam" else [],
+        perturbation_norm=eps_norm,
+        clean_grads=[t.clone() for t in raw] if spec.descent in _NEEDS_CLEAN else [],
     )
+
+
+_FSAM_PROBES = ("ema_difference", "past_difference")  # the probes that read fsam_ema (reference `perturb_mode`)
+_NEEDS_CLEAN = ("gsam", "looksam", "wsam")  # descents that need the clean pass-1 gradient g beside g̃
+
+
+def layer_groups(names: Sequence[str]) -> list[list[int]]:
+    """Indices of `names` grouped by layer, for `sam_norm="layer_euclidean"` / `"layer_matrix"`.
+
+    A layer is the module that owns the tensor: the canonical name up to its last dot (a Linear's weight and bias
+    together, a LayerNorm's weight and bias, ViT's `embeddings` with its `cls_token` and position embeddings). The
+    reference (`lqr_optimizer/_src/utils/utils.py:tree_dot_per_layer`) takes the top-level entries of its parameter
+    tree, i.e. its model's parameterised stages (`EnhancedSequential.layers`), which are the same modules except that
+    one reference stage holds a whole attention block (q, k, v, out), four layers here (`docs/algorithm.md` Q11).
+    Groups are in first-appearance order.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name.rpartition(".")[0], []).append(i)
+    return list(groups.values())
+
+
+def _layer_scales(
+    cfg: SAMConfig, names: Sequence[str], v: Sequence[Tensor], cv: Sequence[Tensor], rho: float
+) -> tuple[list[float], float] | None:
+    """Per-tensor scales of the layer normalisers, and ‖ε‖; `None` when a layer's ν² + eps is not finite and > 0.
+
+    ε_l = ρ · (C v)_l / (√(ν_l² + eps) · √L) over the L layers of [`layer_groups`], with ν_l² = ‖(C v)_l‖²
+    (`layer_euclidean`) or v_lᵀ(C v)_l (`layer_matrix`): the reference's `layer_euclidean` / `layer_matrix_norm`
+    (`lqr_optimizer/_src/utils/utils.py:make_perturbation_from_vector`). One device sync for all layers.
+    """
+    if not cv:
+        return [], 0.0
+    sq = torch.stack([_materialize(n) for n in torch._foreach_norm([_at_least_fp32(t) for t in cv])]).pow(2)
+    cv_sq: list[float] = sq.tolist()
+    if cfg.norm == "layer_matrix":
+        nu_sq: list[float] = torch.stack([_materialize((a * b).sum()) for a, b in zip(v, cv, strict=True)]).tolist()
+    else:
+        nu_sq = cv_sq
+    groups = layer_groups(names)
+    root_layers = math.sqrt(len(groups))
+    scales = [0.0] * len(names)
+    eps_sq = 0.0
+    for idx in groups:
+        denom = sum(nu_sq[i] for i in idx) + cfg.eps
+        if not (math.isfinite(denom) and denom > 0):
+            return None
+        s = rho / (math.sqrt(denom) * root_layers)
+        for i in idx:
+            scales[i] = s
+            eps_sq += s * s * cv_sq[i]
+    return (scales, math.sqrt(eps_sq)) if math.isfinite(eps_sq) else None
 
 
 def _probe(
@@ -308,22 +404,36 @@ def _probe(
     first: bool,
     pending: dict[str, list[Tensor]],
 ) -> list[Tensor]:
-    """The probe v of the spec: g; FSAM's g − σḡ (pre-update ḡ; ḡ ← βḡ + (1 − β)g); VaSSO's d ← (1 − θ)d + θg."""
+    """The probe v of the spec: g; FSAM's g − σḡ (pre-update ḡ; ḡ ← βḡ + (1 − β)g); VaSSO's d ← (1 − θ)d + θg.
+
+    `past_difference` (past-FSAM) is FSAM's formula on the stored g̃ₜ₋₁, passed in as `g`: v = g̃ₜ₋₁ − σḡ, then
+    ḡ ← βḡ + (1 − β)g̃ₜ₋₁ (the reference's `make_perturbation_from_noise` and `resolve_sam_state_buffers`). With
+    `fsam_ema="direction"` the new ḡ is unit-norm, ḡ ← ḡ/√(‖ḡ‖² + eps) (the reference's `update_gbar`).
+    """
     match probe:
         case "gradient":
             return g
-        case "ema_difference":
-            if first and cfg.fsam_init == "first_grad":  # the official F-SAM code starts ḡ at g₀
-                pending["gbar"] = [t.clone() for t in g]
+        case "ema_difference" | "past_difference":
+            if probe == "ema_difference" and first and cfg.fsam_init == "first_grad":  # official F-SAM: ḡ₀ = g₀
+                pending["gbar"] = _fsam_ema_commit(cfg, [t.clone() for t in g])
                 return g
             gbar = state.get("gbar", names, g)
-            pending["gbar"] = list(torch._foreach_lerp(gbar, g, 1.0 - cfg.fsam_beta))
+            pending["gbar"] = _fsam_ema_commit(cfg, list(torch._foreach_lerp(gbar, g, 1.0 - cfg.fsam_beta)))
             return list(torch._foreach_add(g, gbar, alpha=-cfg.fsam_sigma))
         case "ema":
             d = list(torch._foreach_lerp(state.get("d", names, g), g, cfg.vasso_theta))
             pending["d"] = d
             return d
     raise ValueError(f"Unknown probe {probe!r}.")
+
+
+def _fsam_ema_commit(cfg: SAMConfig, gbar: list[Tensor]) -> list[Tensor]:
+    """ḡ as stored: unchanged for `fsam_ema` `grad` / `precond_grad`, unit-norm for `direction` (reference
+    `lqr_optimizer/_src/utils/utils.py:update_gbar`, `tree_normalize` with eps = `sam_eps`, the reference `gbar_eps`).
+    """
+    if cfg.fsam_ema != "direction":
+        return gbar
+    return list(torch._foreach_div(gbar, math.sqrt(float(total_norm(gbar)) ** 2 + cfg.eps)))
 
 
 def _geometry(
@@ -424,6 +534,56 @@ def gsam_descent_(perturbed: Sequence[Tensor], clean: Sequence[Tensor], alpha: f
     g_perp = torch._foreach_add(list(clean), gt, alpha=-coef)  # g − (g·g̃/‖g̃‖²) g̃
     for p_grad, gp in zip(perturbed, g_perp, strict=True):
         p_grad.sub_(gp.to(p_grad.dtype), alpha=alpha)
+
+
+def looksam_orthogonal(clean: Sequence[Tensor], perturbed: Sequence[Tensor]) -> list[Tensor]:
+    """LookSAM's g_v = g̃ − ‖g̃‖ cos(g, g̃) ĝ = g̃ − (g·g̃/‖g‖²) g, in fp32 (Liu et al., CVPR 2022, Alg. 1).
+
+    The component of the SAM gradient g̃ = ∇L(θ + ε) orthogonal to the clean gradient g, computed on the full
+    (two-pass) steps and reused on the k − 1 one-pass steps after them ([`looksam_reuse_`]). Whole vectors, as in
+    the paper; `pytorch_optimizer.LookSAM` (4.1.0, `second_step`) projects each parameter tensor on its own, which
+    is the same thing for a model with one parameter tensor. g = 0 gives g_v = g̃. Both inputs in the same units.
+    """
+    gt = [_at_least_fp32(t) for t in perturbed]
+    g_sq = float(total_norm(clean)) ** 2
+    coef = float(_dot(clean, gt)) / g_sq if g_sq > 0 else 0.0
+    return list(torch._foreach_add(gt, list(clean), alpha=-coef))
+
+
+def looksam_reuse_(grads: Sequence[Tensor], gv: Sequence[Tensor], alpha: float) -> None:
+    """LookSAM between full steps, in place: g ← g + α (‖g‖ / ‖g_v‖) g_v (Liu et al., CVPR 2022, Alg. 1).
+
+    g is this step's one-pass gradient at θ (any units: the correction scales with ‖g‖, and g_v enters only by its
+    direction); g_v from the last full step ([`looksam_orthogonal`]). A zero g_v leaves g unchanged.
+    """
+    gv_norm = float(total_norm(gv))
+    if not gv_norm > 0:
+        return
+    coef = alpha * float(total_norm(grads)) / gv_norm
+    for p_grad, v in zip(grads, gv, strict=True):
+        p_grad.add_(v.to(p_grad.dtype), alpha=coef)
+
+
+def wsam_descent_(perturbed: Sequence[Tensor], clean: Sequence[Tensor], gamma: float, decouple: bool) -> list[Tensor]:
+    """WSAM's descent from g̃ = ∇L(θ + ε) and g = ∇L(θ), with the sharpness weight a = γ / (1 − γ) (Yue et al.,
+    KDD 2023, Alg. 1; `pytorch_optimizer.WSAM` 4.1.0, `_mix_gradients`).
+
+    The loss L(θ) + a·(max_ε L(θ + ε) − L(θ)) has the gradient g + a(g̃ − g). `decouple=False`: `perturbed` becomes
+    that gradient in place, and `[]` is returned. `decouple=True` (the paper's algorithm): `perturbed` becomes g, for
+    the base optimizer, and the sharpness term a(g̃ − g) (fp32, in the units of the inputs) is returned, to be
+    applied after the optimizer step as θ ← θ − lr·a(g̃ − g).
+    """
+    a = gamma / (1.0 - gamma)
+    gt = [_at_least_fp32(t) for t in perturbed]
+    sharp = list(torch._foreach_sub(gt, list(clean)))  # g̃ − g
+    if decouple:
+        torch._foreach_mul_(sharp, a)
+        for p_grad, c in zip(perturbed, clean, strict=True):
+            p_grad.copy_(c)
+        return sharp
+    for p_grad, s in zip(perturbed, sharp, strict=True):
+        p_grad.add_(s.to(p_grad.dtype), alpha=a - 1.0)  # g̃ + (a − 1)(g̃ − g) = g + a(g̃ − g)
+    return []
 
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)

@@ -19,6 +19,7 @@ from .args import LLQRSAMFields, LLQRSAMTrainingArguments
 from .card import method_card_section
 from .checkpoint import STATE_FILE, LLQRSAMStateError, describe_state, load_state, save_state
 from .compat import llqrsam_active, validate_launch, validate_setup_model
+from .config import past_fsam_window
 from .data import curvature_indices
 from .distributed import (
     accelerate_all_reduce,
@@ -39,8 +40,11 @@ from .sam import (
     copy_tensors_,
     gsam_descent_,
     is_dtensor,
+    looksam_orthogonal,
+    looksam_reuse_,
     restore_,
     total_norm,
+    wsam_descent_,
 )
 from .schedules import rho_at
 from .step import RunningMetrics, StepState, batchnorm_policy, copy_into_, replayed_rng, rng_state, set_rng_state
@@ -112,6 +116,12 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self.sam_config = self.args.to_sam_config()
         self.llqr_config = self.args.to_llqr_config()
         self.mode_spec = MODES.get(self.sam_config.mode)
+        if self.sam_config.mode == "past_fsam" and self.sam_config.past_fsam_overlap > 0 and self.args.world_size > 1:
+            raise ValueError(
+                f"Invalid past_fsam_overlap={self.sam_config.past_fsam_overlap!r} with world_size="
+                f"{self.args.world_size}: the overlap window keeps each rank's own recent batches, and a checkpoint "
+                "holds rank 0's only, so it is single-process. Use past_fsam_overlap=0 with several processes."
+            )
         # Where U enters: C = U (modes whose spec allows it) and P = U. Without --llqr, a fixed U that the user sets as
         # `trainer.preconditioner` (any `hf_llqrsam.sam.Preconditioner`) enters both.
         llqr = self.llqr_config
@@ -124,6 +134,13 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._pending_state: tuple[str, dict[str, Any]] | None = None  # (path, contents) of a checkpoint's state
         self._step: StepState | None = None
         self._last_call_was_sam = False
+        self._last_call_passes = 1  # forward/backward passes of the last training_step call (for floating_point_ops)
+        # past-FSAM, per step: (ḡ and ascents before the ascent, to undo on a skipped step), the fresh batches'
+        # num_items_in_batch, and how many stored steps of the overlap window the pass ran on
+        self._past_undo: tuple[dict[str, Tensor], int] | None = None
+        self._past_nitems: Any = None
+        self._past_used = 0
+        self._wsam_pending: list[tuple[Tensor, Tensor]] = []  # decoupled WSAM: (param, a(g̃ − g) in true units)
         self._attempt = 0
         self._attempt_snapshot: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self._pre_step_params: list[Tensor] = []
@@ -145,6 +162,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
 
     def _begin_attempt(self) -> None:
         self._step = None
+        self._wsam_pending = []
         self._llqrsam_metrics.drain()
         if self._attempt > 0 and self._attempt_snapshot is not None:
             sam, pre = self._attempt_snapshot
@@ -168,10 +186,13 @@ class LLQRSAMTrainerMixin(_MixinBase):
         st = self._step
         st.calls += 1
         self._last_call_was_sam = st.is_sam
+        self._last_call_passes = 2 if st.is_sam else 1
         last = self.accelerator.sync_gradients
         try:
             if not st.is_sam:
                 loss = super().training_step(model, inputs, num_items_in_batch)
+            elif self.mode_spec is not None and self.mode_spec.passes == "one":
+                loss = self._past_call(st, model, inputs, num_items_in_batch, last)
             elif self.sam_config.accumulation == "window":
                 loss = self._window_call(st, model, inputs, num_items_in_batch, last)
             else:
@@ -182,6 +203,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
             # A failed call (e.g. out of memory) leaves nothing behind: the weights were restored by `_replay`,
             # the BatchNorm statistics are put back here, and the next call starts a fresh step.
             copy_into_(batchnorm_buffers(model), st.bn_at_begin)
+            self._undo_past_ascent()
             self._step = None
             raise
         if last:
@@ -195,8 +217,84 @@ class LLQRSAMTrainerMixin(_MixinBase):
             self._pending_state = None
         self._maybe_refresh_preconditioner(model)
         cfg, step = self.sam_config, self.state.global_step
-        is_sam = cfg.mode != "none" and step >= cfg.start_step and (step - cfg.start_step) % cfg.interval == 0
+        # LookSAM's cadence: the two-pass step every looksam_interval-th step (sam_interval is 1 then)
+        period = cfg.looksam_interval if self.mode_spec is not None and self.mode_spec.passes == "cadence" else 1
+        period *= cfg.interval
+        is_sam = cfg.mode != "none" and step >= cfg.start_step and (step - cfg.start_step) % period == 0
+        self._past_undo, self._past_used, self._wsam_pending = None, 0, []
         return StepState(step=step, is_sam=is_sam, bn_at_begin=[b.clone() for b in batchnorm_buffers(model)])
+
+    def _past_call(self, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool) -> Tensor:
+        """past-FSAM: one pass at θ + ε on this micro-batch, ε built once per step from the state alone.
+
+        The reference (`lqr_optimizer/_src/utils/sam_mode_handlers.py:_build_past_fsam_train_step`) runs no pass at
+        θ: ε = ρ·Cv/ν with v = g̃ₜ₋₁ − σḡ, g̃ₜ₋₁ the previous step's gradient at its perturbed point, on the previous
+        batch; this step's one pass gives g̃ₜ, the descent and the next g̃ₜ₋₁. With `past_fsam_overlap` f the last call
+        also runs the stored micro-batches of the K − 1 previous steps at θ + ε (the reference's overlapping batch
+        windows, `utils.py:prepare_dataloader`), and [`_finish_step`] averages over the K steps. θ is restored by copy
+        after every call.
+        """
+        if st.calls == 1:
+            self._past_nitems = nitems
+            self._perturb_from_state(st)
+        st.inputs.append(inputs)
+        passes: list[tuple[dict[str, Any], Any]] = [(inputs, nitems)]
+        if last:
+            stored = self._past_window()
+            self._past_used = len(stored)
+            passes += [(mb, entry["num_items"]) for entry in stored for mb in entry["inputs"]]
+        params = [p for _, p in self._named_params or []]
+        pert = st.perturbation
+        backups = apply_perturbation_(params, pert.eps) if pert is not None else None
+        try:
+            for j, (batch, n) in enumerate(passes):
+                # one pass: the Trainer's own sync context; with stored batches, sync only the very last backward
+                ctx = contextlib.nullcontext() if len(passes) == 1 else grad_sync(model, j == len(passes) - 1)
+                with ctx:
+                    loss_j = super().training_step(model, batch, n)
+                if j == 0:
+                    loss = loss_j
+                    st.perturbed_loss += loss_j
+        finally:
+            if backups is not None:
+                restore_(params, backups)
+        self._last_call_passes = len(passes)
+        return loss
+
+    def _past_window(self) -> list[dict[str, Any]]:
+        """The stored steps of past-FSAM's overlap window this step's pass runs on (at most K − 1, newest last)."""
+        keep = past_fsam_window(self.sam_config.past_fsam_overlap) - 1
+        return self.sam_state.batches[-keep:] if keep > 0 else []
+
+    def _perturb_from_state(self, st: StepState) -> None:
+        """past-FSAM's ε from the stored g̃ₜ₋₁ and ḡ (no pass 1); ḡ's update is undone if the step is skipped."""
+        cfg = self.sam_config
+        names = [n for n, _ in self._named_params or []]
+        params = [p for _, p in self._named_params or []]
+        g_last = self.sam_state.get("g_last", names, params)
+        self._past_undo = (dict(self.sam_state.buffers.get("gbar", {})), self.sam_state.ascents)
+        lr = float(cast(torch.optim.Optimizer, self.optimizer).param_groups[0]["lr"])
+        rho = rho_at(cfg.rho_schedule, st.step, cfg.rho, cfg.rho_min, lr=lr, lr_max=self.args.learning_rate)
+        pert = compute_perturbation(cfg, self.sam_state, names, params, g_last, rho, self._geometry())
+        st.perturbation = pert if pert.finite else None
+        if not pert.finite:
+            st.drop = True
+            self._record("sam/skipped_ascent", 1.0)
+            return
+        self._record("sam/perturbation_norm", pert.perturbation_norm)
+        self._record("sam/rho", rho)
+        self._record("sam/probe_norm", pert.probe_norm)
+
+    def _undo_past_ascent(self) -> None:
+        """Put ḡ and the ascent count back as they were before this step's past-FSAM ascent."""
+        if self._past_undo is not None:
+            gbar, ascents = self._past_undo
+            if gbar:
+                self.sam_state.buffers["gbar"] = gbar
+            else:
+                self.sam_state.buffers.pop("gbar", None)
+            self.sam_state.ascents = ascents
+            self._past_undo = None
 
     def _window_call(self, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool) -> Tensor:
         """Pass 1 on this micro-batch; on the window's last call, one ε from the window gradient and the replays."""
@@ -309,15 +407,17 @@ class LLQRSAMTrainerMixin(_MixinBase):
         """
         names, params, grads = self._live_grads()
         pert = st.perturbation
-        if pert is not None and self.mode_spec is not None and self.mode_spec.descent == "gsam":
-            gsam_descent_(grads, pert.clean_grads, self.sam_config.gsam_alpha)
-        descent_ok = self.mode_spec is None or self.mode_spec.llqr_descent
+        spec = self.mode_spec
+        commit = self._mode_descent_(st, names, params, grads) if spec is not None else {}
+        descent_ok = spec is None or spec.llqr_descent
         if self.preconditioner is not None and self.u_on_update and descent_ok:
             self.preconditioner.apply_(names, grads)
         nonfinite = not bool(torch.isfinite(total_norm(grads)))
         if st.drop or nonfinite:
             self._record("sam/skipped", 1.0)
             copy_into_(batchnorm_buffers(model), st.bn_at_begin)
+            self._undo_past_ascent()
+            self._wsam_pending = []
             scaler = self.accelerator.scaler
             if scaler is not None and scaler.is_enabled():
                 # the scaler skips the step and backs off; under FSDP2 every rank marks its own (non-empty) shard
@@ -328,11 +428,51 @@ class LLQRSAMTrainerMixin(_MixinBase):
             else:
                 for p in params:  # no scaler: no grads means the optimizer leaves these weights untouched
                     p.grad = None
+        else:
+            for kind, tensors in commit.items():
+                self.sam_state.set(kind, names, tensors)
+        keep = past_fsam_window(self.sam_config.past_fsam_overlap) - 1 if spec is not None and st.is_sam else 0
+        if spec is not None and spec.passes == "one" and keep > 0:  # the overlap window advances by one step
+            self.sam_state.batches.append({"inputs": list(st.inputs), "num_items": self._past_nitems})
+            del self.sam_state.batches[:-keep]
         if st.is_sam:
             clean, perturbed = float(st.clean_loss), float(st.perturbed_loss)
             self._record("sam/loss_perturbed", perturbed)
-            if pert is not None:
+            if pert is not None and spec is not None and spec.passes != "one":  # past-FSAM has no pass at θ
                 self._record("sam/sharpness", perturbed - clean)
+
+    def _mode_descent_(
+        self, st: StepState, names: list[str], params: list[nn.Parameter], grads: list[Tensor]
+    ) -> dict[str, list[Tensor]]:
+        """The mode's descent, in place on the window gradient, before P = U; returns the SAM state to commit when
+        the step is taken (past-FSAM's g̃ₜ₋₁, LookSAM's g_v), in true units.
+
+        GSAM: g̃ − α g⊥. LookSAM (Liu et al., CVPR 2022, Alg. 1): a full step keeps g̃ and stores g_v, the component of
+        g̃ orthogonal to g; the one-pass steps between become g + α‖g‖ g_v/‖g_v‖. WSAM (Yue et al., KDD 2023): g + a(g̃
+        − g), or, decoupled, g now and θ ← θ − lr·a(g̃ − g) after the optimizer step ([`_wsam_sharpness_step`]).
+        past-FSAM: with an overlap window, the mean over its K steps; g̃ is kept as the next step's g̃ₜ₋₁.
+        """
+        spec, cfg, pert = cast(Any, self.mode_spec), self.sam_config, st.perturbation
+        scale = self._grad_scale()
+        if spec.passes == "one":
+            if not st.is_sam:
+                return {}
+            if self._past_used:
+                torch._foreach_mul_(grads, 1.0 / (1 + self._past_used))
+            fp32 = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in grads]
+            return {"g_last": list(torch._foreach_div(fp32, scale))}
+        if spec.descent == "gsam" and pert is not None:
+            gsam_descent_(grads, pert.clean_grads, cfg.gsam_alpha)
+        elif spec.descent == "looksam":
+            if pert is not None:
+                return {"gv": list(torch._foreach_div(looksam_orthogonal(pert.clean_grads, grads), scale))}
+            if not st.is_sam and st.step >= cfg.start_step and self.sam_state.has("gv"):
+                looksam_reuse_(grads, self.sam_state.get("gv", names, grads), cfg.looksam_alpha)
+        elif spec.descent == "wsam" and pert is not None:
+            sharp = wsam_descent_(grads, pert.clean_grads, cfg.wsam_gamma, cfg.wsam_decouple)
+            if sharp:  # decoupled: applied by the optimizer's post-hook
+                self._wsam_pending = [(p, s.div_(scale)) for p, s in zip(params, sharp, strict=True)]
+        return {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -472,7 +612,24 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 )
             optimizer.register_step_pre_hook(self._snapshot_before_step)
             optimizer.register_step_post_hook(self._precondition_update)
+        if self.sam_config.mode == "wsam" and self.sam_config.wsam_decouple:
+            optimizer.register_step_post_hook(self._wsam_sharpness_step)
         return optimizer
+
+    def _wsam_sharpness_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Decoupled WSAM, after the base optimizer stepped on g: θ ← θ − lr·a(g̃ − g), lr of the param's group.
+
+        `pytorch_optimizer.WSAM.second_step` (4.1.0, `decouple=True`) and the paper's Algorithm 1 (Yue et al., KDD
+        2023): the sharpness term takes a plain SGD step. A post-hook, so it runs only on steps the optimizer took.
+        """
+        if not self._wsam_pending:
+            return
+        lr = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+        with torch.no_grad():
+            for p, sharp in self._wsam_pending:
+                if id(p) in lr:
+                    p.add_(sharp.to(p.dtype), alpha=-lr[id(p)])
+        self._wsam_pending = []
 
     def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._pre_step_params = [p.detach().clone() for _, p in self._named_params or []]
@@ -491,9 +648,10 @@ class LLQRSAMTrainerMixin(_MixinBase):
     # ------------------------------------------------------------------ other Trainer overrides
 
     def floating_point_ops(self, *args: Any, **kwargs: Any) -> int:
-        """Both passes are counted on SAM steps (the Trainer calls this once per `training_step`)."""
+        """Every pass is counted: two on SAM steps, one on LookSAM's reuse steps, one (plus the stored batches of the
+        overlap window) on past-FSAM's (the Trainer calls this once per `training_step`)."""
         flops = super().floating_point_ops(*args, **kwargs)
-        return 2 * flops if self.llqrsam_enabled and self._last_call_was_sam else flops
+        return self._last_call_passes * flops if self.llqrsam_enabled else flops
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Merge the `sam/*` and `llqr/*` metrics into training logs: counters summed, the rest averaged."""

@@ -23,16 +23,21 @@ def test_every_mode_hyperparameter_is_a_flag_of_that_mode():
         assert set(spec.hyperparameters) <= flags, spec.name
         assert all(h.startswith(spec.name + "_") for h in spec.hyperparameters), spec.name
     owned = [h for spec in MODES.values() for h in spec.hyperparameters]
-    per_mode = {f for f in flags if f.split("_")[0] in {"asam", "fsam", "fisher", "gsam", "vasso", "infosam"}}
+    prefixes = {"asam", "fsam", "fisher", "gsam", "vasso", "infosam", "past", "looksam", "wsam"}
+    per_mode = {f for f in flags if f.split("_")[0] in prefixes}
     assert sorted(owned) == sorted(per_mode)  # every per-mode flag has exactly one owner
+    for spec in MODES.values():  # a borrowed flag is another mode's own flag
+        assert set(spec.borrows) <= set(owned) - set(spec.hyperparameters), spec.name
 
 
 @pytest.mark.parametrize("name", list(MODES))
 def test_record_is_consistent(name):
     spec = MODES[name]
     assert spec.name == name and name in SAM_MODE_NAMES
-    if spec.descent == "gsam" or spec.state:
+    if spec.descent != "plain" or spec.state or spec.passes != "two":
         assert spec.window_only  # they need the window gradient, once per optimizer step
+    if spec.descent in ("gsam", "looksam", "wsam") or spec.passes == "one":
+        assert spec.global_only  # the clean g (or the stored g̃) must be in the all-reduced units of the descent
     if spec.llqr_geometry:
         assert spec.geometry == "preconditioner"  # C = U replaces C = I, nothing else
     if spec.own_normaliser:

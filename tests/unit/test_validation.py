@@ -158,6 +158,32 @@ BAD += [
     ),
 ]
 
+# past-FSAM, LookSAM, WSAM, the layer norms and fsam_ema (issue 10, SAM side)
+BAD += [
+    ({"past_fsam_overlap": 1.0}, r"past_fsam_overlap=1.0\. Must be 1 - 1/K for an integer K"),
+    ({"past_fsam_overlap": -0.1}, r"past_fsam_overlap=-0.1\. Must be 1 - 1/K"),
+    ({"past_fsam_overlap": 0.3}, r"past_fsam_overlap=0.3\. Must be 1 - 1/K .*batch_size % "),
+    ({"past_fsam_overlap": "0.5"}, r"past_fsam_overlap='0.5'\. Must be a finite float"),
+    ({"looksam_interval": 0}, r"looksam_interval=0\. Must be >= 1"),
+    ({"looksam_interval": 2.5}, r"looksam_interval=2.5\. Must be an int\."),
+    ({"looksam_alpha": -0.1}, r"looksam_alpha=-0.1\. Must be >= 0"),
+    ({"wsam_gamma": 1.0}, r"wsam_gamma=1.0\. Must be in \[0, 1\)"),
+    ({"wsam_gamma": -0.5}, r"wsam_gamma=-0.5\. Must be in \[0, 1\)"),
+    ({"wsam_decouple": 1}, r"wsam_decouple=1\. Must be a bool"),
+    ({"fsam_ema": "ema_grad"}, r"fsam_ema='ema_grad'\. Must be one of 'grad', 'precond_grad', 'direction'"),
+    ({"sam_norm": "layer_matrix_norm"}, r"sam_norm='layer_matrix_norm'\. Must be one of"),
+    ({"sam_mode": "looksam", "sam_interval": 2}, r"sam_interval=2 with sam_mode='looksam'.*looksam_interval.*be 1"),
+    ({"sam_mode": "past_fsam", "sam_interval": 3}, r"sam_interval=3 with sam_mode='past_fsam'.*must be 1"),
+    ({"sam_mode": "asam", "sam_norm": "layer_euclidean"}, r"sam_norm='layer_euclidean' with sam_mode='asam'"),
+    ({"sam_mode": "fisher_sam", "sam_norm": "layer_matrix"}, r"sam_norm='layer_matrix' with sam_mode='fisher"),
+    ({"llqr": True, "sam_mode": "fsam", "fsam_ema": "grad"}, r"fsam_ema='grad' with llqr_in_perturbation=True"),
+    ({"llqr": True, "sam_mode": "past_fsam", "fsam_ema": "grad"}, r"fsam_ema='grad'.*--no_llqr_in_perturbation"),
+    (
+        {"llqr": True, "sam_mode": "past_fsam", "sam_norm": "layer_matrix", "llqr_structure": "kfac"},
+        r"sam_norm='layer_matrix' with llqr_structure='kfac'",
+    ),
+]
+
 # the mode rules, from the ModeSpec records
 BAD += [
     ({"sam_mode": m, "sam_accumulation": "micro"}, rf"sam_accumulation='micro' with sam_mode='{m}'.*must be 'window'")
@@ -264,7 +290,7 @@ def test_the_table_covers_every_literal_and_float_flag():
     for bad in (math.inf, math.nan):
         hit = {name for kwargs, _ in BAD for name, v in kwargs.items() if isinstance(v, float) and v is bad}
         assert hit == set(FLOATS), set(FLOATS) - hit
-    assert len(LITERALS) == 20 and len(FLOATS) == 21
+    assert len(LITERALS) == 21 and len(FLOATS) == 24
 
 
 def test_every_number_has_a_range_rule():
@@ -298,6 +324,8 @@ BAD_CLI: list[tuple[list[str], str]] = [
     (["--sam_mode", "sam", "--optim", "lomo"], r"optim='lomo'"),
     (["--sam_mode", "sam", "--ddp_static_graph", "true"], r"ddp_static_graph=True"),
     (["--sam_mode", "sam", "--deepspeed", "ds.json"], r"deepspeed='ds.json'"),
+    (["--sam_mode", "looksam", "--sam_interval", "2"], r"sam_interval=2 with sam_mode='looksam'"),
+    (["--past_fsam_overlap", "0.3"], r"past_fsam_overlap=0.3\. Must be 1 - 1/K"),
 ]
 
 
@@ -421,6 +449,13 @@ VALID: list[dict] = [
     },
     {"llqr": True, "llqr_inner_solver": "sgd", "llqr_structure": "sym_kfac", "llqr_ema_schedule": "warmup",
      "llqr_ema_schedule_steps": 10, "llqr_update_interval_milestones": " 10:5 , 20:2 "},
+    {"sam_mode": "past_fsam", "past_fsam_overlap": 0.75, "fsam_beta": 0.5, "fsam_ema": "direction"},
+    {"sam_mode": "past_fsam", "past_fsam_overlap": 2 / 3, "fsam_sigma": 0.5},
+    {"sam_mode": "looksam", "looksam_interval": 1, "looksam_alpha": 0.0, "sam_norm": "layer_euclidean"},
+    {"sam_mode": "wsam", "wsam_gamma": 0.0, "wsam_decouple": False, "sam_norm": "layer_matrix"},
+    {"sam_mode": "fsam", "fsam_ema": "grad"},  # without U in the perturbation, grad and precond_grad agree
+    {"llqr": True, "sam_mode": "fsam", "fsam_ema": "grad", "llqr_in_perturbation": False},
+    {"llqr": True, "sam_mode": "past_fsam", "sam_norm": "layer_matrix", "fsam_ema": "direction"},
 ]
 
 
@@ -453,7 +488,16 @@ IGNORED: list[tuple[dict, list[str]]] = [
         ],
     ),
     ({"llqr_inner_solver": "adam"}, ["llqr_inner_solver='adam' (llqr=False)"]),
-    ({"sam_mode": "sam", "fsam_beta": 0.5}, ["fsam_beta=0.5 (only used with sam_mode='fsam')"]),
+    ({"sam_mode": "sam", "fsam_beta": 0.5}, ["fsam_beta=0.5 (only used with sam_mode='fsam' or 'past_fsam')"]),
+    (
+        {"sam_mode": "sam", "looksam_alpha": 0.5, "past_fsam_overlap": 0.5, "wsam_decouple": False},
+        [
+            "looksam_alpha=0.5 (only used with sam_mode='looksam')",
+            "past_fsam_overlap=0.5 (only used with sam_mode='past_fsam')",
+            "wsam_decouple=False (only used with sam_mode='wsam')",
+        ],
+    ),
+    ({"sam_mode": "wsam", "fsam_ema": "direction"}, ["fsam_ema='direction' (only used with sam_mode='fsam' or"]),
     ({"sam_rho": 0.2}, ["sam_rho=0.2 (sam_mode='none')"]),
     ({"llqr_damping": 0.1}, ["llqr_damping=0.1 (llqr=False)"]),
     (
