@@ -2,12 +2,13 @@
 
 Every variant is built once, then timed in interleaved rounds (A B C … A B C …) so drifts in machine load hit all
 variants alike. A "step" is one optimizer step: `training_step` (one pass for base/LLQR, two for SAM) + the AdamW
-step + `zero_grad`. LLQR variants are timed between refreshes; the refresh is timed on its own and amortised at the
-refresh interval E (default 1000): amortised = step + refresh / E. Peers on the same model, data and batch: a
-hand-written SAM loop and `pytorch_optimizer.SAM` (optional extra `peers`). `base_again` is a second, identical base
-instance: its ratio to `base` shows how much of a ratio is machine noise. The training batch defaults to the LLQR
-curvature batch (64), as in every reference preset (`docs/algorithm.md` §12.2); the refresh cost scales with
-the latter.
+step + `zero_grad`. LookSAM (two passes every k-th step, one between) is timed over whole cycles of k = 5 steps and
+reported per step; WSAM is two passes plus its decoupled sharpness step. LLQR variants are timed between refreshes;
+the refresh is timed on its own and amortised at the refresh interval E (default 1000): amortised = step + refresh /
+E. Peers on the same model, data and batch: a hand-written SAM loop and `pytorch_optimizer.SAM` (optional extra
+`peers`). `base_again` is a second, identical base instance: its ratio to `base` shows how much of a ratio is machine
+noise. The training batch defaults to the LLQR curvature batch (64), as in every reference preset
+(`docs/algorithm.md` §12.2); the refresh cost scales with the latter.
 
 Peak memory is measured per variant in a fresh subprocess: on GPU `torch.cuda.max_memory_allocated`; on CPU the
 persistent tensors (params, optimizer and SAM/LLQR state) plus the peak running sum of the tensor allocations that
@@ -60,6 +61,8 @@ VARIANTS: dict[str, dict | None] = {
     "llqr": {"llqr": True},
     "llqr_sam": {"sam_mode": "sam", "llqr": True},
     "llqr_sam_kfac": {"sam_mode": "sam", "llqr": True, "llqr_structure": "kfac"},
+    "looksam": {"sam_mode": "looksam", "looksam_interval": 5},  # timed over whole cycles of k = 5 steps
+    "wsam": {"sam_mode": "wsam"},
     "hand_base": None,
     "hand_sam": None,
     "peer_sam": None,
@@ -109,11 +112,13 @@ class _ListDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Stepper:
-    """One variant: `step()` runs one optimizer step; `refresh()` (LLQR only) runs one U refresh."""
+    """One variant: `step()` runs `per_call` optimizer steps (one, or a LookSAM cycle of k); `refresh()` (LLQR
+    only) runs one U refresh."""
 
     step: Callable[[], None]
     tensors: Callable[[], list[torch.Tensor]]
     refresh: Callable[[], float] | None = None
+    per_call: int = 1
 
 
 def _state_tensors(*objs: object) -> list[torch.Tensor]:
@@ -152,11 +157,21 @@ def trainer_stepper(model: torch.nn.Module, batch: dict, overrides: dict, args: 
     trainer.current_gradient_accumulation_steps = 1
     trainer.state.global_step = 1  # between refreshes (E = 1000): the timed steps never refresh U
 
-    def step() -> None:
+    def one_step() -> None:
         trainer.accelerator.gradient_state._set_sync_gradients(True)
         trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.model.zero_grad(set_to_none=True)
+
+    # LookSAM's cost depends on the step (two passes every k-th, one between): time whole cycles of k steps, the
+    # global step advancing, so every timed call holds exactly one full step
+    cycle = overrides.get("looksam_interval", 1) if overrides.get("sam_mode") == "looksam" else 1
+
+    def step() -> None:
+        for _ in range(cycle):
+            one_step()
+            if cycle > 1:
+                trainer.state.global_step += 1
 
     def refresh() -> float:
         curvature = trainer._curvature_batch(0)
@@ -173,7 +188,7 @@ def trainer_stepper(model: torch.nn.Module, batch: dict, overrides: dict, args: 
     if overrides.get("llqr"):
         step()  # builds the preconditioner
         return Stepper(step, tensors, refresh)
-    return Stepper(step, tensors)
+    return Stepper(step, tensors, per_call=cycle)
 
 
 def hand_stepper(model: torch.nn.Module, batch: dict, variant: str, rho: float = 0.1) -> Stepper:
@@ -233,12 +248,12 @@ def _sync(device: str) -> None:
 
 
 def _time_steps(stepper: Stepper, args: argparse.Namespace) -> float:
-    """Seconds per step over `args.steps` consecutive steps."""
+    """Seconds per optimizer step over `args.steps` consecutive calls of `stepper.step`."""
     start = time.perf_counter()
     for _ in range(args.steps):
         stepper.step()
     _sync(args.device)
-    return (time.perf_counter() - start) / args.steps
+    return (time.perf_counter() - start) / (args.steps * stepper.per_call)
 
 
 def time_model(model_name: str, args: argparse.Namespace) -> dict:
@@ -285,6 +300,9 @@ TARGETS: dict[str, tuple[str, str, str, float | None]] = {
     "LLQR / base, amortised at E": ("llqr", "base", "amortised", None),
     "LLQR+SAM (kfac) / SAM, amortised at E": ("llqr_sam_kfac", "sam", "amortised", None),
     "peak memory LLQR+SAM (diagonal) / base": ("llqr_sam", "base", "memory", 1.3),
+    "LookSAM (k = 5) step / base step": ("looksam", "base", "time", 1.25),
+    "LookSAM (k = 5) step / SAM step": ("looksam", "sam", "time", None),
+    "WSAM step / SAM step": ("wsam", "sam", "time", None),
 }
 
 

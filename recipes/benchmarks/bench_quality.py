@@ -1,4 +1,5 @@
-"""Quality of base, SAM, FSAM, infoSAM, LLQR and LLQR+SAM on the recipes' embedded tasks, over seeds.
+"""Quality of base, SAM, FSAM, infoSAM, LLQR, LLQR+SAM, LookSAM, WSAM and past-FSAM on the recipes' embedded
+tasks, over seeds.
 
 Every method runs the recipe's own `main()` with the same budget (the recipe defaults, or what `--extra` adds), each
 run in a fresh subprocess. The report gives mean ± std of test accuracy (ViT on digits) or test BLEU (translation).
@@ -30,6 +31,9 @@ METHODS: dict[str, list[str]] = {
     "infosam": ["--sam_mode", "infosam"],
     "llqr": ["--sam_mode", "none", "--llqr"],
     "llqr_sam": ["--sam_mode", "sam", "--llqr"],
+    "looksam": ["--sam_mode", "looksam", "--looksam_interval", "5"],
+    "wsam": ["--sam_mode", "wsam"],
+    "past_fsam": ["--sam_mode", "past_fsam"],
 }
 
 

@@ -65,3 +65,14 @@ def test_profile_tiny(tmp_path):
     assert saved["jv"]["double_vjp_ms"] > 0 and saved["jv"]["forward_mode_ms"] > 0
     assert "linearize_ms" in saved["jv"] or "linearize_error" in saved["jv"]
     assert saved["jv"]["forward_vs_double_vjp_rel_err"] < 1e-4  # both compute the same Jv
+
+
+def test_cost_benchmark_looksam_and_wsam_rows(tmp_path):
+    """LookSAM is timed over whole cycles of k = 5 steps (one full step each), reported per optimizer step."""
+    main(["--output_dir", str(tmp_path), "--models", "vit-s", "--variants", "base,sam,looksam,wsam", "--batch_size",
+          "2", "--steps", "1", "--rounds", "1", "--warmup", "1", "--scaling_widths", "", "--no_memory"])
+    saved = json.loads((tmp_path / "cost.json").read_text())
+    rows, targets = saved["models"]["vit-s"]["variants"], saved["targets"]
+    assert {"looksam", "wsam"} <= rows.keys()
+    assert targets["LookSAM (k = 5) step / base step"]["vit-s"] == rows["looksam"]["step_s"] / rows["base"]["step_s"]
+    assert targets["WSAM step / SAM step"]["vit-s"] == rows["wsam"]["step_s"] / rows["sam"]["step_s"]
