@@ -13,6 +13,12 @@ def iwslt14_cosine_ramp(step: int, rho: float) -> float:
     """ρ(s) = ρ₀ + (ρ − ρ₀)·½(1 − cos(π·clip((s − 4000)/146000, 0, 1))) + 0.05·n(s), ρ₀ = 0.005.
 
     n(s) = 0 for s < 200 000, else ⌊(s − 200 000)/50 000⌋ + 1.
+
+    The reference's `lqr_optimizer/_src/utils/utils.py:cosine_ramp_step_increase_schedule` with the constants of its
+    preset `configs/perturbation_rho_scheduler/iwslt14_cosine_ramp_step_increase.yaml` (checked step by step in
+    `tests/unit/test_sam_reference_parity.py`). That preset pins the target at 0.2 whatever `perturbation_rho` is;
+    here the target is `rho` (`sam_rho`), so `--sam_rho 0.2` reproduces it. A pure function of the step, so resume
+    needs no state.
     """
     frac = min(max((step - _RAMP_START) / (_RAMP_END - _RAMP_START), 0.0), 1.0)
     bumps = 0 if step < _RAMP_BUMP_START else (step - _RAMP_BUMP_START) // _RAMP_BUMP_EVERY + 1
