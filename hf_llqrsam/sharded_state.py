@@ -66,10 +66,11 @@ def save_sharded(output_dir: str, shards: Mapping[str, Tensor]) -> str:
 
     Returns the directory. Each rank writes only its local shards (no gather).
     """
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save
 
     path = os.path.join(output_dir, DCP_DIR)
-    save(dict(shards), checkpoint_id=path)
+    save(dict(shards), storage_writer=FileSystemWriter(path, overwrite=True))  # a rewritten checkpoint-N replaces it
     return path
 
 

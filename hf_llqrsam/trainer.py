@@ -770,6 +770,10 @@ class LLQRSAMTrainerMixin(_MixinBase):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
+        self._load_llqrsam_checkpoint(checkpoint)
+
+    def _load_llqrsam_checkpoint(self, checkpoint: str | None) -> None:
+        """Read `llqrsam_state.pt` of a checkpoint; it is materialised on the first `training_step`, after prepare."""
         if checkpoint is None:
             return
         if not self.llqrsam_enabled:

@@ -392,17 +392,23 @@ class LLQRPreconditioner:
             broadcast (`Callable`, *optional*): `(tensor, src) ↦ tensor` holding rank `src`'s values, in place or
                 returned (the trainer passes Accelerate's `broadcast`); defaults to `torch.distributed.broadcast`.
 
-        DTensor shards of U (FSDP2) are skipped: every entry has exactly one owner, so there is nothing to agree on.
+        All tensors go in one collective (their concatenation). DTensor shards of U (FSDP2) are skipped: every entry
+        has exactly one owner, so there is nothing to agree on.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
-        for t in self.structure.parameters():
-            if is_dtensor(t):
-                continue
-            if broadcast is None:
-                dist.broadcast(t, src)
-            elif (out := broadcast(t, src)) is not t:
-                t.copy_(out)
+        plain = [t for t in self.structure.parameters() if not is_dtensor(t)]
+        if not plain:
+            return
+        flat = torch.cat([t.reshape(-1) for t in plain])
+        if broadcast is None:
+            dist.broadcast(flat, src)
+        else:
+            flat = broadcast(flat, src)
+        offset = 0
+        for t in plain:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     def memory_bytes(self) -> int:
         """Bytes held by the structure tensors of U."""
