@@ -117,7 +117,7 @@ def test_a_pickle_that_weights_only_refuses(tmp_path):
     [
         ([1, 2, 3], "holds a list, not a dict"),
         ({"sam": {}, "llqr": None, "config": {}}, "format_version=None"),
-        ({"format_version": 3, "sam": {}, "llqr": None, "config": {}}, "format_version=3, written by a newer"),
+        ({"format_version": 4, "sam": {}, "llqr": None, "config": {}}, "format_version=4, written by a newer"),
         ({"format_version": "2", "sam": {}, "llqr": None, "config": {}}, "format_version='2'"),
         ({"format_version": 2, "sam": {}, "llqr": None}, "missing keys ['config']"),
         ({"format_version": 2, "sam": [], "llqr": None, "config": {}}, "['sam'] are not dicts"),
