@@ -123,6 +123,25 @@ def validate_setup_args(args: Any) -> None:
     validate_fsdp2(args, "with fsdp")
 
 
+def validate_fsdp_plugin(args: Any, plugin: Any) -> None:
+    """The FSDP rules when FSDP comes from Accelerate's config (`accelerate launch --config_file fsdp2.yaml`), which
+    the Trainer reads into `accelerator.state.fsdp_plugin` without any `--fsdp` argument. A no-op without a plugin,
+    or with SAM and LLQR off.
+
+    Raises:
+        `ValueError`: FSDP1 (`fsdp_version: 1`), or a setup [`validate_fsdp2`] rejects.
+    """
+    if plugin is None or not llqrsam_active(args):
+        return
+    version = getattr(plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(
+            f"Invalid fsdp_version={version} in the Accelerate config with sam_mode/llqr: FSDP1 is not supported. Set "
+            f"fsdp_version: 2 (recipes/accelerate_configs/fsdp2.yaml). {_SEE}"
+        )
+    validate_fsdp2(args, "under Accelerate's FSDP2")
+
+
 def validate_fsdp2(args: Any, where: str) -> None:
     """The rules of SAM/LLQR under FSDP2 (`docs/integration.md` §7.4–7.5), for `fsdp` arguments and for models the
     user shards with `fully_shard` before building the Trainer; `where` names the setup in the message.

@@ -18,7 +18,7 @@ from transformers.utils import logging
 from .args import LLQRSAMFields, LLQRSAMTrainingArguments
 from .card import method_card_section
 from .checkpoint import STATE_FILE, LLQRSAMStateError, describe_state, load_state, save_state
-from .compat import llqrsam_active, validate_launch, validate_setup_model
+from .compat import llqrsam_active, validate_fsdp_plugin, validate_launch, validate_setup_model
 from .config import past_fsam_window
 from .data import curvature_indices
 from .distributed import (
@@ -110,6 +110,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
             )
         validate_launch(self.args)
         validate_setup_model(self.args, self.model, self.train_dataset)
+        validate_fsdp_plugin(self.args, getattr(self.accelerator.state, "fsdp_plugin", None))
         self.llqrsam_enabled = llqrsam_active(self.args)
         # True while pass 2 (at θ + ε) runs: a `compute_loss` that records metrics can skip them there
         self.llqrsam_perturbed_pass = False

@@ -141,7 +141,22 @@ def test_unsupported_setup_rejected(tmp_path, overrides, error, match):
 )
 def test_fsdp2_setups_accepted(tmp_path, overrides):
     """What the FSDP2 CPU tests prove (tests/distributed/test_fsdp2_cpu.py) passes the argument checks on GPUs."""
-    validate_setup_args(_namespace(tmp_path, fsdp="full_shard", fsdp_config={"version": 2}, use_cpu=False, **overrides))
+    args = _namespace(tmp_path, fsdp="full_shard", fsdp_config={"version": 2}, use_cpu=False, **overrides)
+    validate_setup_args(args)
+
+
+def test_fsdp_from_the_accelerate_config_is_checked_too(tmp_path):
+    """`accelerate launch --config_file fsdp2.yaml` gives the Trainer an FSDP plugin without any --fsdp argument."""
+    from hf_llqrsam.compat import validate_fsdp_plugin
+
+    v1, v2 = types.SimpleNamespace(fsdp_version=1), types.SimpleNamespace(fsdp_version=2)
+    with pytest.raises(ValueError, match=r"fsdp_version=1 in the Accelerate config .* FSDP1 is not supported"):
+        validate_fsdp_plugin(_namespace(tmp_path, sam_mode="sam"), v1)
+    with pytest.raises(ValueError, match=r"sam_scope='local' under Accelerate's FSDP2"):
+        validate_fsdp_plugin(_namespace(tmp_path, sam_mode="sam", sam_scope="local"), v2)
+    validate_fsdp_plugin(_namespace(tmp_path, sam_mode="sam", llqr=True), v2)
+    validate_fsdp_plugin(_namespace(tmp_path, sam_mode="sam", sam_scope="local"), None)
+    validate_fsdp_plugin(_namespace(tmp_path, sam_scope="local"), v1)  # the stock path checks nothing
 
 
 def test_setup_checks_are_off_on_the_stock_path(tmp_path):
