@@ -85,7 +85,11 @@ def _sync_flags(module: nn.Module) -> list[tuple[Any, bool, bool]]:
     # (param group, reduce_grads, all_reduce_grads) of one FSDP2 module: FSDP2 has setters but no getters, so the
     # previous state is read from its param groups to be restored exactly (HSDP's all-reduce flag included).
     state = module._get_fsdp_state()  # type: ignore[operator]
-    return [(g, g.reduce_grads, g.all_reduce_grads) for g in getattr(state, "_fsdp_param_groups", [])]
+    groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12; one `_fsdp_param_group` before
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return [(g, g.reduce_grads, g.all_reduce_grads) for g in groups]
 
 
 @contextmanager
