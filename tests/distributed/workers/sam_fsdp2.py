@@ -39,8 +39,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sam_ga1": dict(sam_mode="sam", per_device_train_batch_size=2),
     **{  # window GA 2 (the replays unsynced until the last) for the other modes; sam is at GA 1, micro and with U
         f"{mode}_window2": dict(sam_mode=mode, per_device_train_batch_size=1, gradient_accumulation_steps=2)
-        for mode in ("asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam")
+        for mode in ("asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam", "past_fsam", "wsam")
     },
+    "looksam_window2": dict(sam_mode="looksam", looksam_interval=2, per_device_train_batch_size=1,
+                            gradient_accumulation_steps=2),  # two-pass steps 0 and 2, the reuse at step 1
     "sam_micro2": dict(sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=1,
                        gradient_accumulation_steps=2),
     "llqr_sam": dict(sam_mode="sam", per_device_train_batch_size=2, **LLQR),
