@@ -36,15 +36,17 @@ from tests.utils import SequentialTrainer, image_dataset, make_args, tiny_vit
 LLQR = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=5, llqr_inner_lr=1e-2, llqr_update_interval=2)
 # name -> (Trainer arguments, how the model is sharded); the union of the ranks' batches is 4 examples per step
 CONFIGS: dict[str, dict[str, Any]] = {
-    "sam_ga1": dict(sam_mode="sam", per_device_train_batch_size=2),
+    # 2 steps without LLQR (the second uses the state the first left: ḡ, d, m, g̃ₜ₋₁, g_v), 3 with (refreshes at 0, 2)
+    "sam_ga1": dict(sam_mode="sam", per_device_train_batch_size=2, max_steps=2),
     **{  # window GA 2 (the replays unsynced until the last) for the other modes; sam is at GA 1, micro and with U
-        f"{mode}_window2": dict(sam_mode=mode, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+        f"{mode}_window2": dict(sam_mode=mode, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                max_steps=2)
         for mode in ("asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam", "past_fsam", "wsam")
     },
     "looksam_window2": dict(sam_mode="looksam", looksam_interval=2, per_device_train_batch_size=1,
-                            gradient_accumulation_steps=2),  # two-pass steps 0 and 2, the reuse at step 1
+                            gradient_accumulation_steps=2, max_steps=2),  # the two-pass step 0, the reuse at 1
     "sam_micro2": dict(sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=1,
-                       gradient_accumulation_steps=2),
+                       gradient_accumulation_steps=2, max_steps=2),
     "llqr_sam": dict(sam_mode="sam", per_device_train_batch_size=2, **LLQR),
     "llqr_sam_sharded_curvature": dict(sam_mode="sam", per_device_train_batch_size=2,
                                        llqr_curvature_sharding="sharded", **LLQR),
