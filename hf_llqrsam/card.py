@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from .modes import MODES
+
 
 def method_card_section(args: Any) -> str:
     """Markdown naming the method (e.g. LLQR+SAM over AdamW) and every `sam_*`/per-mode/`llqr_*` value it used.
@@ -15,9 +17,13 @@ def method_card_section(args: Any) -> str:
     else:
         method = f"{'LLQR+' if args.llqr else ''}{args.sam_mode.upper()} (rho={args.sam_rho}) over {optim}"
     prefixes = ["llqr"] if args.llqr else []
+    borrowed: tuple[str, ...] = ()
     if args.sam_mode != "none":
         prefixes += ["sam_", f"{args.sam_mode}_"]
-    values = {k: v for k, v in args.to_dict().items() if k == "sam_mode" or k.startswith(tuple(prefixes))}
+        borrowed = MODES[args.sam_mode].borrows  # e.g. past-FSAM reads fsam_beta, fsam_sigma, fsam_ema
+    values = {
+        k: v for k, v in args.to_dict().items() if k == "sam_mode" or k.startswith(tuple(prefixes)) or k in borrowed
+    }
     lines = "\n".join(f"- {k}: {v}" for k, v in values.items())
     return (
         f"\n## Training method (hf_llqrsam)\n\nTrained with `hf_llqrsam`: **{method}**.\n\n"

@@ -204,3 +204,12 @@ def test_resume_is_bit_exact(tmp_path, flags):
     if flags["sam_mode"] == "past_fsam":
         assert len(full.sam_state.batches) == len(resumed.sam_state.batches) == 1
         assert set(full.sam_state.buffers) == {"gbar", "g_last"}
+
+
+def test_model_card_lists_the_borrowed_fsam_flags(tmp_path):
+    from hf_llqrsam.card import method_card_section
+
+    section = method_card_section(make_args(tmp_path, sam_mode="past_fsam", past_fsam_overlap=0.5, fsam_beta=0.8))
+    assert "PAST_FSAM (rho=0.1)" in section
+    assert all(f"- {k}" in section for k in ("past_fsam_overlap: 0.5", "fsam_beta: 0.8", "fsam_sigma", "fsam_ema"))
+    assert "fsam_init" not in section and "looksam" not in section
