@@ -750,7 +750,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 if p is not None and is_dtensor(p) != is_dtensor(t):
                     store[name] = shard_like(t, p) if is_dtensor(p) else full_tensor(t)
 
-
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         self._save_llqrsam_state(output_dir)
@@ -767,7 +766,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
             save_sharded(output_dir, shards)  # a collective
         if self.args.should_save:
             save_state(output_dir, state, sharded=bool(shards))
-
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
