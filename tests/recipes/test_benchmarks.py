@@ -76,3 +76,30 @@ def test_cost_benchmark_looksam_and_wsam_rows(tmp_path):
     assert {"looksam", "wsam"} <= rows.keys()
     assert targets["LookSAM (k = 5) step / base step"]["vit-s"] == rows["looksam"]["step_s"] / rows["base"]["step_s"]
     assert targets["WSAM step / SAM step"]["vit-s"] == rows["wsam"]["step_s"] / rows["sam"]["step_s"]
+
+
+@pytest.mark.parametrize("shape", [(7,), (8, 3), (1, 5), (50257, 768), (3, 2, 2), ()])
+@pytest.mark.parametrize("world_size", [2, 8, 64])
+def test_fsdp2_shard_size_is_the_first_chunk(shape, world_size):
+    """FSDP2 gives every rank dim-0 chunk 0's size (`torch.chunk`, the last ranks padded): the table counts that."""
+    import torch
+
+    from recipes.benchmarks.fsdp2_memory_table import shard_entries
+
+    full = torch.empty(shape)
+    expected = torch.chunk(full, world_size, dim=0)[0].numel() if full.dim() else 1
+    assert shard_entries(torch.Size(shape), world_size) == expected
+
+
+def test_fsdp2_memory_table_is_the_readme_table(tmp_path):
+    """The README's memory-per-rank table is this script's output (regenerated here, no process group)."""
+    from pathlib import Path
+
+    from recipes.benchmarks.fsdp2_memory_table import main as memory_table
+
+    rows = memory_table(["--output_dir", str(tmp_path)])
+    assert [r["parameters"] for r in rows] == [86_567_656, 124_439_808]
+    assert rows[0]["ddp_u_mib"] == pytest.approx(4 * 86_567_656 / 2**20)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for line in (tmp_path / "fsdp2_memory_table.md").read_text().splitlines():
+        assert line in readme
