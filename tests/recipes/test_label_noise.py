@@ -1,0 +1,103 @@
+"""recipes/benchmarks/bench_label_noise.py: its plain loop against LLQRSAMTrainer (the oracle), and a smoke run."""
+
+import json
+import os
+
+import datasets
+import pytest
+import torch
+
+from hf_llqrsam.data import curvature_indices
+from recipes.benchmarks import bench_label_noise as bench
+from tests.utils import SequentialTrainer, make_args, max_abs_diff, params_of
+
+TOL = 1e-6
+
+
+def _data(n: int = 16, d: int = 6, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _mlp(seed: int = 0) -> bench.MLP:
+    torch.manual_seed(seed)
+    return bench.MLP(6, 3, width=8)
+
+
+CASES = [
+    ("sam", {"sam_mode": "sam"}, bench.Method("sam"), None),
+    ("llqr_sam", {"sam_mode": "sam", "llqr": True}, bench.Method("sam", llqr=True), {}),
+    ("llqr_sam_fast", {"sam_mode": "sam", "llqr": True, "llqr_inner_lr": 0.05, "llqr_ema_decay": 0.5},
+     bench.Method("sam", llqr=True), {"inner_lr": 0.05, "ema_decay": 0.5}),
+    ("llqr_fsam", {"sam_mode": "fsam", "llqr": True}, bench.Method("fsam", llqr=True), {}),
+    ("looksam", {"sam_mode": "looksam", "looksam_interval": 2}, bench.Method("looksam"), None),
+]
+
+
+@pytest.mark.parametrize(("name", "trainer_kw", "method", "llqr_kw"), CASES, ids=[c[0] for c in CASES])
+def test_loop_equals_trainer(tmp_path, name, trainer_kw, method, llqr_kw):
+    """The benchmark's loop and LLQRSAMTrainer take the same steps (LLQR: U refreshed before every step)."""
+    x, y = _data()
+    bs, steps, rho, lr = 4, 3, 0.3, 0.1
+    llqr_args = {}
+    if llqr_kw is not None:
+        llqr_args = dict(llqr_update_interval=1, llqr_batch_size=8, llqr_inner_steps=5, llqr_shift_labels="false")
+    args = make_args(tmp_path, sam_rho=rho, max_steps=steps, per_device_train_batch_size=bs, learning_rate=lr,
+                     optim="sgd", **trainer_kw, **llqr_args)
+    ds = datasets.Dataset.from_dict({"x": x.tolist(), "labels": y.tolist()}).with_format("torch")
+    trained = _mlp()
+    trainer = SequentialTrainer(model=trained, args=args, train_dataset=ds)
+    trainer.train()
+
+    ours = _mlp()
+    assert max_abs_diff(params_of(ours), params_of(_mlp())) == 0
+    cfg = None
+    if llqr_kw is not None:
+        cfg = bench.LLQRConfig(update_interval=1, batch_size=8, inner_steps=5, **llqr_kw)
+    batches = [torch.arange(i * bs, (i + 1) * bs) for i in range(steps)]
+    optimizer = torch.optim.SGD(list(ours.parameters()), lr=lr)
+    info = bench.train(ours, method, optimizer, rho, batches, x, y, llqr=cfg,
+                       curvature_indices=lambda step: curvature_indices(args.seed, step, len(x), 8),
+                       looksam_interval=2 if method.sam_mode == "looksam" else None)
+    assert info["skipped"] == 0
+    if cfg is not None:
+        assert info["refreshes"] == steps == trainer.preconditioner.num_updates
+        d_ours = torch.cat([p.flatten() for p in info["preconditioner"].structure.diagonal_parts()])
+        d_trainer = torch.cat([p.flatten() for p in trainer.preconditioner.structure.diagonal_parts()])
+        assert float((d_ours - d_trainer).abs().max()) < TOL
+        assert float((d_ours - 1).abs().max()) > 1e-6  # U moved: the comparison is not trivially at U = I
+    assert max_abs_diff(params_of(ours), params_of(trained)) < TOL
+    assert max_abs_diff(params_of(ours), params_of(_mlp())) > 1e-3  # the steps did something
+
+
+def test_noise_draw_fixed_and_recorded():
+    a, b = bench.load_task("digits", 0.4), bench.load_task("digits", 0.4)
+    assert torch.equal(a.y_train, b.y_train)
+    assert a.record["noise_seed"] == bench.NOISE_SEED
+    assert a.record["flipped"] == round(0.4 * len(a.y_train))
+    assert float((a.y_train != a.y_train_clean).double().mean()) == pytest.approx(0.4, abs=1e-3)  # all flipped
+    assert torch.equal(a.y_val, bench.load_task("digits", 0.0).y_val)  # val and test clean, the split fixed
+    assert torch.equal(bench.load_task("digits", 0.0).y_train, a.y_train_clean)
+
+
+def test_smoke(tmp_path):
+    out = str(tmp_path / "out")
+    summary = bench.main(["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100",
+                          "--seeds", "0", "1"])
+    with open(os.path.join(out, "label_noise.json")) as f:
+        data = json.load(f)
+    rec = data["meta"]["data"]["digits|0.4"]
+    assert rec["noise_seed"] == bench.NOISE_SEED and rec["flipped"] == 431 and rec["sizes"]["train"] == 1078
+    assert rec["noisy_labels_sha"] == bench.load_task("digits", 0.4).record["noisy_labels_sha"]
+    assert len(data["runs"]) == 2 + 2 + 2  # sam: 2 grid points x 1 tuning seed, then base and sam on seeds 0, 1
+    rows = summary["digits|0.4|sgd"]
+    assert set(rows) == {"base", "sam"} and len(rows["sam"]["test"]) == 2
+    assert len(rows["base"]["diff_vs_sam"]) == 3
+    with open(os.path.join(out, "label_noise.md")) as f:
+        md = f.read()
+    assert "| sam |" in md and "diff vs SAM" in md
+    # resumable: a second call runs nothing new
+    bench.main(["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100",
+                "--seeds", "0", "1"])
+    with open(os.path.join(out, "label_noise.json")) as f:
+        assert json.load(f)["runs"] == data["runs"]
