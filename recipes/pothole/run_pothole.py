@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_llqrsam import LLQRConfig, LLQRPreconditioner, Preconditioner, SAMConfig, SAMState, compute_perturbation
+from hf_llqrsam.llqr.schedules import parse_milestones
 
 A, B, DEPTH, CENTER, WIDTH = 5.0, 0.2, 0.08, 2.0, 0.1
 U_DIAG = (1.0 / A, 1.0 / B)  # inverse of the average curvature diag(5, 0.2)
@@ -152,6 +153,11 @@ class Row:
     refresh: "LearnedU | None" = None
 
 
+def _grid(config: LLQRConfig) -> int:
+    """The gcd of E and the milestone intervals: every refresh step is a multiple of it."""
+    return math.gcd(config.update_interval, *(e for _, e in parse_milestones(config.update_interval_milestones)))
+
+
 def run_batch(rows: Sequence[Row], u_diag: Sequence[float], max_steps: int = MAX_STEPS,
               keep_every: int = 0) -> list[dict]:
     """[`run`] for many rows at once, θ ∈ R^{rows×2}: the same arithmetic, vectorised over rows (seeds and methods).
@@ -171,7 +177,8 @@ def run_batch(rows: Sequence[Row], u_diag: Sequence[float], max_steps: int = MAX
     sam = torch.tensor([r.method.sam for r in rows])[:, None]
     eta = torch.tensor([ETA * r.method.lr_scale for r in rows], dtype=torch.float64)[:, None]
     stop = torch.tensor([r.stop for r in rows])
-    learned = [(i, r.refresh, r.refresh.preconditioner.config.update_interval) for i, r in enumerate(rows)
+    # Each learned row's refresh grid is prefiltered by the gcd of its intervals (E and any milestone E_i).
+    learned = [(i, r.refresh, _grid(r.refresh.preconditioner.config)) for i, r in enumerate(rows)
                if r.refresh is not None]
     cfg_eps = SAMConfig(mode="sam", rho=RHO).eps
     active = torch.ones(n, dtype=torch.bool)
@@ -247,10 +254,21 @@ class LearnedU:
         return self.preconditioner.apply(NAMES, [torch.ones(2, dtype=torch.float64)])[0].tolist()
 
 
-# Learned-U settings: the package defaults, and a fast one (refresh every 10 steps, no EMA memory, larger inner lr).
+# Learned-U settings: the package defaults; a fast one (refresh every 10 steps, no EMA memory, larger inner lr); and
+# the reference's own schedule knobs in the shape its presets use them (frequent refreshes early, the 1000-step
+# cadence later: `precond_update_scheduler: piecewise_constant`; `ema_scheduler: step_warmup`; `precond_lr_scheduler:
+# cosine_annealing`): for the first 100 steps U is refreshed every 10 steps with an inner lr that anneals from 0.05 to
+# the package default 1e-3 and an EMA decay that warms up from 0 (keep the newest fit) to the package default 0.95;
+# after step 100, every 1000 steps at the defaults.
 LEARNED = {
     "llqr_sam_learned_default": {},
     "llqr_sam_learned_fast": {"update_interval": 10, "ema_decay": 0.0, "inner_lr": 0.05},
+    "llqr_sam_learned_scheduled": {
+        "update_interval": 10, "update_interval_milestones": "100:1000",
+        "inner_lr": 0.05, "inner_lr_schedule": "cosine", "inner_lr_schedule_value": 1e-3,
+        "inner_lr_schedule_steps": 100,
+        "ema_decay": 0.95, "ema_schedule": "warmup", "ema_schedule_value": 0.0, "ema_schedule_steps": 100,
+    },
 }
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recipes.pothole.run_pothole import METHODS, U_DIAG, FixedDiagonal, LearnedU, Row, run, run_batch
+from recipes.pothole.run_pothole import LEARNED, METHODS, U_DIAG, FixedDiagonal, LearnedU, Row, run, run_batch
 
 
 def _close(a, b):
@@ -24,10 +24,12 @@ def test_one_batch_of_every_method_and_seed_equals_the_reference_loop():
         assert got["max_radius"] == pytest.approx(ref["max_radius"], rel=1e-12)
 
 
-def test_batched_stop_and_learned_u_equal_the_reference():
-    """Stopping in the box (LLQR+SAM escapes), zero noise, and per-seed learned U, batched vs one run at a time."""
+@pytest.mark.parametrize("learned", ["llqr_sam_learned_fast", "llqr_sam_learned_scheduled"])
+def test_batched_stop_and_learned_u_equal_the_reference(learned):
+    """Stopping in the box (LLQR+SAM escapes), zero noise, and per-seed learned U (a fixed E, or the milestone and
+    LR/EMA schedules), batched vs one run at a time (which asks `is_due` at every step)."""
     steps, seeds = 400, [0, 1]
-    settings = {"update_interval": 10, "ema_decay": 0.0, "inner_lr": 0.05}
+    settings = LEARNED[learned]
     rows = [Row(METHODS["llqr_sam"], seed, refresh=LearnedU(**settings)) for seed in seeds]
     rows += [Row(METHODS["llqr_sam"], 0), Row(METHODS["llqr_sam"], 0, noise_variance=0.0), Row(METHODS["sam"], 0)]
     batch = run_batch(rows, U_DIAG, steps, keep_every=7)
