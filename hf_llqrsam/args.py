@@ -60,6 +60,7 @@ from .llqr.config import (
     Schedule,
     ShiftLabels,
     Structure,
+    UpdateProbeScale,
 )
 from .llqr.schedules import parse_milestones
 from .modes import MODES, SAM_MODE_NAMES
@@ -174,7 +175,11 @@ class LLQRSAMFields:
         Use P = U on the descent gradient (required with `sam_mode="none"` and with `llqr_apply="update"`).
     llqr_apply (`str`, *optional*, defaults to `"gradient"`):
         `gradient`: U·g̃ replaces the gradient. `update`: U on the base optimizer's update (`precond_on_update`;
-        SGD/Adam/AdamW only).
+        SGD/Adam/AdamW only); its first refresh waits for the first step whose learning rate is > 0.
+    llqr_update_probe_scale (`str`, *optional*, defaults to `"gradient_norm"`):
+        `llqr_apply="update"` only: the scale of the refresh's probe Δ_opt(g). `gradient_norm` (ours) rescales it to
+        ‖g‖, so that U learns at the gradient mode's scale whatever the learning rate; `none` keeps the raw update, as
+        the reference's `precond_on_update` does (its size is the LR, so with AdamW U barely moves).
     llqr_divergence (`str`, *optional*, defaults to `"ngd"`):
         Curvature G: `ngd` (Fisher/GGN), `newton` (exact Hessian), `renyi` (α·GGN) or `reverse_kl`.
     llqr_ngd_scaling (`str`, *optional*, defaults to `"sum"`):
@@ -304,6 +309,10 @@ class LLQRSAMFields:
     llqr_on_update: bool = field(default=True, metadata={"help": "Use P = U on the descent gradient."})
     llqr_apply: Apply = field(
         default="gradient", metadata={"help": "Precondition the gradient, or the base optimizer's update."}
+    )
+    llqr_update_probe_scale: UpdateProbeScale = field(
+        default="gradient_norm",
+        metadata={"help": "llqr_apply='update': probe rescaled to the gradient's norm (ours) or raw (reference)."},
     )
     llqr_divergence: Divergence = field(default="ngd", metadata={"help": "Curvature G of the quadratic model."})
     llqr_ngd_scaling: NGDScaling = field(
@@ -449,6 +458,7 @@ class LLQRSAMFields:
             curvature_sharding=self.llqr_curvature_sharding,
             chunk_size=self.llqr_chunk_size,
             apply=self.llqr_apply,
+            update_probe_scale=self.llqr_update_probe_scale,
             in_perturbation=self.llqr_in_perturbation,
             on_update=self.llqr_on_update,
             label_smoothing=self.label_smoothing_factor,
@@ -721,6 +731,8 @@ def _llqr_flag_unused(args: Any, name: str) -> str | None:
         return "only used with llqr_divergence='renyi'"
     if name == "llqr_ngd_scaling" and args.llqr_divergence != "ngd":
         return "only used with llqr_divergence='ngd'"
+    if name == "llqr_update_probe_scale" and args.llqr_apply != "update":
+        return "only used with llqr_apply='update'"
     return _llqr_solver_flag_unused(args, name)
 
 

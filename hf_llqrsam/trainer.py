@@ -6,6 +6,7 @@ The Trainer keeps its loop, clipping, optimizer step, scheduler, logging and sav
 
 import contextlib
 import inspect
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -52,6 +53,9 @@ from .step import RunningMetrics, StepState, batchnorm_policy, copy_into_, repla
 logger = logging.get_logger(__name__)
 
 # Logged keys that are counts (summed over a logging interval); every other key is averaged.
+U_SUMMARY_FILE = "llqr_u_summary.json"
+"""The per-tensor summary of U written next to each checkpoint (`_save_llqrsam_state`)."""
+
 _COUNTERS = ("sam/skipped", "sam/skipped_ascent", "llqr/nonfinite_ugrad", "llqr/skipped_refresh")
 
 
@@ -518,7 +522,8 @@ class LLQRSAMTrainerMixin(_MixinBase):
         if self.preconditioner is None:
             self.preconditioner = LLQRPreconditioner(module, llqr, device=self.accelerator.device)
         step = self.state.global_step
-        if not self.preconditioner.is_due(step) or self.preconditioner.last_update_step == step:
+        lr_at = self._scheduled_lr if llqr.apply == "update" else None
+        if not self.preconditioner.is_due(step, lr_at=lr_at) or self.preconditioner.last_update_step == step:
             return
         if self.preconditioner.num_updates == 0:
             logger.info(f"LLQR: fitting U on {llqr.batch_size} curvature examples before step {step} (a pause).")
@@ -590,6 +595,25 @@ class LLQRSAMTrainerMixin(_MixinBase):
             torch.manual_seed(self.args.seed + step)
             batch = collator([dataset[i] for i in indices])  # type: ignore[index]
         return self._prepare_inputs(batch)
+
+    def _scheduled_lr(self, step: int) -> float:
+        """The base optimizer's largest learning rate at optimizer step `step`, a pure function of the step.
+
+        From the LR scheduler's multiplier (`LambdaLR`: every schedule of `get_scheduler` but
+        `reduce_lr_on_plateau`): max over param groups of base_lr · λ(step). Other schedulers, or none yet, give the
+        optimizer's current LR at the current step and treat earlier steps as LR > 0 (a refresh at an LR-0 grid step
+        is then skipped, not deferred). Used by `llqr_apply="update"` to defer refreshes past LR 0
+        ([`~hf_llqrsam.llqr.LLQRPreconditioner.is_due`]).
+        """
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return max(
+                float(base) * float(fn(step))
+                for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+            )
+        if step != self.state.global_step:
+            return 1.0
+        return max(float(group["lr"]) for group in self._inner_optimizer().param_groups)
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         # Accelerate wraps the torch optimizer in an AcceleratedOptimizer once the Trainer prepared it
@@ -756,7 +780,12 @@ class LLQRSAMTrainerMixin(_MixinBase):
 
     def _save_llqrsam_state(self, output_dir: str) -> None:
         """`llqrsam_state.pt` (rank 0) next to the optimizer state; under FSDP2 also every rank's shards of U and of
-        the SAM buffers, with DCP in `llqrsam_dcp/` (`hf_llqrsam/sharded_state.py`; the Trainer saves on all ranks)."""
+        the SAM buffers, with DCP in `llqrsam_dcp/` (`hf_llqrsam/sharded_state.py`; the Trainer saves on all ranks).
+
+        With LLQR, also `llqr_u_summary.json` (written by the saving rank, read by nothing): per tensor of U its
+        structure, entries, min, max, mean, RMS displacement from I, fraction at `llqr_min_diag` and the step of
+        the last refresh ([`~hf_llqrsam.llqr.LLQRPreconditioner.u_summary`]).
+        """
         if not self.llqrsam_enabled:
             return
         from .sharded_state import save_sharded, split_dtensors
@@ -764,8 +793,12 @@ class LLQRSAMTrainerMixin(_MixinBase):
         state, shards = split_dtensors(self._llqrsam_state_dict())
         if shards:
             save_sharded(output_dir, shards)  # a collective
+        summary = self.preconditioner.u_summary() if self.preconditioner is not None else None  # FSDP2: a collective
         if self.args.should_save:
             save_state(output_dir, state, sharded=bool(shards))
+            if summary is not None:
+                with open(os.path.join(output_dir, U_SUMMARY_FILE), "w") as f:
+                    json.dump(summary, f, indent=1, allow_nan=True)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -20,6 +20,7 @@ NGDScaling = Literal["sum", "mean"]
 ClipGroups = Literal["module", "tensor"]
 CurvatureSharding = Literal["replicated", "sharded"]
 Apply = Literal["gradient", "update"]
+UpdateProbeScale = Literal["gradient_norm", "none"]
 ShiftLabels = Literal["auto", "true", "false"]
 InnerSolver = Literal["momentum", "sgd", "adam", "cg"]
 CGBeta = Literal["reference", "polak_ribiere"]
@@ -37,6 +38,7 @@ __all__ = [
     "Schedule",
     "ShiftLabels",
     "Structure",
+    "UpdateProbeScale",
 ]
 
 
@@ -91,6 +93,9 @@ class LLQRConfig:
         curvature_sharding (`str`, *optional*, defaults to `"replicated"`): `replicated` or `sharded` (§5.6).
         chunk_size (`int`, *optional*): recompute the curvature batch in chunks of this many examples (§4.5).
         apply (`str`, *optional*, defaults to `"gradient"`): precondition the gradient or the optimizer's update.
+        update_probe_scale (`str`, *optional*, defaults to `"gradient_norm"`): `apply="update"` only: rescale the
+            probe Δ_opt(g) to ‖g‖ (`gradient_norm`, ours) or keep the raw update (`none`, the reference's
+            `precond_on_update`), `docs/algorithm.md` §7.3.
         in_perturbation (`bool`, *optional*, defaults to `True`): use U as the perturbation geometry, C = U in
             ε = ρ·Cv/√(ν² + eps); only modes whose `ModeSpec.llqr_geometry` is set admit it (`sam`, `fsam`).
         on_update (`bool`, *optional*, defaults to `True`): use U as the descent preconditioner, P = U on the descent
@@ -131,6 +136,7 @@ class LLQRConfig:
     curvature_sharding: CurvatureSharding = "replicated"
     chunk_size: int | None = None
     apply: Apply = "gradient"
+    update_probe_scale: UpdateProbeScale = "gradient_norm"
     in_perturbation: bool = True
     on_update: bool = True
     label_smoothing: float = 0.0

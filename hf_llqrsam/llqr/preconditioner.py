@@ -8,6 +8,7 @@ One refresh (`docs/algorithm.md` §5.2–5.3):
 """
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import LLQRConfig
 from .curvature import Extractor, curvature_problem
+from .diagnostics import block_summary, floor_fractions, u_diagnostics
 from .fit import count_nonfinite, fit_structure
 from .layout import clip_groups, fallback_names, tensor_layouts, trainable_parameters
 from .schedules import check_schedules, ema_decay_at, inner_lr_at, update_interval_at
@@ -84,6 +86,12 @@ class LLQRPreconditioner:
         self.num_updates: int = 0
         self.last_update_step: int | None = None
         self._warned_skip = False  # the skipped-refresh warning is logged once per instance
+        self._warned_floor = False  # so is the warning of entries driven to the llqr_min_diag floor
+
+    @property
+    def _min_diag(self) -> float | None:
+        """The positivity floor of U's stored entries, `None` when the clamp is off (`llqr_allow_inversion`)."""
+        return None if self.config.allow_inversion else self.config.min_diag
 
     @torch.no_grad()
     def _materialise_sharded(self, model: nn.Module, device: torch.device | str | None) -> bool:
@@ -131,18 +139,39 @@ class LLQRPreconditioner:
                 t.copy_(shard_like(w, t))
 
     # ---- cadence ------------------------------------------------------------------------------------------
-    def is_due(self, step: int) -> bool:
+    def _on_grid(self, step: int) -> bool:
+        """k % E(k) == 0 and k < until: the refresh grid 0, E, 2E, … (§5.4)."""
+        until = self.config.update_until
+        return step % update_interval_at(self.config.update_interval, self._milestones, step) == 0 and (
+            until is None or step < until
+        )
+
+    def is_due(self, step: int, lr_at: Callable[[int], float] | None = None) -> bool:
         """Whether a refresh runs before optimizer step `step`: k % E(k) == 0, k < until, once per k (§5.4).
 
         E(k) is `update_interval`, or piecewise constant with `update_interval_milestones`
         ([`~hf_llqrsam.llqr.schedules.update_interval_at`]); a pure function of k, so resume needs no state.
+
+        With `llqr_apply="update"` and `lr_at` (k ↦ the base optimizer's learning rate at step k, from the LR
+        schedule) a refresh needs an informative probe Δ_opt(g), which is zero at a zero learning rate: a grid step
+        whose LR is 0 (a warm-up that starts at 0) is deferred to the first later step with LR > 0, and the grid
+        itself is unchanged (the refreshes after it stay at E, 2E, …). So k is due when LR(k) > 0 and, walking back
+        from k, a grid step is met before any earlier step with LR > 0; still a pure function of k and the
+        schedule. In `gradient` mode, or without `lr_at`, `lr_at` is not read.
         """
+        if step == self.last_update_step:
+            return False
+        if self.config.apply != "update" or lr_at is None:
+            return self._on_grid(step)
         until = self.config.update_until
-        return (
-            step % update_interval_at(self.config.update_interval, self._milestones, step) == 0
-            and (until is None or step < until)
-            and step != self.last_update_step
-        )
+        if (until is not None and step >= until) or not lr_at(step) > 0:
+            return False
+        for k in range(step, -1, -1):  # usually two look-ups: LR(k) > 0 and LR(k − 1) > 0 end it off the grid
+            if k < step and lr_at(k) > 0:
+                return False  # a step with LR > 0 after the last grid step: that step had the refresh
+            if self._on_grid(k):
+                return True
+        return False
 
     # ---- applying U ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -292,8 +321,15 @@ class LLQRPreconditioner:
 
         Returns:
             `dict[str, float]`: `llqr/updates`, `llqr/skipped_refresh` (1.0 or 0.0), `llqr/u_min`, `llqr/u_max`,
-            `llqr/u_mean` and `llqr/memory_bytes`; a refresh that ran also has `llqr/objective_start`,
-            `llqr/objective_end`, `llqr/ugrad_norm`, `llqr/clip_fraction` and `llqr/nonfinite_ugrad`.
+            `llqr/u_mean`, `llqr/u_rms_displacement`, `llqr/u_at_floor` ([`~hf_llqrsam.llqr.diagnostics`]) and
+            `llqr/memory_bytes`; a refresh that ran also has `llqr/objective_start`, `llqr/objective_end`,
+            `llqr/objective_ratio` (J_end / J_start, NaN when J_start is 0 or not finite), `llqr/ugrad_norm`,
+            `llqr/clip_fraction`, `llqr/nonfinite_ugrad`, `llqr/inner_lr`, `llqr/ema_decay` and, with
+            `llqr_apply="update"` and `update_probe_scale="gradient_norm"`, `llqr/update_probe_scale` (‖g‖/‖Δ_opt(g)‖).
+
+        With `apply="update"` and `update_probe_scale="gradient_norm"` (the default) the probe is rescaled to ‖g‖
+        before the inner loop ([`_rescale_probe`]; `docs/algorithm.md` §7.3). A refresh that leaves more than 1 % of
+        some tensor's entries at `min_diag` logs one warning per instance ([`_warn_floor`]).
         """
         cfg = self.config
         if set(g_dict) != set(self.names):
@@ -313,6 +349,9 @@ class LLQRPreconditioner:
         if probe is not None and (bad := count_nonfinite(probe)):
             reason = f"the optimizer's dry-run update Δ_opt(g) has {bad} non-finite entries"
             return self._skip(step, reason, *rows_info)
+        probe_scale = None
+        if probe is not None and cfg.update_probe_scale == "gradient_norm":
+            probe, probe_scale = self._rescale_probe(probe, g)
         whole = self._gathered()  # FSDP2: the inner loop runs on whole tensors, the same on every rank
         v_struct = whole.clone() if cfg.warm_start else whole.identity()
         # the schedules are pure functions of the refresh's optimizer step (`llqr/schedules.py`)
@@ -339,9 +378,14 @@ class LLQRPreconditioner:
         self._scatter_(whole)  # a no-op unless sharded: `whole` is U itself
         self.num_updates += 1
         self.last_update_step = step
+        self._warn_floor(step, floor_fractions(whole, self._min_diag), lr, decay)
+        start_j, end_j = stats.objective_start, stats.objective_end
+        extra = {} if probe_scale is None else {"llqr/update_probe_scale": probe_scale}
         return {
-            "llqr/objective_start": stats.objective_start,
-            "llqr/objective_end": stats.objective_end,
+            "llqr/objective_start": start_j,
+            "llqr/objective_end": end_j,
+            "llqr/objective_ratio": end_j / start_j if start_j != 0 and math.isfinite(start_j) else float("nan"),
+            **extra,
             "llqr/ugrad_norm": stats.ugrad_norm,
             "llqr/clip_fraction": stats.clip_fraction,
             "llqr/nonfinite_ugrad": float(stats.nonfinite_ugrad),
@@ -350,8 +394,58 @@ class LLQRPreconditioner:
             **self._summary(skipped=False, whole=whole),
         }
 
+    @staticmethod
+    def _rescale_probe(probe: list[Tensor], g: list[Tensor]) -> tuple[list[Tensor], float]:
+        """`llqr_update_probe_scale="gradient_norm"`: the probe rescaled to ‖g‖₂ (global norms over U's tensors).
+
+        Δ_opt(g) ← Δ_opt(g) · ‖g‖/‖Δ_opt(g)‖, so that J(U) = gᵀδ + ½ δᵀ(G + λI)δ at δ = U·Δ_opt(g) has the scale of
+        the gradient mode's δ = −U·g, whatever the optimizer's learning rate (`docs/algorithm.md` §7.3, Q14). The
+        direction, Adam's normalisation and momentum included, is kept. A zero probe stays zero (factor 0 logged).
+        """
+        g_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))).double()
+        p_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(probe))).double()
+        if not float(p_norm) > 0:
+            return probe, 0.0
+        factor = float(g_norm / p_norm)
+        return list(torch._foreach_mul(probe, factor)), factor
+
+    def _warn_floor(self, step: int | None, fractions: Mapping[str, float], lr: float, decay: float) -> None:
+        """Warn once per instance when a refresh leaves more than 1 % of some tensor's entries at `llqr_min_diag`."""
+        hit = {name: frac for name, frac in fractions.items() if frac > 0.01}
+        if not hit or self._warned_floor:
+            return
+        self._warned_floor = True
+        worst = sorted(hit.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{name} {frac:.1%}" for name, frac in worst[:8]) + (
+            f" and {len(worst) - 8} more" if len(worst) > 8 else ""
+        )
+        where = f" at step {step}" if step is not None else ""
+        logger.warning(
+            f"LLQR refresh{where} drove more than 1 % of the entries of {len(hit)} tensor(s) of U to the floor "
+            f"llqr_min_diag={self.config.min_diag:g}: {shown}. Those entries scale their gradient by about "
+            f"{self.config.min_diag:g}, which freezes the parameters. The flags that cause it: llqr_inner_lr={lr:g} "
+            f"(the inner loop's step size; a large one overshoots below 0), llqr_ema_decay={decay:g} (a small β "
+            f"keeps more of the overshoot) and llqr_min_diag={self.config.min_diag:g} (the floor itself). Lower "
+            "llqr_inner_lr or raise llqr_ema_decay. Logged once; llqr/u_at_floor gives the fraction at every refresh."
+        )
+
+    def u_summary(self) -> dict[str, Any]:
+        """Per tensor of U: structure, entries, min, max, mean, RMS displacement and fraction at the floor
+        ([`~hf_llqrsam.llqr.diagnostics.block_summary`]), with the last refresh's step; a collective under FSDP2."""
+        blocks = block_summary(self._gathered(), self._min_diag)
+        for row in blocks.values():
+            row["last_update_step"] = self.last_update_step
+        return {
+            "structure": self.config.structure,
+            "num_updates": self.num_updates,
+            "last_update_step": self.last_update_step,
+            "min_diag": None if self._min_diag is None else float(self._min_diag),
+            "modules": blocks,
+        }
+
     def _summary(self, skipped: bool, whole: Structure | None = None) -> dict[str, float]:
-        diag = torch.cat((whole or self._gathered()).diagonal_parts())
+        whole = whole or self._gathered()
+        diag = torch.cat(whole.diagonal_parts())
         u_min, u_max, u_mean = (float(x) for x in (diag.min(), diag.max(), diag.mean()))
         return {
             "llqr/updates": float(self.num_updates),
@@ -359,6 +453,7 @@ class LLQRPreconditioner:
             "llqr/u_min": u_min,
             "llqr/u_max": u_max,
             "llqr/u_mean": u_mean,
+            **u_diagnostics(whole, self._min_diag),
             "llqr/memory_bytes": float(self.memory_bytes()),
         }
 

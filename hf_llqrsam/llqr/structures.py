@@ -161,16 +161,20 @@ class Structure:
                 t.clamp_(min=min_value)
 
     def diagonal_parts(self) -> list[Tensor]:
-        """Effective diagonal parts of U, for the `llqr/u_min|max|mean` summaries."""
+        """Effective diagonal parts of U, for the `llqr/u_min|max|mean` summaries (every block's, in order)."""
+        return [part for i in range(len(self.blocks)) for part in self.block_diagonal_parts(i)]
+
+    def block_diagonal_parts(self, i: int) -> list[Tensor]:
+        """Effective diagonal parts of the block of layout `i` (flat tensors): d, c, the e-kfac s, the separable a
+        and b, the diagonals of the kfac A and B; the identity scaling s is divided out."""
         out = []
-        for blk in self.blocks:
-            for k, t in blk.items():
-                if k in ("d", "c", "s", "a"):
-                    out.append(t.detach().reshape(-1) / self.scale)
-                elif k == "A":
-                    out.append((t.detach().diagonal() if t.dim() == 2 else t.detach()) / self.scale)
-                elif k in ("B", "b"):
-                    out.append(t.detach().diagonal() if t.dim() == 2 else t.detach())
+        for k, t in self.blocks[i].items():
+            if k in ("d", "c", "s", "a"):
+                out.append(t.detach().reshape(-1) / self.scale)
+            elif k == "A":
+                out.append((t.detach().diagonal() if t.dim() == 2 else t.detach()) / self.scale)
+            elif k in ("B", "b"):
+                out.append(t.detach().diagonal() if t.dim() == 2 else t.detach())
         return out
 
     def memory_bytes(self) -> int:

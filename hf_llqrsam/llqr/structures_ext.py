@@ -62,16 +62,12 @@ class _ConstrainedKronecker(_KroneckerStructure):
     def _kernel_diagonals(self, block: Block) -> list[Tensor]:
         raise NotImplementedError
 
-    def diagonal_parts(self) -> list[Tensor]:
-        out = []
-        for blk in self.blocks:
-            if "d" in blk:
-                out.append(blk["d"].detach().reshape(-1) / self.scale)
-            else:
-                parts = self._kernel_diagonals({k: t.detach() for k, t in blk.items()})
-                out.append(parts[0].reshape(-1) / self.scale)
-                out.extend(p.reshape(-1) for p in parts[1:])
-        return out
+    def block_diagonal_parts(self, i: int) -> list[Tensor]:
+        blk = self.blocks[i]
+        if "d" in blk:
+            return [blk["d"].detach().reshape(-1) / self.scale]
+        parts = self._kernel_diagonals({k: t.detach() for k, t in blk.items()})
+        return [parts[0].reshape(-1) / self.scale, *(p.reshape(-1) for p in parts[1:])]
 
 
 class PSDEKFACStructure(_ConstrainedKronecker):

@@ -59,8 +59,10 @@ def test_unsupported_optimizer_raises():
         optimizer_update(torch.optim.RMSprop(model.parameters()), dict(model.named_parameters()), _grads(model, 0))
 
 
-def test_update_mode_objective_uses_the_optimizer_update():
-    """δ = U·Δ_opt(g): one plain SGD inner step gives d₁ = d₀ − η·Δ ⊙ (g + (G + λI)(d₀ ⊙ Δ))."""
+@pytest.mark.parametrize("scale", ["none", "gradient_norm"])
+def test_update_mode_objective_uses_the_optimizer_update(scale):
+    """δ = U·Δ: one plain SGD inner step gives d₁ = d₀ − η·Δ ⊙ (g + (G + λI)(d₀ ⊙ Δ)), Δ = Δ_opt(g) (`none`) or
+    Δ_opt(g)·‖g‖/‖Δ_opt(g)‖ (`gradient_norm`, the default)."""
     model = TanhNet((3, 4, 3), seed=1)
     gen = torch.Generator().manual_seed(2)
     batch = {
@@ -81,16 +83,23 @@ def test_update_mode_objective_uses_the_optimizer_update():
         clip_norm=1e30,
         damping=0.2,
         allow_inversion=True,
+        update_probe_scale=scale,
     )
     pre = LLQRPreconditioner(model, cfg)
     with pytest.raises(ValueError, match="update_probe"):
         pre.update(model, batch)
     probe = make_update_probe(opt, model)
-    pre.update(model, batch, update_probe=probe)
+    metrics = pre.update(model, batch, update_probe=probe)
 
     g, G = dense_curvature(model, batch["x"], batch["labels"], "ngd")
     g_named = dict(zip([n for n, _ in model.named_parameters()], (t for t in _split(g, model)), strict=True))
     delta_opt = flatten(optimizer_update(opt, dict(model.named_parameters()), g_named).values())
+    if scale == "gradient_norm":
+        factor = g.norm() / delta_opt.norm()
+        assert metrics["llqr/update_probe_scale"] == pytest.approx(float(factor), rel=1e-10)
+        delta_opt = delta_opt * factor
+    else:
+        assert "llqr/update_probe_scale" not in metrics
     A = G + 0.2 * torch.eye(len(g), dtype=torch.float64)
     expected = 1.0 - 0.3 * delta_opt * (g + A @ delta_opt)
     torch.testing.assert_close(flatten(pre.structure.parameters()), expected, rtol=1e-10, atol=1e-13)

@@ -290,7 +290,7 @@ def test_the_table_covers_every_literal_and_float_flag():
     for bad in (math.inf, math.nan):
         hit = {name for kwargs, _ in BAD for name, v in kwargs.items() if isinstance(v, float) and v is bad}
         assert hit == set(FLOATS), set(FLOATS) - hit
-    assert len(LITERALS) == 21 and len(FLOATS) == 24
+    assert len(LITERALS) == 22 and len(FLOATS) == 24  # 22: llqr_update_probe_scale
 
 
 def test_every_number_has_a_range_rule():
@@ -519,6 +519,10 @@ IGNORED: list[tuple[dict, list[str]]] = [
     (
         {"llqr": True, "llqr_divergence": "newton", "llqr_ngd_scaling": "mean"},
         ["llqr_ngd_scaling='mean' (only used with llqr_divergence='ngd')"],
+    ),
+    (
+        {"llqr": True, "llqr_update_probe_scale": "none"},
+        ["llqr_update_probe_scale='none' (only used with llqr_apply='update')"],
     ),
     (
         {"sam_accumulation": "micro", "sam_same_dropout": True, "fisher_sam_eta": 0.2, "llqr_structure": "kfac"},
