@@ -3,8 +3,9 @@
 Modules: `config` (LLQRConfig), `curvature` (g and G·v), `layout` (tensor views, clip groups), `structures` (the
 parameterisations of U) and `structures_ext` (the reference's constrained Kronecker ones), `fit` (surrogate
 U-gradient, inner loop), `solvers` (the inner solvers: momentum, sgd, adam, nonlinear CG), `schedules` (inner LR, EMA
-decay and refresh interval as functions of the step), `preconditioner` (LLQRPreconditioner) and `update_probe` (the
-optimizer's dry-run update for `llqr_apply="update"`).
+decay and refresh interval as functions of the step), `preconditioner` (LLQRPreconditioner), `diagnostics` (how far
+U moved from I, its share at the `min_diag` floor) and `update_probe` (the optimizer's dry-run update for
+`llqr_apply="update"`).
 """
 
 from .config import LLQRConfig

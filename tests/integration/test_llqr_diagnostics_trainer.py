@@ -4,11 +4,12 @@ per-tensor `llqr_u_summary.json` next to checkpoints, U moving in update mode, a
 import json
 
 import pytest
+import torch
 
 from hf_llqrsam import LLQRSAMTrainer
 from hf_llqrsam.llqr.diagnostics import u_diagnostics
 from hf_llqrsam.trainer import U_SUMMARY_FILE
-from tests.utils import image_dataset, make_args, tiny_vit
+from tests.utils import image_dataset, make_args, params_of, tiny_vit
 
 LLQR_FAST = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=5, llqr_inner_lr=1e-3)
 
@@ -78,3 +79,20 @@ def test_update_mode_first_refresh_waits_for_lr_above_zero(tmp_path):
         steps[apply] = seen
     assert steps["update"] == [1, 2, 4]
     assert steps["gradient"] == [0, 2, 4]
+
+
+def test_update_mode_with_deferred_refresh_resumes_bit_exact(tmp_path):
+    """The deferral is decided from the step and the LR schedule: a run resumed at step 3 refreshes where the
+    uninterrupted one does (1, 2, 4) and ends bit-identical, U included."""
+    ds = image_dataset(20)
+    kw = dict(optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=2, max_steps=5,
+              save_steps=3, save_strategy="steps", seed=7, llqr_apply="update", llqr_update_interval=2, **LLQR_FAST)
+    full = LLQRSAMTrainer(model=tiny_vit(), args=make_args(tmp_path / "full", **kw), train_dataset=ds)
+    full.train()
+    assert full.preconditioner.num_updates == 3 and full.preconditioner.last_update_step == 4
+    resumed = LLQRSAMTrainer(model=tiny_vit(seed=9), args=make_args(tmp_path / "res", **kw), train_dataset=ds)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert resumed.preconditioner.num_updates == 3 and resumed.preconditioner.last_update_step == 4
+    assert all(torch.equal(a, b) for a, b in zip(params_of(full.model), params_of(resumed.model), strict=True))
+    u_full, u_res = full.preconditioner.state_dict()["blocks"], resumed.preconditioner.state_dict()["blocks"]
+    assert all(torch.equal(u_full[n][k], u_res[n][k]) for n in u_full for k in u_full[n])
