@@ -693,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cells", nargs="+", help="run only these cells, as task|noise|opt (e.g. digits|0.4|sgd)")
-    ap.add_argument("--answer", help="a markdown file (the hand-written answer to the question) appended to the report")
+    ap.add_argument("--answer", help="a markdown file (the hand-written answer) appended to the report")
     ap.add_argument("--report_only", action="store_true", help="tables and plots from the JSON, no new runs")
     a = ap.parse_args(argv)
     os.makedirs(a.output_dir, exist_ok=True)
