@@ -635,15 +635,22 @@ def plots(store: Store, summary: dict, out: str, epochs: int, tuning_seeds: Sequ
     import matplotlib.pyplot as plt
 
     files = []
-    keys = [k for k in summary if any(summary[k][m]["val_curve"] for m in summary[k])]
+    keys = [k for k in summary if any(summary[k][m]["val_curve"] for m in summary[k]) and k.count("|") == 2]
     if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-        for ax, key in zip(axes[0], keys, strict=True):
+        ncol = min(3, len(keys))
+        nrow = math.ceil(len(keys) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.8 * ncol, 3.6 * nrow), squeeze=False)
+        for ax in axes.flat[len(keys):]:
+            ax.set_visible(False)
+        for ax, key in zip(axes.flat, keys, strict=False):
             for method, row in summary[key].items():
                 if row["val_curve"]:
                     xs = list(row["val_curve"])
                     ax.plot(xs, [row["val_curve"][r] for r in xs], marker="o", label=method)
             ax.set_xscale("log")
+            grid = sorted({r for row in summary[key].values() for r in row["val_curve"]})
+            ax.set_xticks(grid, [f"{r:g}" for r in grid], fontsize=7)
+            ax.minorticks_off()
             ax.set_xlabel("ρ")
             ax.set_ylabel("val acc (tuning seeds)")
             ax.set_title(key.replace("|", ", "), fontsize=9)
