@@ -85,11 +85,28 @@ METHODS: dict[str, Method] = {
                             note="LLQR+SAM, fast inner loop (inner lr 0.01, EMA 0.5)"),
     "llqr_sam_adam": Method("sam", llqr=True, llqr_overrides=(("inner_solver", "adam"),),
                             note="LLQR+SAM, Adam inner solver"),
+    # the untried knobs of issue 12 item 3, one arm each, main cell only
+    "llqr_sam_sched": Method("sam", llqr=True, llqr_overrides=(
+        ("update_interval", 10), ("update_interval_milestones", f"100:{LLQR_INTERVAL}"),
+        ("inner_lr", 0.05), ("inner_lr_schedule", "cosine"), ("inner_lr_schedule_value", 1e-3),
+        ("inner_lr_schedule_steps", 100),
+        ("ema_schedule", "warmup"), ("ema_schedule_value", 0.0), ("ema_schedule_steps", 100)),
+        note="LLQR+SAM, schedules: refresh every 10 steps to step 100, inner lr cosine 0.05 -> 1e-3 and EMA "
+             "warm-up 0 -> 0.95 over 100 steps (the pothole toy's learned_scheduled)"),
+    "llqr_sam_e20": Method("sam", llqr=True, llqr_overrides=(("update_interval", 20),),
+                           note="LLQR+SAM, cadence: refresh every 20 steps"),
+    "llqr_sam_newton": Method("sam", llqr=True, llqr_overrides=(("divergence", "newton"), ("ema_decay", 0.9)),
+                              note="LLQR+SAM, Newton divergence (reference EMA 0.9)"),
+    "llqr_sam_kfac": Method("sam", llqr=True, llqr_overrides=(("structure", "kfac"),),
+                            note="LLQR+SAM, Kronecker (kfac) U"),
+    "llqr_sam_cg": Method("sam", llqr=True, llqr_overrides=(("inner_solver", "cg"),),
+                          note="LLQR+SAM, CG inner solver"),
 }
+KNOB_ARMS = ("llqr_sam_sched", "llqr_sam_e20", "llqr_sam_newton", "llqr_sam_kfac", "llqr_sam_cg")
 
 
 def llqr_config(method: Method, interval: int = LLQR_INTERVAL) -> LLQRConfig:
-    return LLQRConfig(update_interval=interval, **dict(method.llqr_overrides))
+    return LLQRConfig(**{"update_interval": interval, **dict(method.llqr_overrides)})  # an arm may set the cadence
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -393,6 +410,7 @@ def protocol(name: str) -> list[Cell]:
         Cell("digits", 0.2, "sgd", CORE),
         Cell("digits", 0.4, "sgd", ("llqr_sam_adam",)),
         Cell("digits", 0.0, "sgd", CORE),
+        *(Cell("digits", 0.4, "sgd", (arm,)) for arm in KNOB_ARMS),  # one cell each: an arm finishes before the next
     ]
 
 
@@ -619,6 +637,10 @@ def markdown(summary: dict, meta: dict, cost: dict | None = None) -> str:
     if cost:
         lines += ["", "The time ratio is from the cost measurement below where it has the method (else from the "
                   "runs' wall seconds, which mix the machine's changing load).", "",
+                  *[line for x in cost.get("added", []) for line in (
+                      f"Methods added later ({', '.join(m for m in x['seconds_per_epoch'] if m != 'sam')}) were "
+                      f"timed against a fresh SAM over {x['epochs']} epochs, {x['rounds']} round(s); their ratio is "
+                      f"to that SAM ({x['seconds_per_epoch']['sam']:.3f} s/epoch).", "")],
                   f"## Cost: seconds per epoch, digits MLP, SGD, ρ 0.5 ({cost['epochs']} epochs, median of "
                   f"{cost['rounds']} interleaved rounds, one process, 1 thread)", "",
                   "| method | s/epoch | / SAM |", "|---|---|---|"]
@@ -663,7 +685,7 @@ def plots(store: Store, summary: dict, out: str, epochs: int, tuning_seeds: Sequ
     hist_runs = [r for r in store.data["runs"].values() if r.get("u_hist") and r["epochs"] == epochs
                  and r["seed"] not in tuning_seeds and isinstance(next(iter(r["u_hist"].values())), dict)
                  and r["task"] == "digits" and r["noise"] == 0.4]  # the main cells only: one panel per method
-    order = ("llqr_sam", "llqr_sam_fast", "llqr_sam_adam", "llqr_fsam", "llqr")
+    order = ("llqr_sam", "llqr_sam_fast", "llqr_sam_adam", *KNOB_ARMS, "llqr_fsam", "llqr")
     if hist_runs:
         hist_runs.sort(key=lambda r: (r["opt"] != "sgd", order.index(r["method"]) if r["method"] in order else 9))
         n = len(hist_runs)
@@ -750,6 +772,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         execute(store, final, a.workers)
     if a.protocol == "full" and not a.report_only and "cost" not in store.data:
         store.data["cost"] = measure_cost(ALL)
+    elif a.protocol == "full" and not a.report_only:
+        missing = [m for m in ALL if m not in store.data["cost"]["seconds_per_epoch"]]
+        if missing:  # arms added later: timed against a fresh SAM over a full run (their cadence may change)
+            extra = measure_cost(("sam", *missing), epochs=a.epochs, rounds=1)
+            cost = store.data["cost"]
+            cost.setdefault("added", []).append(extra)
+            for m in missing:
+                cost["seconds_per_epoch"][m] = extra["seconds_per_epoch"][m]
+                cost["ratio_to_sam"][m] = extra["ratio_to_sam"][m]
+            store.save()
     summary = summarise(store, cells, a.epochs, a.grid_size, a.tuning_seeds, a.seeds)
     store.data["summary"] = summary
     store.save()

@@ -105,3 +105,14 @@ def test_smoke(tmp_path):
                 "--seeds", "0", "1"])
     with open(os.path.join(out, "label_noise.json")) as f:
         assert json.load(f)["runs"] == data["runs"]
+
+
+def test_knob_arms_configs():
+    """The knob arms' overrides reach LLQRConfig; an arm's own cadence replaces LLQR_INTERVAL."""
+    assert bench.llqr_config(bench.METHODS["llqr_sam"]).update_interval == bench.LLQR_INTERVAL
+    assert bench.llqr_config(bench.METHODS["llqr_sam_e20"]).update_interval == 20
+    cfgs = {arm: bench.llqr_config(bench.METHODS[arm]) for arm in bench.KNOB_ARMS}
+    assert cfgs["llqr_sam_newton"].divergence == "newton" and cfgs["llqr_sam_newton"].ema_decay == 0.9
+    assert cfgs["llqr_sam_kfac"].structure == "kfac" and cfgs["llqr_sam_cg"].inner_solver == "cg"
+    pre = bench.LLQRPreconditioner(_mlp(), cfgs["llqr_sam_sched"])
+    assert [k for k in range(301) if pre.is_due(k)] == [*range(0, 100, 10), 100, 200, 300]  # 10 to step 100, then 100
