@@ -689,10 +689,14 @@ def plots(store: Store, summary: dict, out: str, epochs: int, tuning_seeds: Sequ
     if hist_runs:
         hist_runs.sort(key=lambda r: (r["opt"] != "sgd", order.index(r["method"]) if r["method"] in order else 9))
         n = len(hist_runs)
-        fig, axes = plt.subplots(2, n, figsize=(4.5 * n, 6.6), squeeze=False)
+        ncol, groups = min(n, 4), math.ceil(n / 4)  # a row pair (U − 1 over U) per 4 runs
+        fig, axes = plt.subplots(2 * groups, ncol, figsize=(4.5 * ncol, 6.6 * groups), squeeze=False)
+        for j in range(n, groups * ncol):  # the last row pair's unused panels
+            axes[2 * (j // ncol)][j % ncol].set_visible(False)
+            axes[2 * (j // ncol) + 1][j % ncol].set_visible(False)
         for j, r in enumerate(hist_runs):
             for row, (kind, edges) in enumerate((("u_minus_1", DEV_BINS), ("u", HIST_BINS))):
-                ax = axes[row][j]
+                ax = axes[2 * (j // ncol) + row][j % ncol]
                 for k, h in r["u_hist"].items():
                     ax.stairs(h[kind], edges, label=f"after refresh {k}")
                 if kind == "u_minus_1":
