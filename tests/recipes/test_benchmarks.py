@@ -103,3 +103,15 @@ def test_fsdp2_memory_table_is_the_readme_table(tmp_path):
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     for line in (tmp_path / "fsdp2_memory_table.md").read_text().splitlines():
         assert line in readme
+
+
+def test_looksam_peer_check_tiny(tmp_path):
+    """The LookSAM peer check runs its three arms from the same weights and writes the windowed losses."""
+    pytest.importorskip("pytorch_optimizer")
+    from recipes.benchmarks.looksam_peer_check import main as peer_check
+
+    report = peer_check(["--output_dir", str(tmp_path), "--steps", "4", "--window", "2"])
+    means = report["mean_loss_per_window"]
+    assert means.keys() == {"adamw", "sam", "looksam"} and all(len(v) == 2 for v in means.values())
+    assert means["sam"][0] == pytest.approx(means["adamw"][0], rel=0.05)  # the same start, the same first batches
+    assert json.loads((tmp_path / "looksam_peer_check.json").read_text())["steps"] == 4
