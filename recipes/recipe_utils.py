@@ -223,3 +223,41 @@ def load_metric(
     except Exception as err:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ...
         logger.warning(f"Could not load the {source} {hub_name} metric ({err}); using the built-in fallback.")
         return fallback
+
+
+def load_hub_dataset(data_args: Any, model_args: Any, embedded: str) -> datasets.DatasetDict:
+    """`datasets.load_dataset(--dataset_name, --dataset_config_name)` (with `--dataset_revision` where the recipe has
+    it); an unreachable Hub stops with a one-line error that names the recipe's `embedded` default data."""
+    try:
+        return datasets.load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            revision=getattr(data_args, "dataset_revision", None),
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
+    except ConnectionError as err:
+        raise SystemExit(
+            f"error: --dataset_name {data_args.dataset_name!r}: the Hugging Face Hub could not be reached "
+            f"({err}). Check the network or the datasets cache, or drop --dataset_name to train on the embedded "
+            f"{embedded}."
+        ) from None
+
+
+def load_data_files(data_args: Any, model_args: Any) -> datasets.DatasetDict | None:
+    """`--train_file` / `--validation_file` / `--test_file` as a DatasetDict (`csv` by the first file's extension,
+    else json lines), or None when none is given."""
+    data_files = {
+        split: path
+        for split, path in [
+            ("train", data_args.train_file),
+            ("validation", data_args.validation_file),
+            ("test", data_args.test_file),
+        ]
+        if path is not None
+    }
+    if not data_files:
+        return None
+    extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
+    builder = "csv" if extension == "csv" else "json"
+    return datasets.load_dataset(builder, data_files=data_files, cache_dir=model_args.cache_dir)

@@ -33,7 +33,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
 from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
@@ -258,34 +258,9 @@ def build_model(
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> DatasetDict:
     """The hub dataset, the local files, or the embedded number tasks."""
     if data_args.dataset_name is not None:
-        try:
-            return load_dataset(
-                data_args.dataset_name,
-                data_args.dataset_config_name,
-                revision=data_args.dataset_revision,
-                cache_dir=model_args.cache_dir,
-                token=model_args.token,
-            )
-        except ConnectionError as err:
-            raise SystemExit(
-                f"error: --dataset_name {data_args.dataset_name!r}: the Hugging Face Hub could not be reached "
-                f"({err}). Check the network or the datasets cache, or drop --dataset_name to train on the embedded "
-                "number tasks."
-            ) from None
-    data_files = {
-        split: path
-        for split, path in [
-            ("train", data_args.train_file),
-            ("validation", data_args.validation_file),
-            ("test", data_args.test_file),
-        ]
-        if path is not None
-    }
-    if data_files:
-        extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
-        builder = "csv" if extension == "csv" else "json"
-        return load_dataset(builder, data_files=data_files, cache_dir=model_args.cache_dir)
-    return load_number_task_dataset()
+        return recipe_utils.load_hub_dataset(data_args, model_args, "number tasks")
+    files = recipe_utils.load_data_files(data_args, model_args)
+    return files if files is not None else load_number_task_dataset()
 
 
 def check_columns(dataset: DatasetDict, data_args: DataTrainingArguments) -> None:

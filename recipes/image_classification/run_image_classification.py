@@ -174,19 +174,7 @@ def load_accuracy(source: str) -> Callable[..., dict[str, float]]:
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> DatasetDict:
     """The hub dataset, the imagefolder(s), or the embedded digits."""
     if data_args.dataset_name is not None:
-        try:
-            return load_dataset(
-                data_args.dataset_name,
-                data_args.dataset_config_name,
-                cache_dir=model_args.cache_dir,
-                token=model_args.token,
-            )
-        except ConnectionError as err:
-            raise SystemExit(
-                f"error: --dataset_name {data_args.dataset_name!r}: the Hugging Face Hub could not be reached "
-                f"({err}). Check the network or the datasets cache, or drop --dataset_name to train on the embedded "
-                "digits."
-            ) from None
+        return recipe_utils.load_hub_dataset(data_args, model_args, "digits")
     if data_args.train_dir or data_args.validation_dir or data_args.test_dir:
         data_files = {
             split: os.path.join(folder, "**")
