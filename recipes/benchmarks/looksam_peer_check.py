@@ -80,7 +80,10 @@ def train(model: torch.nn.Module, batches: list[dict], arm: str, rho: float, lr:
             return loss
 
         losses.append(float(closure().detach()))
-        opt.step(closure) if arm != "adamw" else opt.step()
+        if arm == "adamw":
+            opt.step()
+        else:
+            opt.step(closure)  # the SAM optimizers recompute the gradient at θ + ε through the closure
     return losses
 
 
