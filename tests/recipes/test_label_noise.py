@@ -31,6 +31,10 @@ CASES = [
      bench.Method("sam", llqr=True), {"inner_lr": 0.05, "ema_decay": 0.5}),
     ("llqr_fsam", {"sam_mode": "fsam", "llqr": True}, bench.Method("fsam", llqr=True), {}),
     ("looksam", {"sam_mode": "looksam", "looksam_interval": 2}, bench.Method("looksam"), None),
+    ("wsam", {"sam_mode": "wsam"}, bench.Method("wsam"), None),
+    ("wsam_coupled", {"sam_mode": "wsam", "wsam_decouple": False}, bench.Method("wsam"), None),
+    ("past_fsam", {"sam_mode": "past_fsam"}, bench.Method("past_fsam"), None),
+    ("llqr_past_fsam", {"sam_mode": "past_fsam", "llqr": True}, bench.Method("past_fsam", llqr=True), {}),
 ]
 
 
@@ -58,7 +62,8 @@ def test_loop_equals_trainer(tmp_path, name, trainer_kw, method, llqr_kw):
     optimizer = torch.optim.SGD(list(ours.parameters()), lr=lr)
     info = bench.train(ours, method, optimizer, rho, batches, x, y, llqr=cfg,
                        curvature_indices=lambda step: curvature_indices(args.seed, step, len(x), 8),
-                       looksam_interval=2 if method.sam_mode == "looksam" else None)
+                       looksam_interval=2 if method.sam_mode == "looksam" else None,
+                       sam_kwargs={"wsam_decouple": False} if name == "wsam_coupled" else None)
     assert info["skipped"] == 0
     if cfg is not None:
         assert info["refreshes"] == steps == trainer.preconditioner.num_updates
@@ -107,6 +112,46 @@ def test_smoke(tmp_path):
         assert json.load(f)["runs"] == data["runs"]
 
 
+def test_llqr_alone_tunes_its_inner_lr():
+    """LLQR alone's tuned value is its inner lr (no ρ); the other arms keep theirs."""
+    cell = bench.Cell("digits", 0.4, "sgd", ("llqr",))
+    assert bench.grid_for(cell, "llqr", 0) == bench.INNER_LR_GRID
+    assert bench.llqr_config(bench.METHODS["llqr"], hp_value=3e-3).inner_lr == 3e-3
+    assert bench.llqr_config(bench.METHODS["llqr_sam_lr01"], hp_value=3e-3).inner_lr == 0.01  # ρ arm: not touched
+    assert bench.grid_for(cell, "base", 0) == (0.0,) and not bench.METHODS["base"].tuned
+
+
+def test_recipe_vit_is_the_recipes_model():
+    """digits_vit trains the image recipe's default ViT (its ModelArguments and build_model) on 16x16 RGB input."""
+    from recipes.image_classification.run_image_classification import ModelArguments
+
+    torch.manual_seed(0)
+    model = bench.MODELS["digits_vit"](64, 10)
+    cfg, args = model.vit.config, ModelArguments()
+    assert (cfg.image_size, cfg.patch_size, cfg.hidden_size, cfg.num_hidden_layers) == (
+        args.image_size, args.patch_size, args.hidden_size, args.num_hidden_layers)
+    x = bench.load_task("digits_vit", 0.4).x_train[:5]
+    assert model(x).shape == (5, 10)
+    seen = {}
+    model.vit.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    model(x)
+    pix = seen["pixel_values"]
+    assert pix.shape == (5, 3, 16, 16) and float(pix.min()) >= -1 and float(pix.max()) <= 1
+    assert torch.equal(pix[:, 0], pix[:, 2])
+
+
+def test_knob_selection_picks_best_validation_arm():
+    """"Knobs chosen on validation": the LLQR+SAM arm of best tuning validation, its budget the arms' sum."""
+    def row(val, test):
+        return {"rho": 0.5, "val_curve": {0.3: val - 0.1, 0.5: val}, "tuning_runs": 4, "test": test,
+                "diff_vs_sam": (test[0] - 0.9, 0.0, 0.0)}
+
+    summary = {"c": {"sam": row(0.9, [0.9]), "llqr_sam": row(0.91, [0.95]), "llqr_sam_cg": row(0.93, [0.85])}}
+    sel = bench.knob_selection(summary)["c"]
+    assert sel["arm"] == "llqr_sam_cg" and sel["tuning_runs"] == 8 and sel["sam_tuning_runs"] == 4
+    assert bench.knob_selection({"c": {"sam": row(0.9, [0.9]), "llqr_sam": row(0.91, [0.95])}}) == {}  # one arm
+
+
 def test_knob_arms_configs():
     """The knob arms' overrides reach LLQRConfig; an arm's own cadence replaces LLQR_INTERVAL."""
     assert bench.llqr_config(bench.METHODS["llqr_sam"]).update_interval == bench.LLQR_INTERVAL
@@ -114,5 +159,13 @@ def test_knob_arms_configs():
     cfgs = {arm: bench.llqr_config(bench.METHODS[arm]) for arm in bench.KNOB_ARMS}
     assert cfgs["llqr_sam_newton"].divergence == "newton" and cfgs["llqr_sam_newton"].ema_decay == 0.9
     assert cfgs["llqr_sam_kfac"].structure == "kfac" and cfgs["llqr_sam_cg"].inner_solver == "cg"
+    cfgs.update({arm: bench.llqr_config(bench.METHODS[arm]) for arm in bench.KNOB_ARMS_2})
+    assert cfgs["llqr_sam_ema05"].ema_decay == 0.5 and cfgs["llqr_sam_ema05"].inner_lr == 1e-3  # one knob at a time
+    assert cfgs["llqr_sam_lr01"].inner_lr == 0.01 and cfgs["llqr_sam_lr01"].ema_decay == 0.95
+    lrsched = cfgs["llqr_sam_lrsched"]
+    assert lrsched.inner_lr_schedule == "cosine" and lrsched.ema_schedule == "constant"
+    assert cfgs["llqr_sam_emawarm"].ema_schedule == "warmup" and cfgs["llqr_sam_emawarm"].update_interval == 100
+    assert cfgs["llqr_sam_cg_pr"].cg_beta == "polak_ribiere" and cfgs["llqr_sam_renyi"].divergence == "renyi"
+    assert {cfgs[a].structure for a in ("llqr_sam_ekfac", "llqr_sam_psd_ekfac")} == {"ekfac", "psd_ekfac"}
     pre = bench.LLQRPreconditioner(_mlp(), cfgs["llqr_sam_sched"])
     assert [k for k in range(301) if pre.is_due(k)] == [*range(0, 100, 10), 100, 200, 300]  # 10 to step 100, then 100
