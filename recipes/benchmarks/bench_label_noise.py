@@ -639,7 +639,8 @@ def measure_cost(methods: Sequence[str], epochs: int = 10, rounds: int = 3) -> d
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(rounds):
         for m in methods:
-            r = run_one("digits", 0.4, m, "sgd", 0.5, 0, epochs)
+            hp = METHODS[m].hp  # ρ 0.5 for the ρ-tuned arms; LLQR alone at the reference's inner lr
+            r = run_one("digits", 0.4, m, "sgd", 0.5 if hp == "rho" else 1e-3 if hp == "inner_lr" else 0.0, 0, epochs)
             times[m].append(r["seconds"] / epochs)
     med = {m: statistics.median(t) for m, t in times.items()}
     return {"epochs": epochs, "rounds": rounds, "seconds_per_epoch": med, "samples": times,
