@@ -834,15 +834,16 @@ def markdown(summary: dict, meta: dict, cost: dict | None = None, selection: dic
     return "\n".join(lines)
 
 
-def plots(store: Store, summary: dict, out: str, epochs: int, tuning_seeds: Sequence[int]) -> list[str]:
+def plots(store: Store, summary: dict, out: str, epochs: int, seed0: int) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    def rho_curve(method: str, row: dict) -> bool:
-        return bool(row["val_curve"]) and METHODS[method].hp == "rho"
+    def rho_curve(method: str, row: dict) -> bool:  # the knob arms' curves lie on llqr_sam's: the tables have them
+        knob = method in LLQR_SAM_ARMS and method != "llqr_sam"
+        return bool(row["val_curve"]) and METHODS[method].hp == "rho" and not knob
 
     keys = [k for k in summary if any(rho_curve(m, r) for m, r in summary[k].items()) and "extra seeds" not in k]
     if keys:
@@ -863,18 +864,28 @@ def plots(store: Store, summary: dict, out: str, epochs: int, tuning_seeds: Sequ
             ax.set_xlabel("ρ")
             ax.set_ylabel("val acc (tuning seeds)")
             ax.set_title(key.replace("|", ", "), fontsize=9)
-        axes[0][0].legend(fontsize=7)
+        axes[0][0].legend(fontsize=7, loc="lower left")
         fig.tight_layout()
         path = os.path.join(out, "label_noise_rho.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)
-    hist_runs = [r for r in store.data["runs"].values() if r.get("u_hist") and r["epochs"] == epochs
-                 and r["seed"] not in tuning_seeds and isinstance(next(iter(r["u_hist"].values())), dict)
-                 and r["task"] == "digits" and r["noise"] == 0.4]  # the main cells only: one panel per method
-    order = ("llqr_sam", "llqr_sam_fast", "llqr_sam_adam", *KNOB_ARMS, "llqr_fsam", "llqr")
+    # one panel per (cell, method), at the reported ρ, first reported seed: the arms whose U moves differently
+    panels = {"digits|0.4|sgd": ("llqr_sam", "llqr", "llqr_sam_fast", "llqr_sam_adam", "llqr_sam_cg",
+                                 "llqr_sam_sched", "llqr_sam_ema05", "llqr_sam_lr01", "llqr_sam_kfac"),
+              "digits|0.4|adamw": ("llqr_sam",), "digits_vit|0.4|adamw|40 epochs": ("llqr_sam", "llqr")}
+    hist_runs = []
+    for key, methods in panels.items():
+        task, noise, opt, *rest = key.split("|")
+        ep = int(rest[0].split()[0]) if rest else epochs
+        for m in methods:
+            row = summary.get(key, {}).get(m)
+            r = None if row is None else store.data["runs"].get(run_key(
+                {"task": task, "noise": float(noise), "method": m, "opt": opt, "rho": row["rho"], "seed": seed0,
+                 "epochs": ep}))
+            if r is not None and r.get("u_hist"):
+                hist_runs.append(r)
     if hist_runs:
-        hist_runs.sort(key=lambda r: (r["opt"] != "sgd", order.index(r["method"]) if r["method"] in order else 9))
         n = len(hist_runs)
         ncol, groups = min(n, 4), math.ceil(n / 4)  # a row pair (U − 1 over U) per 4 runs
         fig, axes = plt.subplots(2 * groups, ncol, figsize=(4.5 * ncol, 6.6 * groups), squeeze=False)
@@ -896,7 +907,8 @@ def plots(store: Store, summary: dict, out: str, epochs: int, tuning_seeds: Sequ
                 ax.set_xlabel("U − 1 (diagonal entries)" if kind == "u_minus_1" else "U (diagonal entries)")
                 ax.set_ylabel("entries")
                 if row == 0:
-                    ax.set_title(f"{r['method']} {r['task']} {r['noise']:.0%} {r['opt']} ρ {r['rho']:g} "
+                    ax.set_title(f"{r['method']} {r['task']} {r['noise']:.0%} {r['opt']} "
+                                 f"{'inner lr' if r.get('hp') == 'inner_lr' else 'ρ'} {r['rho']:g} "
                                  f"seed {r['seed']}", fontsize=8)
                     ax.legend(fontsize=7)
         fig.tight_layout()
@@ -996,7 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if a.answer:
             with open(a.answer) as g:
                 f.write("\n" + g.read())
-    plots(store, summary, a.output_dir, a.epochs, a.tuning_seeds)
+    plots(store, summary, a.output_dir, a.epochs, a.seeds[0])
     return summary
 
 
