@@ -13,8 +13,8 @@ skipped, and the JSON is rewritten after every run):
     OMP_NUM_THREADS=1 python recipes/benchmarks/bench_label_noise.py --output_dir runs/label_noise --workers 2 \
         --answer recipes/benchmarks/results/label_noise_answer.md
 
-`--cells` runs a subset (two processes on disjoint cells, each with its own `--output_dir`, split the work; the JSON
-files' `runs` merge by key), `--report_only` rebuilds the tables and plots from the JSON.
+`--cells` runs a subset (two processes on disjoint cells, each with its own `--output_dir`, split the work; then
+`--merge_from DIR …` adds their runs to this JSON), `--report_only` rebuilds the tables and plots from the JSON.
 
 Reduced from issue 12's protocol to fit a shared 2-core machine: 60 epochs, not 200 (the main cell is also run at
 200 epochs, as a check), with SGD lr 0.05 so that base still memorises the noisy labels; the recipe's ViT 40 epochs
@@ -589,6 +589,16 @@ class Store:
         self.data["runs"][run_key(r)] = r
         self.save()
 
+    def merge(self, path: str) -> None:
+        """Add the runs of another store's JSON (another process's `--output_dir`); a run both hold must agree."""
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        for key, r in runs.items():
+            mine = self.data["runs"].setdefault(key, r)
+            if mine["test_acc"] != r["test_acc"] or mine["val_acc"] != r["val_acc"]:
+                raise ValueError(f"{path}: run {key} disagrees with {self.path}")
+        self.save()
+
     def save(self) -> None:
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -933,6 +943,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="+", help="run only these methods of the chosen cells (the report keeps all)")
     ap.add_argument("--answer", help="a markdown file (the hand-written answer) appended to the report")
     ap.add_argument("--report_only", action="store_true", help="tables and plots from the JSON, no new runs")
+    ap.add_argument("--merge_from", nargs="+", default=[],
+                    help="output dirs of other processes (disjoint --cells): their runs join this JSON first")
     ap.add_argument("--skip_cost", action="store_true", help="no seconds-per-epoch measurement after the runs")
     a = ap.parse_args(argv)
     os.makedirs(a.output_dir, exist_ok=True)
@@ -967,6 +979,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"paired differences vs SAM on the same seed with a 95 % t-interval. LLQR: diagonal U, refreshed every "
         f"{LLQR_INTERVAL} steps on 64 training examples (noisy labels), reference defaults otherwise.")
     store = Store(os.path.join(a.output_dir, "label_noise.json"), meta)
+    for other in a.merge_from:
+        store.merge(os.path.join(other, "label_noise.json"))
     ap_cells = [c for c in cells if a.cells is None or c.key() in a.cells]
     for cell in [] if a.report_only else ap_cells:  # cell by cell: tune, then the reported seeds
         if a.methods is not None:

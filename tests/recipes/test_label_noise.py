@@ -111,6 +111,19 @@ def test_smoke(tmp_path):
                 "--seeds", "0", "1"])
     with open(os.path.join(out, "label_noise.json")) as f:
         assert json.load(f)["runs"] == data["runs"]
+    # another output dir merging this one's runs runs nothing itself, and a disagreeing run is refused
+    other = str(tmp_path / "other")
+    bench.main(["--output_dir", other, "--merge_from", out, "--protocol", "smoke", "--epochs", "1",
+                "--tuning_seeds", "100", "--seeds", "0", "1", "--report_only"])
+    with open(os.path.join(other, "label_noise.json")) as f:
+        assert json.load(f)["runs"] == data["runs"]
+    key = next(iter(data["runs"]))
+    data["runs"][key]["test_acc"] += 0.5
+    with open(os.path.join(out, "label_noise.json"), "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ValueError, match="disagrees"):
+        bench.main(["--output_dir", other, "--merge_from", out, "--protocol", "smoke", "--epochs", "1",
+                    "--report_only"])
 
 
 def test_llqr_alone_tunes_its_inner_lr():
