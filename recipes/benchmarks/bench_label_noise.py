@@ -393,9 +393,11 @@ def train(
         if not ok:
             skipped += 1
             if one_pass:
-                state.buffers["gbar"], state.ascents = before
-                if not before[0]:
-                    state.buffers.pop("gbar")
+                gbar, state.ascents = before
+                if gbar:
+                    state.buffers["gbar"] = gbar
+                else:
+                    state.buffers.pop("gbar", None)
             continue
         for kind, tensors in commit.items():
             state.set(kind, names, tensors)
@@ -523,6 +525,10 @@ class Cell:
     def n_epochs(self, default: int) -> int:
         return self.epochs if self.epochs is not None else default
 
+    def fixed_rho(self, method: str) -> float | None:
+        """The cell's fixed ρ where it applies to `method` (a ρ-tuned method), else `None` (tune on the grid)."""
+        return self.rho if METHODS[method].hp == "rho" else None
+
 
 ALL = tuple(METHODS)
 CORE = ("base", "sam", "llqr_sam")
@@ -630,8 +636,9 @@ def choose(store: Store, cell: Cell, method: str, grid: Sequence[float], epochs:
            tuning_seeds: Sequence[int]) -> tuple[float, dict]:
     """The grid value of best mean validation accuracy over the tuning seeds (ties: the smaller ρ); a cell's fixed ρ
     where it has one (no curve)."""
-    if cell.rho is not None and METHODS[method].hp == "rho":
-        return cell.rho, {}
+    fixed = cell.fixed_rho(method)
+    if fixed is not None:
+        return fixed, {}
     curve = {}
     for rho in grid:
         accs = [store.data["runs"][run_key({"task": cell.task, "noise": cell.noise, "method": method, "opt": cell.opt,
@@ -655,6 +662,24 @@ def measure_cost(methods: Sequence[str], epochs: int = 10, rounds: int = 3) -> d
     med = {m: statistics.median(t) for m, t in times.items()}
     return {"epochs": epochs, "rounds": rounds, "seconds_per_epoch": med, "samples": times,
             "ratio_to_sam": {m: med[m] / med["sam"] for m in methods} if "sam" in med else {}}
+
+
+def complete_cost(store: Store, epochs: int) -> None:
+    """The store's cost table for every method: measured whole (`measure_cost`) the first time; methods added later
+    are timed against a fresh SAM over a full run (their cadence may change), one round, and recorded as `added`."""
+    if "cost" not in store.data:
+        store.data["cost"] = measure_cost(ALL)
+        store.save()
+        return
+    cost = store.data["cost"]
+    missing = [m for m in ALL if m not in cost["seconds_per_epoch"]]
+    if missing:
+        extra = measure_cost(("sam", *missing), epochs=epochs, rounds=1)
+        cost.setdefault("added", []).append(extra)
+        for m in missing:
+            cost["seconds_per_epoch"][m] = extra["seconds_per_epoch"][m]
+            cost["ratio_to_sam"][m] = extra["ratio_to_sam"][m]
+        store.save()
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -748,8 +773,7 @@ def complete(store: Store, cell: Cell, method: str, grid: Sequence[float], epoch
                                   "rho": rho, "seed": s, "epochs": epochs}))
 
     if METHODS[method].tuned:
-        fixed = cell.rho is not None and METHODS[method].hp == "rho"
-        if not fixed and not all(has(r, s) for r in grid for s in tuning_seeds):
+        if cell.fixed_rho(method) is None and not all(has(r, s) for r in grid for s in tuning_seeds):
             return False
         rho = choose(store, cell, method, grid, epochs, tuning_seeds)[0]
     else:
@@ -844,7 +868,7 @@ def markdown(summary: dict, meta: dict, cost: dict | None = None, selection: dic
     return "\n".join(lines)
 
 
-def plots(store: Store, summary: dict, out: str, epochs: int, seed0: int) -> list[str]:
+def plots(store: Store, summary: dict, cells: Sequence[Cell], out: str, epochs: int, seed0: int) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -884,15 +908,17 @@ def plots(store: Store, summary: dict, out: str, epochs: int, seed0: int) -> lis
     panels = {"digits|0.4|sgd": ("llqr_sam", "llqr", "llqr_sam_fast", "llqr_sam_adam", "llqr_sam_cg",
                                  "llqr_sam_sched", "llqr_sam_ema05", "llqr_sam_lr01", "llqr_sam_kfac"),
               "digits|0.4|adamw": ("llqr_sam",), "digits_vit|0.4|adamw|40 epochs": ("llqr_sam", "llqr")}
+    by_key = {c.key(): c for c in cells}
     hist_runs = []
     for key, methods in panels.items():
-        task, noise, opt, *rest = key.split("|")
-        ep = int(rest[0].split()[0]) if rest else epochs
+        cell = by_key.get(key)  # a smaller protocol (smoke) lacks these cells
+        if cell is None:
+            continue
         for m in methods:
             row = summary.get(key, {}).get(m)
             r = None if row is None else store.data["runs"].get(run_key(
-                {"task": task, "noise": float(noise), "method": m, "opt": opt, "rho": row["rho"], "seed": seed0,
-                 "epochs": ep}))
+                {"task": cell.task, "noise": cell.noise, "method": m, "opt": cell.opt, "rho": row["rho"],
+                 "seed": seed0, "epochs": cell.n_epochs(epochs)}))
             if r is not None and r.get("u_hist"):
                 hist_runs.append(r)
     if hist_runs:
@@ -987,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             cell = dataclasses.replace(cell, methods=tuple(m for m in cell.methods if m in a.methods))
         ep = cell.n_epochs(a.epochs)
         tuning = [(cell.task, cell.noise, method, cell.opt, rho, s, ep) for method in cell.methods
-                  if METHODS[method].tuned and not (cell.rho is not None and METHODS[method].hp == "rho")
+                  if METHODS[method].tuned and cell.fixed_rho(method) is None
                   for rho in grid_for(cell, method, a.grid_size) for s in a.tuning_seeds]
         execute(store, tuning, a.workers)
         final = []
@@ -998,20 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        (1, 3, 6) if METHODS[method].llqr and s == a.seeds[0] else ())
                       for s in list(a.seeds) + list(cell.extra_seeds)]
         execute(store, final, a.workers)
-    if a.skip_cost:
-        pass
-    elif a.protocol == "full" and not a.report_only and "cost" not in store.data:
-        store.data["cost"] = measure_cost(ALL)
-    elif a.protocol == "full" and not a.report_only:
-        missing = [m for m in ALL if m not in store.data["cost"]["seconds_per_epoch"]]
-        if missing:  # arms added later: timed against a fresh SAM over a full run (their cadence may change)
-            extra = measure_cost(("sam", *missing), epochs=a.epochs, rounds=1)
-            cost = store.data["cost"]
-            cost.setdefault("added", []).append(extra)
-            for m in missing:
-                cost["seconds_per_epoch"][m] = extra["seconds_per_epoch"][m]
-                cost["ratio_to_sam"][m] = extra["ratio_to_sam"][m]
-            store.save()
+    if a.protocol == "full" and not a.report_only and not a.skip_cost:
+        complete_cost(store, a.epochs)
     summary = summarise(store, cells, a.epochs, a.grid_size, a.tuning_seeds, a.seeds)
     selection = knob_selection(summary)
     store.data["summary"] = summary
@@ -1022,7 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if a.answer:
             with open(a.answer) as g:
                 f.write("\n" + g.read())
-    plots(store, summary, a.output_dir, a.epochs, a.seeds[0])
+    plots(store, summary, cells, a.output_dir, a.epochs, a.seeds[0])
     return summary
 
 
