@@ -245,8 +245,10 @@ def unsharded_view(model: nn.Module) -> nn.Module:
                 state[key] = types.MethodType(value.__func__, new)
         state["_parameters"] = {n: None if p is None else leaves[id(p)] for n, p in module._parameters.items()}
         state["_buffers"] = dict(module._buffers)
-        for attr, kwargs_attr in (("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
-                                  ("_forward_hooks", "_forward_hooks_with_kwargs")):
+        for attr, kwargs_attr in (
+            ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
+            ("_forward_hooks", "_forward_hooks_with_kwargs"),
+        ):
             hooks = OrderedDict((k, h) for k, h in getattr(module, attr).items() if not _is_fsdp_hook(h))
             state[attr] = hooks
             state[kwargs_attr] = {k: v for k, v in getattr(module, kwargs_attr, {}).items() if k in hooks}

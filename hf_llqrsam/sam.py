@@ -234,9 +234,7 @@ class SAMState:
                     )
         self.ascents = int(state["ascents"])
         self.skipped_ascent = int(state["skipped_ascent"])
-        self.buffers = {
-            k: {n: t.to(device=device) for n, t in v.items()} for k, v in state["buffers"].items()
-        }
+        self.buffers = {k: {n: t.to(device=device) for n, t in v.items()} for k, v in state["buffers"].items()}
         self.batches = _map_tensors(list(state.get("batches", [])), lambda t: t.to(device=device))
 
 
@@ -456,8 +454,10 @@ def _geometry(
             return v, None
         case "asam":
             # T = |θ| + η, with T = 1 for biases (Kwon et al. 2021, reference `asam_eta`).
-            t = [torch.ones_like(gi) if n.endswith("bias") else _at_least_fp32(p.detach()).abs() + cfg.asam_eta
-                 for n, p, gi in zip(names, params, g, strict=True)]
+            t = [
+                torch.ones_like(gi) if n.endswith("bias") else _at_least_fp32(p.detach()).abs() + cfg.asam_eta
+                for n, p, gi in zip(names, params, g, strict=True)
+            ]
             tg = list(torch._foreach_mul(t, g))
             return list(torch._foreach_mul(tg, t)), total_norm(tg) ** 2
         case "fisher":

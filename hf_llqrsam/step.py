@@ -16,7 +16,13 @@ from torch import Tensor
 from .sam import Perturbation, copy_tensors_
 
 __all__ = [
-    "RNGState", "RunningMetrics", "StepState", "batchnorm_policy", "copy_into_", "replayed_rng", "rng_state",
+    "RNGState",
+    "RunningMetrics",
+    "StepState",
+    "batchnorm_policy",
+    "copy_into_",
+    "replayed_rng",
+    "rng_state",
     "set_rng_state",
 ]
 

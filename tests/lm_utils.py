@@ -15,8 +15,17 @@ SEQ = 8
 def tiny_gpt2(seed: int = 0, dropout: float = 0.0, cls: type = GPT2LMHeadModel) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=dropout, embd_pdrop=dropout,
-        attn_pdrop=dropout, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     return cls(cfg)
 
@@ -24,8 +33,16 @@ def tiny_gpt2(seed: int = 0, dropout: float = 0.0, cls: type = GPT2LMHeadModel) 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(cfg)
 
@@ -47,8 +64,14 @@ def lora(model, target_modules: list[str], modules_to_save: list[str] | None = N
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules,
-                        modules_to_save=modules_to_save, init_lora_weights=False)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        init_lora_weights=False,
+    )
     with warnings.catch_warnings():
         # peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers 5.24 (an error under pyproject's
         # filterwarnings); GPT-2's Conv1D makes peft switch fan_in_fan_out on, with a warning

@@ -17,8 +17,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_vit(seed: int = 0, dropout: float = 0.0, num_labels: int = 3) -> ViTForImageClassification:
     torch.manual_seed(seed)
     cfg = ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, num_labels=num_labels, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return ViTForImageClassification(cfg)
 
@@ -46,9 +54,21 @@ class SequentialTrainer(LLQRSAMTrainer):
 
 def make_args(tmp_path, **overrides) -> LLQRSAMTrainingArguments:
     kwargs = dict(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
-        per_device_train_batch_size=4, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
-        max_grad_norm=0.0, weight_decay=0.0, max_steps=3, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        max_steps=3,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     kwargs.update(overrides)
     return LLQRSAMTrainingArguments(**kwargs)
@@ -94,10 +114,23 @@ def tiny_marian(tokenizer, seed: int = 0, dropout: float = 0.0):
 
     torch.manual_seed(seed)
     cfg = MarianConfig(
-        vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout=dropout, attention_dropout=dropout,
-        activation_dropout=dropout, max_length=12, num_beams=1,
+        vocab_size=len(tokenizer),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        dropout=dropout,
+        attention_dropout=dropout,
+        activation_dropout=dropout,
+        max_length=12,
+        num_beams=1,
     )
     return MarianMTModel(cfg)
 

@@ -183,4 +183,3 @@ def fit_cg(
         clip_fraction=0.0,
         nonfinite_ugrad=nonfinite,
     )
-

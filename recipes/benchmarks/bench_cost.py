@@ -35,22 +35,89 @@ from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
 
 # name -> (family, config kwargs). CPU sizes by default; the *-gpu sizes are ViT-B/16 and Marian-base.
 MODELS: dict[str, tuple[str, dict]] = {
-    "vit-s": ("vit", dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=256)),
-    "vit-m": ("vit", dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                          intermediate_size=512)),
-    "vit-ti": ("vit", dict(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
-                           intermediate_size=768)),
-    "marian-s": ("marian", dict(vocab_size=2000, d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=256,
-                                decoder_ffn_dim=256, encoder_attention_heads=4, decoder_attention_heads=4)),
-    "marian-m": ("marian", dict(vocab_size=4000, d_model=128, encoder_layers=3, decoder_layers=3,
-                                encoder_ffn_dim=512, decoder_ffn_dim=512, encoder_attention_heads=4,
-                                decoder_attention_heads=4)),
-    "vit-b16-gpu": ("vit", dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
-                                num_attention_heads=12, intermediate_size=3072)),
-    "marian-base-gpu": ("marian", dict(vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
-                                       encoder_ffn_dim=2048, decoder_ffn_dim=2048, encoder_attention_heads=8,
-                                       decoder_attention_heads=8)),
+    "vit-s": (
+        "vit",
+        dict(
+            image_size=32,
+            patch_size=4,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+        ),
+    ),
+    "vit-m": (
+        "vit",
+        dict(
+            image_size=32,
+            patch_size=4,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+        ),
+    ),
+    "vit-ti": (
+        "vit",
+        dict(
+            image_size=32,
+            patch_size=4,
+            hidden_size=192,
+            num_hidden_layers=6,
+            num_attention_heads=3,
+            intermediate_size=768,
+        ),
+    ),
+    "marian-s": (
+        "marian",
+        dict(
+            vocab_size=2000,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_ffn_dim=256,
+            decoder_ffn_dim=256,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+        ),
+    ),
+    "marian-m": (
+        "marian",
+        dict(
+            vocab_size=4000,
+            d_model=128,
+            encoder_layers=3,
+            decoder_layers=3,
+            encoder_ffn_dim=512,
+            decoder_ffn_dim=512,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+        ),
+    ),
+    "vit-b16-gpu": (
+        "vit",
+        dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        ),
+    ),
+    "marian-base-gpu": (
+        "marian",
+        dict(
+            vocab_size=58101,
+            d_model=512,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_ffn_dim=2048,
+            decoder_ffn_dim=2048,
+            encoder_attention_heads=8,
+            decoder_attention_heads=8,
+        ),
+    ),
 }
 
 # name -> TrainingArguments overrides (Trainer variants) or None (hand-written peers)
@@ -74,12 +141,22 @@ def build_model(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modul
     family, kw = MODELS[name]
     torch.manual_seed(0)
     if family == "vit":
-        model = ViTForImageClassification(ViTConfig(num_labels=10, hidden_dropout_prob=0.0,
-                                                    attention_probs_dropout_prob=0.0, **kw))
+        model = ViTForImageClassification(
+            ViTConfig(num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+        )
     else:
-        model = MarianMTModel(MarianConfig(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                           max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-                                           activation_dropout=0.0, **kw))
+        model = MarianMTModel(
+            MarianConfig(
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+                max_position_embeddings=64,
+                dropout=0.0,
+                attention_dropout=0.0,
+                activation_dropout=0.0,
+                **kw,
+            )
+        )
     return model.to(dtype)
 
 
@@ -88,14 +165,19 @@ def synthetic_batch(name: str, batch_size: int, device: str, seed: int = 0) -> d
     g = torch.Generator().manual_seed(seed)
     if family == "vit":
         size = kw["image_size"]
-        batch = {"pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
-                 "labels": torch.randint(0, 10, (batch_size,), generator=g)}
+        batch = {
+            "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
+            "labels": torch.randint(0, 10, (batch_size,), generator=g),
+        }
     else:
         vocab = kw["vocab_size"]
-        batch = {"input_ids": torch.randint(2, vocab, (batch_size, SEQ_LEN), generator=g),
-                 "labels": torch.randint(2, vocab, (batch_size, SEQ_LEN), generator=g)}
-        batch["decoder_input_ids"] = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long),
-                                                batch["labels"][:, :-1]], dim=1)
+        batch = {
+            "input_ids": torch.randint(2, vocab, (batch_size, SEQ_LEN), generator=g),
+            "labels": torch.randint(2, vocab, (batch_size, SEQ_LEN), generator=g),
+        }
+        batch["decoder_input_ids"] = torch.cat(
+            [torch.zeros(batch_size, 1, dtype=torch.long), batch["labels"][:, :-1]], dim=1
+        )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -148,9 +230,17 @@ def _state_tensors(*objs: object) -> list[torch.Tensor]:
 
 def trainer_stepper(model: torch.nn.Module, batch: dict, overrides: dict, args: argparse.Namespace) -> Stepper:
     targs = LLQRSAMTrainingArguments(
-        output_dir=os.path.join(args.output_dir, "tmp"), report_to="none", use_cpu=args.device == "cpu",
-        learning_rate=1e-4, optim="adamw_torch", max_grad_norm=0.0, bf16=args.bf16, save_strategy="no",
-        per_device_train_batch_size=args.batch_size, llqr_batch_size=args.llqr_batch_size, **overrides,
+        output_dir=os.path.join(args.output_dir, "tmp"),
+        report_to="none",
+        use_cpu=args.device == "cpu",
+        learning_rate=1e-4,
+        optim="adamw_torch",
+        max_grad_norm=0.0,
+        bf16=args.bf16,
+        save_strategy="no",
+        per_device_train_batch_size=args.batch_size,
+        llqr_batch_size=args.llqr_batch_size,
+        **overrides,
     )
     trainer = LLQRSAMTrainer(model=model, args=targs, train_dataset=_ListDataset(batch))
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
@@ -266,8 +356,9 @@ def time_model(model_name: str, args: argparse.Namespace) -> dict:
     for _ in range(args.rounds):
         for v, s in steppers.items():
             per_round[v].append(_time_steps(s, args))
-    refresh = {v: _refresh_in_base_steps(s, steppers.get("base"), args) for v, s in steppers.items()
-               if s.refresh is not None}
+    refresh = {
+        v: _refresh_in_base_steps(s, steppers.get("base"), args) for v, s in steppers.items() if s.refresh is not None
+    }
     n_params = sum(p.numel() for p in build_model(model_name).parameters())
     out: dict = {"params": n_params, "variants": {}}
     base = statistics.median(per_round["base"]) if "base" in per_round else None
@@ -377,12 +468,22 @@ def update_scaling(args: argparse.Namespace) -> dict:
     rows = []
     for width in args.scaling_widths:
         name = f"vit-w{width}"
-        MODELS[name] = ("vit", dict(image_size=32, patch_size=4, hidden_size=width, num_hidden_layers=4,
-                                    num_attention_heads=4, intermediate_size=4 * width))
+        MODELS[name] = (
+            "vit",
+            dict(
+                image_size=32,
+                patch_size=4,
+                hidden_size=width,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=4 * width,
+            ),
+        )
         stepper = make_stepper(name, "llqr", args)
         seconds = statistics.median(stepper.refresh() for _ in range(args.refreshes))
-        rows.append({"width": width, "params": sum(p.numel() for p in build_model(name).parameters()),
-                     "refresh_s": seconds})
+        rows.append(
+            {"width": width, "params": sum(p.numel() for p in build_model(name).parameters()), "refresh_s": seconds}
+        )
     xs = [math.log(r["params"]) for r in rows]
     ys = [math.log(r["refresh_s"]) for r in rows]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -391,19 +492,24 @@ def update_scaling(args: argparse.Namespace) -> dict:
 
 
 def to_markdown(results: dict) -> str:
-    lines = [f"device: {results['device']}, batch {results['batch_size']}, LLQR curvature batch "
-             f"{results['llqr_batch_size']}, E = {results['update_interval']}, median of {results['rounds']} "
-             f"interleaved rounds x {results['steps']} steps; torch {results['torch']}; date {results['date']}", ""]
+    lines = [
+        f"device: {results['device']}, batch {results['batch_size']}, LLQR curvature batch "
+        f"{results['llqr_batch_size']}, E = {results['update_interval']}, median of {results['rounds']} "
+        f"interleaved rounds x {results['steps']} steps; torch {results['torch']}; date {results['date']}",
+        "",
+    ]
     models = list(results["models"])
     lines += ["| ratio | " + " | ".join(models) + " | target |", "|---|" + "---|" * (len(models) + 1)]
     for name, per_model in results.get("targets", {}).items():
         bound = TARGETS[name][3]
         cells = [f"{per_model[m]:.3f}" if m in per_model else "–" for m in models]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if bound is None else f'≤ {bound}'} |")
-    lines += ["",
-             "| model | params | variant | step (ms) | refresh (s) | amortised (ms) | / base | peak mem (MiB) "
-             "| mem / base |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| model | params | variant | step (ms) | refresh (s) | amortised (ms) | / base | peak mem (MiB) "
+        "| mem / base |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for model, res in results["models"].items():
         mem = results["memory"].get(model, {})
         for v, row in res["variants"].items():
@@ -413,13 +519,20 @@ def to_markdown(results: dict) -> str:
                 refresh += f" ({row['refresh_in_base_steps']:.0f} base steps)"
             m = mem.get(v)
             m_ratio = f"{m / mem['base']:.2f}" if m is not None and mem.get("base") else "–"
-            lines.append(f"| {model} | {res['params']:,} | {v} | {1e3 * row['step_s']:.1f} | {refresh} | {amort} | "
-                         f"{row.get('ratio_to_base', float('nan')):.3f} | {'–' if m is None else f'{m:.0f}'} | "
-                         f"{m_ratio} |")
+            lines.append(
+                f"| {model} | {res['params']:,} | {v} | {1e3 * row['step_s']:.1f} | {refresh} | {amort} | "
+                f"{row.get('ratio_to_base', float('nan')):.3f} | {'–' if m is None else f'{m:.0f}'} | "
+                f"{m_ratio} |"
+            )
     if results.get("scaling"):
         sc = results["scaling"]
-        lines += ["", f"LLQR refresh time vs parameters: fitted exponent {sc['exponent']:.2f}", "",
-                  "| width | params | refresh (s) |", "|---|---|---|"]
+        lines += [
+            "",
+            f"LLQR refresh time vs parameters: fitted exponent {sc['exponent']:.2f}",
+            "",
+            "| width | params | refresh (s) |",
+            "|---|---|---|",
+        ]
         lines += [f"| {r['width']} | {r['params']:,} | {r['refresh_s']:.3f} |" for r in sc["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -447,8 +560,11 @@ def plot(results: dict, path: str) -> None:
         ax = axes[0][1]
         rows = results["scaling"]["rows"]
         ax.loglog([r["params"] for r in rows], [r["refresh_s"] for r in rows], "o-")
-        ax.set(xlabel="parameters", ylabel="LLQR refresh (s)",
-               title=f"refresh time, exponent {results['scaling']['exponent']:.2f}")
+        ax.set(
+            xlabel="parameters",
+            ylabel="LLQR refresh (s)",
+            title=f"refresh time, exponent {results['scaling']['exponent']:.2f}",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -459,8 +575,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--models", default="vit-s,vit-m,vit-ti,marian-s,marian-m")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--batch_size", type=int, default=64,
-                        help="training batch; the default equals the curvature batch, as in every reference preset")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=64,
+        help="training batch; the default equals the curvature batch, as in every reference preset",
+    )
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
@@ -484,17 +604,32 @@ def main(argv: list[str] | None = None) -> dict:
             args.variants.remove("peer_sam")
     args.scaling_widths = [int(w) for w in args.scaling_widths.split(",")] if args.scaling_widths else []
     os.makedirs(args.output_dir, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}",
-                     "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
-                     "llqr_batch_size": args.llqr_batch_size, "update_interval": args.update_interval,
-                     "rounds": args.rounds, "steps": args.steps, "torch": torch.__version__,
-                     "models": {}, "memory": {}}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "batch_size": args.batch_size,
+        "llqr_batch_size": args.llqr_batch_size,
+        "update_interval": args.update_interval,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "models": {},
+        "memory": {},
+    }
     for name in args.models.split(","):
         results["models"][name] = time_model(name, args)
         if not args.no_memory:
             results["memory"][name] = {v: peak_memory(name, v, args) for v in args.variants}
-        print(json.dumps({name: {v: round(r.get("ratio_to_base", 0), 3) for v, r in
-                                 results["models"][name]["variants"].items()}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    name: {
+                        v: round(r.get("ratio_to_base", 0), 3) for v, r in results["models"][name]["variants"].items()
+                    }
+                }
+            ),
+            flush=True,
+        )
     results["targets"] = target_ratios(results)
     if args.scaling_widths and any(VARIANTS[v] and VARIANTS[v].get("llqr") for v in args.variants):
         results["scaling"] = update_scaling(args)

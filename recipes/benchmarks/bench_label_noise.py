@@ -105,58 +105,116 @@ METHODS: dict[str, Method] = {
     "llqr_sam": Method("sam", llqr=True, note="LLQR+SAM, reference defaults (inner lr 1e-3, EMA 0.95)"),
     "llqr_fsam": Method("fsam", llqr=True, note="LLQR+FSAM, reference defaults"),
     "llqr_past_fsam": Method("past_fsam", llqr=True, note="LLQR+past-FSAM, reference defaults"),
-    "llqr_sam_fast": Method("sam", llqr=True, llqr_overrides=(("inner_lr", 0.01), ("ema_decay", 0.5)),
-                            note="LLQR+SAM, fast inner loop (inner lr 0.01, EMA 0.5)"),
-    "llqr_sam_adam": Method("sam", llqr=True, llqr_overrides=(("inner_solver", "adam"),),
-                            note="LLQR+SAM, Adam inner solver"),
+    "llqr_sam_fast": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(("inner_lr", 0.01), ("ema_decay", 0.5)),
+        note="LLQR+SAM, fast inner loop (inner lr 0.01, EMA 0.5)",
+    ),
+    "llqr_sam_adam": Method(
+        "sam", llqr=True, llqr_overrides=(("inner_solver", "adam"),), note="LLQR+SAM, Adam inner solver"
+    ),
     # the untried knobs of issue 12 item 3, one arm each, main cell only
-    "llqr_sam_sched": Method("sam", llqr=True, llqr_overrides=(
-        ("update_interval", 10), ("update_interval_milestones", f"100:{LLQR_INTERVAL}"),
-        ("inner_lr", 0.05), ("inner_lr_schedule", "cosine"), ("inner_lr_schedule_value", 1e-3),
-        ("inner_lr_schedule_steps", 100),
-        ("ema_schedule", "warmup"), ("ema_schedule_value", 0.0), ("ema_schedule_steps", 100)),
+    "llqr_sam_sched": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(
+            ("update_interval", 10),
+            ("update_interval_milestones", f"100:{LLQR_INTERVAL}"),
+            ("inner_lr", 0.05),
+            ("inner_lr_schedule", "cosine"),
+            ("inner_lr_schedule_value", 1e-3),
+            ("inner_lr_schedule_steps", 100),
+            ("ema_schedule", "warmup"),
+            ("ema_schedule_value", 0.0),
+            ("ema_schedule_steps", 100),
+        ),
         note="LLQR+SAM, schedules: refresh every 10 steps to step 100, inner lr cosine 0.05 -> 1e-3 and EMA "
-             "warm-up 0 -> 0.95 over 100 steps (the pothole toy's learned_scheduled)"),
-    "llqr_sam_e20": Method("sam", llqr=True, llqr_overrides=(("update_interval", 20),),
-                           note="LLQR+SAM, cadence: refresh every 20 steps"),
-    "llqr_sam_newton": Method("sam", llqr=True, llqr_overrides=(("divergence", "newton"), ("ema_decay", 0.9)),
-                              note="LLQR+SAM, Newton divergence (reference EMA 0.9)"),
-    "llqr_sam_kfac": Method("sam", llqr=True, llqr_overrides=(("structure", "kfac"),),
-                            note="LLQR+SAM, Kronecker (kfac) U"),
-    "llqr_sam_cg": Method("sam", llqr=True, llqr_overrides=(("inner_solver", "cg"),),
-                          note="LLQR+SAM, CG inner solver"),
+        "warm-up 0 -> 0.95 over 100 steps (the pothole toy's learned_scheduled)",
+    ),
+    "llqr_sam_e20": Method(
+        "sam", llqr=True, llqr_overrides=(("update_interval", 20),), note="LLQR+SAM, cadence: refresh every 20 steps"
+    ),
+    "llqr_sam_newton": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(("divergence", "newton"), ("ema_decay", 0.9)),
+        note="LLQR+SAM, Newton divergence (reference EMA 0.9)",
+    ),
+    "llqr_sam_kfac": Method(
+        "sam", llqr=True, llqr_overrides=(("structure", "kfac"),), note="LLQR+SAM, Kronecker (kfac) U"
+    ),
+    "llqr_sam_cg": Method(
+        "sam", llqr=True, llqr_overrides=(("inner_solver", "cg"),), note="LLQR+SAM, CG inner solver"
+    ),
     # the second round of knobs: each of the schedules arm's three parts alone, each of the fast arm's two parts
     # alone, the remaining solver, divergence and structures (reverse_kl is the ngd/sum curvature by definition, so
     # it would repeat llqr_sam exactly: not run)
-    "llqr_sam_milestones": Method("sam", llqr=True, llqr_overrides=(
-        ("update_interval", 10), ("update_interval_milestones", f"100:{LLQR_INTERVAL}")),
-        note="LLQR+SAM, cadence schedule alone: every 10 steps to step 100, then every 100"),
-    "llqr_sam_lrsched": Method("sam", llqr=True, llqr_overrides=(
-        ("inner_lr", 0.05), ("inner_lr_schedule", "cosine"), ("inner_lr_schedule_value", 1e-3),
-        ("inner_lr_schedule_steps", 100)),
-        note="LLQR+SAM, inner-lr schedule alone: cosine 0.05 -> 1e-3 over 100 steps"),
-    "llqr_sam_emawarm": Method("sam", llqr=True, llqr_overrides=(
-        ("ema_schedule", "warmup"), ("ema_schedule_value", 0.0), ("ema_schedule_steps", 100)),
-        note="LLQR+SAM, EMA schedule alone: warm-up 0 -> 0.95 over 100 steps"),
-    "llqr_sam_ema05": Method("sam", llqr=True, llqr_overrides=(("ema_decay", 0.5),),
-                             note="LLQR+SAM, EMA 0.5 alone"),
-    "llqr_sam_lr01": Method("sam", llqr=True, llqr_overrides=(("inner_lr", 0.01),),
-                            note="LLQR+SAM, inner lr 0.01 alone"),
-    "llqr_sam_sgd": Method("sam", llqr=True, llqr_overrides=(("inner_solver", "sgd"),),
-                           note="LLQR+SAM, plain SGD inner solver"),
-    "llqr_sam_cg_pr": Method("sam", llqr=True, llqr_overrides=(("inner_solver", "cg"),
-                                                                ("cg_beta", "polak_ribiere")),
-                             note="LLQR+SAM, CG inner solver with the Polak-Ribiere beta"),
-    "llqr_sam_renyi": Method("sam", llqr=True, llqr_overrides=(("divergence", "renyi"),),
-                             note="LLQR+SAM, Renyi divergence (alpha 0.5, G = alpha GGN_mean)"),
-    "llqr_sam_ekfac": Method("sam", llqr=True, llqr_overrides=(("structure", "ekfac"),),
-                             note="LLQR+SAM, eigenbasis Kronecker (ekfac) U"),
-    "llqr_sam_psd_ekfac": Method("sam", llqr=True, llqr_overrides=(("structure", "psd_ekfac"),),
-                                 note="LLQR+SAM, PSD eigenbasis Kronecker (psd_ekfac) U"),
+    "llqr_sam_milestones": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(("update_interval", 10), ("update_interval_milestones", f"100:{LLQR_INTERVAL}")),
+        note="LLQR+SAM, cadence schedule alone: every 10 steps to step 100, then every 100",
+    ),
+    "llqr_sam_lrsched": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(
+            ("inner_lr", 0.05),
+            ("inner_lr_schedule", "cosine"),
+            ("inner_lr_schedule_value", 1e-3),
+            ("inner_lr_schedule_steps", 100),
+        ),
+        note="LLQR+SAM, inner-lr schedule alone: cosine 0.05 -> 1e-3 over 100 steps",
+    ),
+    "llqr_sam_emawarm": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(("ema_schedule", "warmup"), ("ema_schedule_value", 0.0), ("ema_schedule_steps", 100)),
+        note="LLQR+SAM, EMA schedule alone: warm-up 0 -> 0.95 over 100 steps",
+    ),
+    "llqr_sam_ema05": Method("sam", llqr=True, llqr_overrides=(("ema_decay", 0.5),), note="LLQR+SAM, EMA 0.5 alone"),
+    "llqr_sam_lr01": Method(
+        "sam", llqr=True, llqr_overrides=(("inner_lr", 0.01),), note="LLQR+SAM, inner lr 0.01 alone"
+    ),
+    "llqr_sam_sgd": Method(
+        "sam", llqr=True, llqr_overrides=(("inner_solver", "sgd"),), note="LLQR+SAM, plain SGD inner solver"
+    ),
+    "llqr_sam_cg_pr": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(("inner_solver", "cg"), ("cg_beta", "polak_ribiere")),
+        note="LLQR+SAM, CG inner solver with the Polak-Ribiere beta",
+    ),
+    "llqr_sam_renyi": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(("divergence", "renyi"),),
+        note="LLQR+SAM, Renyi divergence (alpha 0.5, G = alpha GGN_mean)",
+    ),
+    "llqr_sam_ekfac": Method(
+        "sam", llqr=True, llqr_overrides=(("structure", "ekfac"),), note="LLQR+SAM, eigenbasis Kronecker (ekfac) U"
+    ),
+    "llqr_sam_psd_ekfac": Method(
+        "sam",
+        llqr=True,
+        llqr_overrides=(("structure", "psd_ekfac"),),
+        note="LLQR+SAM, PSD eigenbasis Kronecker (psd_ekfac) U",
+    ),
 }
 KNOB_ARMS = ("llqr_sam_sched", "llqr_sam_e20", "llqr_sam_newton", "llqr_sam_kfac", "llqr_sam_cg")
-KNOB_ARMS_2 = ("llqr_sam_milestones", "llqr_sam_lrsched", "llqr_sam_emawarm", "llqr_sam_ema05", "llqr_sam_lr01",
-               "llqr_sam_sgd", "llqr_sam_cg_pr", "llqr_sam_renyi", "llqr_sam_ekfac", "llqr_sam_psd_ekfac")
+KNOB_ARMS_2 = (
+    "llqr_sam_milestones",
+    "llqr_sam_lrsched",
+    "llqr_sam_emawarm",
+    "llqr_sam_ema05",
+    "llqr_sam_lr01",
+    "llqr_sam_sgd",
+    "llqr_sam_cg_pr",
+    "llqr_sam_renyi",
+    "llqr_sam_ekfac",
+    "llqr_sam_psd_ekfac",
+)
 # every LLQR+SAM arm of the main cell: "knobs chosen on validation" picks one of these by its tuning runs
 LLQR_SAM_ARMS = ("llqr_sam", "llqr_sam_fast", "llqr_sam_adam", *KNOB_ARMS, *KNOB_ARMS_2)
 
@@ -261,12 +319,22 @@ def load_task(task: str, noise: float) -> TaskData:
         x, y, classes = d.data / 16.0, d.target, 10
         source = "sklearn.datasets.load_digits (1797 8x8 images, pixels / 16)"
     elif task == "synthetic":
-        x, y = make_classification(n_samples=1500, n_features=20, n_informative=10, n_redundant=4, n_classes=4,
-                                   n_clusters_per_class=2, class_sep=1.0, random_state=0)
+        x, y = make_classification(
+            n_samples=1500,
+            n_features=20,
+            n_informative=10,
+            n_redundant=4,
+            n_classes=4,
+            n_clusters_per_class=2,
+            class_sep=1.0,
+            random_state=0,
+        )
         x = (x - x.mean(0)) / x.std(0)
         classes = 4
-        source = ("sklearn.datasets.make_classification(n_samples=1500, n_features=20, n_informative=10, "
-                  "n_redundant=4, n_classes=4, n_clusters_per_class=2, random_state=0), standardised")
+        source = (
+            "sklearn.datasets.make_classification(n_samples=1500, n_features=20, n_informative=10, "
+            "n_redundant=4, n_classes=4, n_clusters_per_class=2, random_state=0), standardised"
+        )
     else:
         raise ValueError(f"unknown task {task!r}")
     idx = list(range(len(y)))
@@ -278,10 +346,16 @@ def load_task(task: str, noise: float) -> TaskData:
     y_clean = yt[tr_t]
     noisy, flipped = symmetric_noise(y_clean, classes, noise, NOISE_SEED)
     record = {
-        "source": source, "split_seed": SPLIT_SEED, "sizes": {"train": len(tr), "val": len(va), "test": len(te)},
-        "split_sha": _digest(torch.cat([tr_t, va_t, te_t])), "train_idx_head": tr_t[:10].tolist(),
-        "noise": noise, "noise_seed": NOISE_SEED, "flipped": len(flipped),
-        "flipped_fraction": len(flipped) / len(tr), "noisy_labels_sha": _digest(noisy),
+        "source": source,
+        "split_seed": SPLIT_SEED,
+        "sizes": {"train": len(tr), "val": len(va), "test": len(te)},
+        "split_sha": _digest(torch.cat([tr_t, va_t, te_t])),
+        "train_idx_head": tr_t[:10].tolist(),
+        "noise": noise,
+        "noise_seed": NOISE_SEED,
+        "flipped": len(flipped),
+        "flipped_fraction": len(flipped) / len(tr),
+        "noisy_labels_sha": _digest(noisy),
         "flipped_idx_head": flipped[:10].tolist(),
     }
     return TaskData(xt[tr_t], y_clean, noisy, xt[va_t], yt[va_t], xt[te_t], yt[te_t], classes, record)
@@ -293,8 +367,12 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "digits_vit": lambda d, c: RecipeViT(c),
     "synthetic": lambda d, c: MLP(d, c),
 }
-ARCH = {"digits": "MLP 64-256-256-10", "digits_cnn": "CNN conv8-conv16-pool-linear",
-        "digits_vit": "the image recipe's ViT: 16x16, patch 4, width 64, 4 layers", "synthetic": "MLP 20-256-256-4"}
+ARCH = {
+    "digits": "MLP 64-256-256-10",
+    "digits_cnn": "CNN conv8-conv16-pool-linear",
+    "digits_vit": "the image recipe's ViT: 16x16, patch 4, width 64, 4 layers",
+    "synthetic": "MLP 20-256-256-4",
+}
 
 
 # ------------------------------------------------------------------------------------------------ training loop
@@ -313,8 +391,9 @@ def _hist(d: Tensor) -> dict[str, list[int]]:
     return {"u": [int(c) for c in u], "u_minus_1": [int(c) for c in dev]}
 
 
-def _grad_at(model: nn.Module, params: list[Tensor], xb: Tensor, yb: Tensor,
-             eps: list[Tensor] | None = None) -> list[Tensor]:
+def _grad_at(
+    model: nn.Module, params: list[Tensor], xb: Tensor, yb: Tensor, eps: list[Tensor] | None = None
+) -> list[Tensor]:
     """∇L on the batch at θ + ε (θ restored exactly afterwards), or at θ."""
     backups = apply_perturbation_(params, eps) if eps is not None else None
     try:
@@ -347,11 +426,13 @@ def train(
     g̃ₜ₋₁ (zeros at the first step), and this step's g̃ is stored for the next. A non-finite ascent or descent skips
     the step.
     """
-    names, params = (list(t) for t in zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad],
-                                          strict=True))
+    names, params = (
+        list(t) for t in zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+    )
     extra = {} if looksam_interval is None else {"looksam_interval": looksam_interval}
-    cfg = SAMConfig(mode=method.sam_mode if method.sam_mode != "none" else "sam", rho=rho, **extra,
-                    **(sam_kwargs or {}))
+    cfg = SAMConfig(
+        mode=method.sam_mode if method.sam_mode != "none" else "sam", rho=rho, **extra, **(sam_kwargs or {})
+    )
     state = SAMState()
     pre = LLQRPreconditioner(model, llqr) if llqr is not None else None
     period = cfg.looksam_interval if method.sam_mode == "looksam" else 1
@@ -437,8 +518,16 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((model(x).argmax(-1) == y).double().mean())
 
 
-def run_one(task: str, noise: float, method_name: str, opt: str, rho: float, seed: int, epochs: int,
-            hist_at: Sequence[int] = ()) -> dict:
+def run_one(
+    task: str,
+    noise: float,
+    method_name: str,
+    opt: str,
+    rho: float,
+    seed: int,
+    epochs: int,
+    hist_at: Sequence[int] = (),
+) -> dict:
     """One training run; returns its accuracies, seconds and (LLQR) the U displacement after every refresh.
 
     `rho` is the value of the method's tuned hyperparameter: ρ, or for LLQR alone (`hp="inner_lr"`) its inner lr.
@@ -461,26 +550,54 @@ def run_one(task: str, noise: float, method_name: str, opt: str, rho: float, see
 
     def on_refresh(step: int, pre: LLQRPreconditioner, metrics: dict) -> None:
         d, rms, floor = u_stats(pre)
-        refreshes.append({"step": step, "u_rms_displacement": rms, "u_at_floor": floor,
-                          "u_min": float(d.min()), "u_max": float(d.max()),
-                          "objective_ratio": metrics.get("llqr/objective_end", math.nan)
-                          / metrics.get("llqr/objective_start", math.nan)
-                          if metrics.get("llqr/objective_start") else math.nan})
+        refreshes.append(
+            {
+                "step": step,
+                "u_rms_displacement": rms,
+                "u_at_floor": floor,
+                "u_min": float(d.min()),
+                "u_max": float(d.max()),
+                "objective_ratio": metrics.get("llqr/objective_end", math.nan)
+                / metrics.get("llqr/objective_start", math.nan)
+                if metrics.get("llqr/objective_start")
+                else math.nan,
+            }
+        )
         pre_holder[:] = [pre]
         if pre.num_updates in hist_at:
             hists[str(pre.num_updates)] = _hist(d)
 
     start = time.perf_counter()
     llqr = llqr_config(method, hp_value=rho) if method.llqr else None
-    info = train(model, method, optimizer, rho if method.hp == "rho" else 0.0, batches, data.x_train, data.y_train,
-                 llqr=llqr, curvature_indices=curv, on_refresh=on_refresh)
+    info = train(
+        model,
+        method,
+        optimizer,
+        rho if method.hp == "rho" else 0.0,
+        batches,
+        data.x_train,
+        data.y_train,
+        llqr=llqr,
+        curvature_indices=curv,
+        on_refresh=on_refresh,
+    )
     seconds = time.perf_counter() - start
     info.pop("preconditioner")
     out = {
-        "task": task, "noise": noise, "method": method_name, "opt": opt, "lr": LRS[opt], "rho": rho, "hp": method.hp,
-        "seed": seed, "epochs": epochs,
-        "steps": len(batches), "seconds": seconds, **info,
-        "val_acc": accuracy(model, data.x_val, data.y_val), "test_acc": accuracy(model, data.x_test, data.y_test),
+        "task": task,
+        "noise": noise,
+        "method": method_name,
+        "opt": opt,
+        "lr": LRS[opt],
+        "rho": rho,
+        "hp": method.hp,
+        "seed": seed,
+        "epochs": epochs,
+        "steps": len(batches),
+        "seconds": seconds,
+        **info,
+        "val_acc": accuracy(model, data.x_val, data.y_val),
+        "test_acc": accuracy(model, data.x_test, data.y_test),
         "train_noisy_acc": accuracy(model, data.x_train, data.y_train),
         "train_clean_acc": accuracy(model, data.x_train, data.y_train_clean),
     }
@@ -544,8 +661,10 @@ def protocol(name: str) -> list[Cell]:
         Cell("digits_vit", 0.4, "adamw", ("llqr",), epochs=40),
         Cell("digits_vit", 0.4, "adamw", ("sam", "llqr_sam"), extra_seeds=(5, 6, 7, 8, 9), epochs=40),  # wide CI
         # the ViT's tuned ρ differ (SAM 0.05, LLQR+SAM 0.1): both methods at each of the two, 10 seeds
-        *(Cell("digits_vit", 0.4, "adamw", ("sam", "llqr_sam"), extra_seeds=(5, 6, 7, 8, 9), epochs=40, rho=r)
-          for r in (0.05, 0.1)),
+        *(
+            Cell("digits_vit", 0.4, "adamw", ("sam", "llqr_sam"), extra_seeds=(5, 6, 7, 8, 9), epochs=40, rho=r)
+            for r in (0.05, 0.1)
+        ),
         Cell("digits", 0.4, "adamw", CORE),
         Cell("synthetic", 0.4, "sgd", CORE),
         # is the gap real? An LLQR+SAM arm whose 5-seed interval excludes 0 gets seeds 5-9 (llqr_sam; milestones)
@@ -566,8 +685,11 @@ def grid_for(cell: Cell, method: str, grid_size: int) -> tuple[float, ...]:
     hp = METHODS[method].hp
     if hp == "none":
         return (0.0,)
-    grid = INNER_LR_GRID if hp == "inner_lr" else cell.grid or RHO_GRID_TASK.get((cell.task, cell.opt),
-                                                                                  RHO_GRID[cell.opt])
+    grid = (
+        INNER_LR_GRID
+        if hp == "inner_lr"
+        else cell.grid or RHO_GRID_TASK.get((cell.task, cell.opt), RHO_GRID[cell.opt])
+    )
     if 0 < grid_size < len(grid):  # an evenly thinned grid, keeping both ends
         step = (len(grid) - 1) / (grid_size - 1)
         grid = tuple(grid[round(i * step)] for i in range(grid_size))
@@ -613,8 +735,13 @@ class Store:
 
 
 def execute(store: Store, jobs: list[tuple], workers: int) -> None:
-    todo = [j for j in jobs if not store.has(run_key(dict(zip(("task", "noise", "method", "opt", "rho", "seed",
-                                                                 "epochs"), j[:7], strict=True))))]
+    todo = [
+        j
+        for j in jobs
+        if not store.has(
+            run_key(dict(zip(("task", "noise", "method", "opt", "rho", "seed", "epochs"), j[:7], strict=True)))
+        )
+    ]
     if not todo:
         return
     print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} already done)", flush=True)
@@ -632,8 +759,9 @@ def execute(store: Store, jobs: list[tuple], workers: int) -> None:
             print(f"  {run_key(r)}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} {r['seconds']:.1f}s", flush=True)
 
 
-def choose(store: Store, cell: Cell, method: str, grid: Sequence[float], epochs: int,
-           tuning_seeds: Sequence[int]) -> tuple[float, dict]:
+def choose(
+    store: Store, cell: Cell, method: str, grid: Sequence[float], epochs: int, tuning_seeds: Sequence[int]
+) -> tuple[float, dict]:
     """The grid value of best mean validation accuracy over the tuning seeds (ties: the smaller ρ); a cell's fixed ρ
     where it has one (no curve)."""
     fixed = cell.fixed_rho(method)
@@ -641,9 +769,22 @@ def choose(store: Store, cell: Cell, method: str, grid: Sequence[float], epochs:
         return fixed, {}
     curve = {}
     for rho in grid:
-        accs = [store.data["runs"][run_key({"task": cell.task, "noise": cell.noise, "method": method, "opt": cell.opt,
-                                            "rho": rho, "seed": s, "epochs": epochs})]["val_acc"]
-                for s in tuning_seeds]
+        accs = [
+            store.data["runs"][
+                run_key(
+                    {
+                        "task": cell.task,
+                        "noise": cell.noise,
+                        "method": method,
+                        "opt": cell.opt,
+                        "rho": rho,
+                        "seed": s,
+                        "epochs": epochs,
+                    }
+                )
+            ]["val_acc"]
+            for s in tuning_seeds
+        ]
         curve[rho] = statistics.fmean(accs)
     best = max(grid, key=lambda r: (curve[r], -r))
     return best, curve
@@ -660,8 +801,13 @@ def measure_cost(methods: Sequence[str], epochs: int = 10, rounds: int = 3) -> d
             r = run_one("digits", 0.4, m, "sgd", 0.5 if hp == "rho" else 1e-3 if hp == "inner_lr" else 0.0, 0, epochs)
             times[m].append(r["seconds"] / epochs)
     med = {m: statistics.median(t) for m, t in times.items()}
-    return {"epochs": epochs, "rounds": rounds, "seconds_per_epoch": med, "samples": times,
-            "ratio_to_sam": {m: med[m] / med["sam"] for m in methods} if "sam" in med else {}}
+    return {
+        "epochs": epochs,
+        "rounds": rounds,
+        "seconds_per_epoch": med,
+        "samples": times,
+        "ratio_to_sam": {m: med[m] / med["sam"] for m in methods} if "sam" in med else {},
+    }
 
 
 def complete_cost(store: Store, epochs: int) -> None:
@@ -707,8 +853,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]
     return m, m - h, m + h
 
 
-def summarise(store: Store, cells: list[Cell], epochs: int, grid_size: int, tuning_seeds: Sequence[int],
-              seeds: Sequence[int]) -> dict:
+def summarise(
+    store: Store, cells: list[Cell], epochs: int, grid_size: int, tuning_seeds: Sequence[int], seeds: Sequence[int]
+) -> dict:
     summary: dict = {}
     all_seeds = seeds
     for cell in cells:
@@ -719,22 +866,41 @@ def summarise(store: Store, cells: list[Cell], epochs: int, grid_size: int, tuni
             ep = cell.n_epochs(epochs)
             if not complete(store, cell, method, grid, ep, tuning_seeds, seeds):
                 continue
-            rho, curve = choose(store, cell, method, grid, ep, tuning_seeds) if METHODS[method].tuned \
-                else (0.0, {})
-            runs = [store.data["runs"][run_key({"task": cell.task, "noise": cell.noise, "method": method,
-                                                "opt": cell.opt, "rho": rho, "seed": s, "epochs": ep})]
-                    for s in seeds]
-            row = {"rho": rho, "val_curve": curve, "tuning_runs": len(curve) * len(tuning_seeds),
-                   "test": [r["test_acc"] for r in runs], "train_noisy": [r["train_noisy_acc"] for r in runs],
-                   "seconds": [r["seconds"] for r in runs]}
+            rho, curve = choose(store, cell, method, grid, ep, tuning_seeds) if METHODS[method].tuned else (0.0, {})
+            runs = [
+                store.data["runs"][
+                    run_key(
+                        {
+                            "task": cell.task,
+                            "noise": cell.noise,
+                            "method": method,
+                            "opt": cell.opt,
+                            "rho": rho,
+                            "seed": s,
+                            "epochs": ep,
+                        }
+                    )
+                ]
+                for s in seeds
+            ]
+            row = {
+                "rho": rho,
+                "val_curve": curve,
+                "tuning_runs": len(curve) * len(tuning_seeds),
+                "test": [r["test_acc"] for r in runs],
+                "train_noisy": [r["train_noisy_acc"] for r in runs],
+                "seconds": [r["seconds"] for r in runs],
+            }
             if METHODS[method].llqr:
                 row["u_rms_displacement"] = [r.get("u_rms_displacement_last", math.nan) for r in runs]
                 row["u_at_floor_max"] = [r.get("u_at_floor_max", math.nan) for r in runs]
                 row["refreshes"] = runs[0].get("refreshes", 0)
                 row["u_min"] = min(min(x["u_min"] for x in r["u_refreshes"]) for r in runs if r.get("u_refreshes"))
                 row["u_max"] = max(max(x["u_max"] for x in r["u_refreshes"]) for r in runs if r.get("u_refreshes"))
-                row["u_rms_by_refresh"] = [statistics.fmean(r["u_refreshes"][k]["u_rms_displacement"] for r in runs)
-                                           for k in range(len(runs[0].get("u_refreshes", [])))]
+                row["u_rms_by_refresh"] = [
+                    statistics.fmean(r["u_refreshes"][k]["u_rms_displacement"] for r in runs)
+                    for k in range(len(runs[0].get("u_refreshes", [])))
+                ]
             rows[method] = row
     for key in list(summary):
         rows = summary[key]
@@ -758,19 +924,45 @@ def knob_selection(summary: dict) -> dict:
         if len(arms) < 2 or "sam" not in rows or "extra seeds" in key:  # a seeds check, not a tuning cell
             continue
         best = max(arms, key=lambda m: (max(rows[m]["val_curve"].values()), -arms.index(m)))
-        out[key] = {"arm": best, "rho": rows[best]["rho"], "val": max(rows[best]["val_curve"].values()),
-                    "diff_vs_sam": rows[best]["diff_vs_sam"], "test": rows[best]["test"], "arms": len(arms),
-                    "tuning_runs": sum(rows[m]["tuning_runs"] for m in arms),
-                    "sam_tuning_runs": rows["sam"]["tuning_runs"], "sam_val": max(rows["sam"]["val_curve"].values())}
+        out[key] = {
+            "arm": best,
+            "rho": rows[best]["rho"],
+            "val": max(rows[best]["val_curve"].values()),
+            "diff_vs_sam": rows[best]["diff_vs_sam"],
+            "test": rows[best]["test"],
+            "arms": len(arms),
+            "tuning_runs": sum(rows[m]["tuning_runs"] for m in arms),
+            "sam_tuning_runs": rows["sam"]["tuning_runs"],
+            "sam_val": max(rows["sam"]["val_curve"].values()),
+        }
     return out
 
 
-def complete(store: Store, cell: Cell, method: str, grid: Sequence[float], epochs: int,
-             tuning_seeds: Sequence[int], seeds: Sequence[int]) -> bool:
+def complete(
+    store: Store,
+    cell: Cell,
+    method: str,
+    grid: Sequence[float],
+    epochs: int,
+    tuning_seeds: Sequence[int],
+    seeds: Sequence[int],
+) -> bool:
     """Whether the method's tuning runs and its reported runs at the chosen ρ are all in the store."""
+
     def has(rho: float, s: int) -> bool:
-        return store.has(run_key({"task": cell.task, "noise": cell.noise, "method": method, "opt": cell.opt,
-                                  "rho": rho, "seed": s, "epochs": epochs}))
+        return store.has(
+            run_key(
+                {
+                    "task": cell.task,
+                    "noise": cell.noise,
+                    "method": method,
+                    "opt": cell.opt,
+                    "rho": rho,
+                    "seed": s,
+                    "epochs": epochs,
+                }
+            )
+        )
 
     if METHODS[method].tuned:
         if cell.fixed_rho(method) is None and not all(has(r, s) for r in grid for s in tuning_seeds):
@@ -788,48 +980,74 @@ def fmt_pm(xs: Sequence[float], digits: int = 3) -> str:
 
 def markdown(summary: dict, meta: dict, cost: dict | None = None, selection: dict | None = None) -> str:
     lines = [
-        "# Label-noise benchmark (issue 12)", "",
-        f"Command: `{meta['command']}`", "",
-        f"Protocol: {meta['protocol_text']}", "",
+        "# Label-noise benchmark (issue 12)",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Protocol: {meta['protocol_text']}",
+        "",
     ]
     for key, rows in summary.items():
         task, noise, opt, *extra = key.split("|")
-        more = "".join(f", {x}" if x.endswith("epochs") else
-                       f", ρ {x.split()[1]} for every method (not tuned: a check)" if x.startswith("rho ") else
-                       f", reported seeds {meta['seeds']} plus {x} (a check of the main gap)" for x in extra)
-        lines += [f"## {task} ({ARCH[task]}), {float(noise):.0%} noise, {opt.upper()} (lr {LRS[opt]}){more}", "",
-                  "| method | chosen ρ (LLQR alone: inner lr) | test acc (mean ± sd) | diff vs SAM [95 % CI] "
-                  "| noisy-train acc | s/run "
-                  "| U RMS(U−1) | U at floor (max) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        more = "".join(
+            f", {x}"
+            if x.endswith("epochs")
+            else f", ρ {x.split()[1]} for every method (not tuned: a check)"
+            if x.startswith("rho ")
+            else f", reported seeds {meta['seeds']} plus {x} (a check of the main gap)"
+            for x in extra
+        )
+        lines += [
+            f"## {task} ({ARCH[task]}), {float(noise):.0%} noise, {opt.upper()} (lr {LRS[opt]}){more}",
+            "",
+            "| method | chosen ρ (LLQR alone: inner lr) | test acc (mean ± sd) | diff vs SAM [95 % CI] "
+            "| noisy-train acc | s/run "
+            "| U RMS(U−1) | U at floor (max) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for method, row in rows.items():
             diff = row.get("diff_vs_sam")
             dtxt = "–" if diff is None else f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"
             hp = METHODS[method].hp
             rtxt = f"{row['rho']:g}" if hp == "rho" else f"inner lr {row['rho']:g}" if hp == "inner_lr" else "–"
-            utxt = (fmt_pm(row["u_rms_displacement"], 4), f"{max(row['u_at_floor_max']):.4f}") \
-                if "u_rms_displacement" in row else ("–", "–")
-            lines.append(f"| {method} | {rtxt} | {fmt_pm(row['test'])} | {dtxt} | {fmt_pm(row['train_noisy'])} | "
-                         f"{statistics.fmean(row['seconds']):.1f} | {utxt[0]} | {utxt[1]} |")
+            utxt = (
+                (fmt_pm(row["u_rms_displacement"], 4), f"{max(row['u_at_floor_max']):.4f}")
+                if "u_rms_displacement" in row
+                else ("–", "–")
+            )
+            lines.append(
+                f"| {method} | {rtxt} | {fmt_pm(row['test'])} | {dtxt} | {fmt_pm(row['train_noisy'])} | "
+                f"{statistics.fmean(row['seconds']):.1f} | {utxt[0]} | {utxt[1]} |"
+            )
         lines += ["", "Validation accuracy over the ρ grid (mean of the tuning seeds):", ""]
         for method, row in rows.items():
             if row["val_curve"]:
                 what = " (inner lr)" if METHODS[method].hp == "inner_lr" else ""
-                lines.append(f"- {method}{what}: "
-                             + ", ".join(f"{r:g}: {v:.3f}" for r, v in row["val_curve"].items()))
+                lines.append(f"- {method}{what}: " + ", ".join(f"{r:g}: {v:.3f}" for r, v in row["val_curve"].items()))
         lines.append("")
-    lines += ["## How far U moved (LLQR runs, reported seeds)", "",
-              "| cell | method | refreshes | RMS(U − 1) after refresh 1 / middle / last (mean over seeds) "
-              "| U min … max over all refreshes | max fraction of entries at min_diag |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## How far U moved (LLQR runs, reported seeds)",
+        "",
+        "| cell | method | refreshes | RMS(U − 1) after refresh 1 / middle / last (mean over seeds) "
+        "| U min … max over all refreshes | max fraction of entries at min_diag |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, rows in summary.items():
         for method, row in rows.items():
             if "u_rms_displacement" in row and row["u_rms_by_refresh"]:
                 by = row["u_rms_by_refresh"]
-                lines.append(f"| {key.replace('|', ' ')} | {method} | {row['refreshes']} | {by[0]:.2e} / "
-                             f"{by[len(by) // 2]:.2e} / {by[-1]:.2e} | {row['u_min']:.3g} … {row['u_max']:.3g} | "
-                             f"{max(row['u_at_floor_max']):.4f} |")
-    lines += ["", "## Verdict, computed: LLQR+SAM-family rows against SAM (same cell, same seeds)", "",
-              "| cell | method | diff vs SAM [95 % CI] | verdict | time per run / SAM's |", "|---|---|---|---|---|"]
+                lines.append(
+                    f"| {key.replace('|', ' ')} | {method} | {row['refreshes']} | {by[0]:.2e} / "
+                    f"{by[len(by) // 2]:.2e} / {by[-1]:.2e} | {row['u_min']:.3g} … {row['u_max']:.3g} | "
+                    f"{max(row['u_at_floor_max']):.4f} |"
+                )
+    lines += [
+        "",
+        "## Verdict, computed: LLQR+SAM-family rows against SAM (same cell, same seeds)",
+        "",
+        "| cell | method | diff vs SAM [95 % CI] | verdict | time per run / SAM's |",
+        "|---|---|---|---|---|",
+    ]
     for key, rows in summary.items():
         sam = rows.get("sam")
         for method, row in rows.items():
@@ -840,28 +1058,47 @@ def markdown(summary: dict, meta: dict, cost: dict | None = None, selection: dic
             ratio = (cost or {}).get("ratio_to_sam", {}).get(method)
             if ratio is None:
                 ratio = statistics.fmean(row["seconds"]) / statistics.fmean(sam["seconds"])
-            lines.append(f"| {key.replace('|', ' ')} | {method} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} | "
-                         f"{ratio:.2f} |")
+            lines.append(
+                f"| {key.replace('|', ' ')} | {method} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} | {ratio:.2f} |"
+            )
     if selection:
-        lines += ["", "## LLQR+SAM with its knobs chosen on validation (the arm of best tuning-seed validation "
-                  "accuracy)",
-                  "", "| cell | arms | chosen arm, ρ | its val acc / SAM's | diff vs SAM [95 % CI] | validation runs: "
-                  "LLQR+SAM / SAM |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## LLQR+SAM with its knobs chosen on validation (the arm of best tuning-seed validation accuracy)",
+            "",
+            "| cell | arms | chosen arm, ρ | its val acc / SAM's | diff vs SAM [95 % CI] | validation runs: "
+            "LLQR+SAM / SAM |",
+            "|---|---|---|---|---|---|",
+        ]
         for key, sel in selection.items():
             m, lo, hi = sel["diff_vs_sam"]
-            lines.append(f"| {key.replace('|', ' ')} | {sel['arms']} | {sel['arm']}, {sel['rho']:g} | "
-                         f"{sel['val']:.3f} / {sel['sam_val']:.3f} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                         f"{sel['tuning_runs']} / {sel['sam_tuning_runs']} |")
+            lines.append(
+                f"| {key.replace('|', ' ')} | {sel['arms']} | {sel['arm']}, {sel['rho']:g} | "
+                f"{sel['val']:.3f} / {sel['sam_val']:.3f} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                f"{sel['tuning_runs']} / {sel['sam_tuning_runs']} |"
+            )
     if cost:
-        lines += ["", "The time ratio is from the cost measurement below where it has the method (else from the "
-                  "runs' wall seconds, which mix the machine's changing load).", "",
-                  *[line for x in cost.get("added", []) for line in (
-                      f"Methods added later ({', '.join(m for m in x['seconds_per_epoch'] if m != 'sam')}) were "
-                      f"timed against a fresh SAM over {x['epochs']} epochs, {x['rounds']} round(s); their ratio is "
-                      f"to that SAM ({x['seconds_per_epoch']['sam']:.3f} s/epoch).", "")],
-                  f"## Cost: seconds per epoch, digits MLP, SGD, ρ 0.5 ({cost['epochs']} epochs, median of "
-                  f"{cost['rounds']} interleaved rounds, one process, 1 thread)", "",
-                  "| method | s/epoch | / SAM |", "|---|---|---|"]
+        lines += [
+            "",
+            "The time ratio is from the cost measurement below where it has the method (else from the "
+            "runs' wall seconds, which mix the machine's changing load).",
+            "",
+            *[
+                line
+                for x in cost.get("added", [])
+                for line in (
+                    f"Methods added later ({', '.join(m for m in x['seconds_per_epoch'] if m != 'sam')}) were "
+                    f"timed against a fresh SAM over {x['epochs']} epochs, {x['rounds']} round(s); their ratio is "
+                    f"to that SAM ({x['seconds_per_epoch']['sam']:.3f} s/epoch).",
+                    "",
+                )
+            ],
+            f"## Cost: seconds per epoch, digits MLP, SGD, ρ 0.5 ({cost['epochs']} epochs, median of "
+            f"{cost['rounds']} interleaved rounds, one process, 1 thread)",
+            "",
+            "| method | s/epoch | / SAM |",
+            "|---|---|---|",
+        ]
         for m, t in cost["seconds_per_epoch"].items():
             lines.append(f"| {m} | {t:.3f} | {cost['ratio_to_sam'].get(m, math.nan):.2f} |")
     lines.append("")
@@ -875,6 +1112,7 @@ def plots(store: Store, summary: dict, cells: Sequence[Cell], out: str, epochs: 
     import matplotlib.pyplot as plt
 
     files = []
+
     def rho_curve(method: str, row: dict) -> bool:  # the knob arms' curves lie on llqr_sam's: the tables have them
         knob = method in LLQR_SAM_ARMS and method != "llqr_sam"
         return bool(row["val_curve"]) and METHODS[method].hp == "rho" and not knob
@@ -884,7 +1122,7 @@ def plots(store: Store, summary: dict, cells: Sequence[Cell], out: str, epochs: 
         ncol = min(3, len(keys))
         nrow = math.ceil(len(keys) / ncol)
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.8 * ncol, 3.6 * nrow), squeeze=False)
-        for ax in axes.flat[len(keys):]:
+        for ax in axes.flat[len(keys) :]:
             ax.set_visible(False)
         for ax, key in zip(axes.flat, keys, strict=False):
             for method, row in summary[key].items():
@@ -905,9 +1143,21 @@ def plots(store: Store, summary: dict, cells: Sequence[Cell], out: str, epochs: 
         plt.close(fig)
         files.append(path)
     # one panel per (cell, method), at the reported ρ, first reported seed: the arms whose U moves differently
-    panels = {"digits|0.4|sgd": ("llqr_sam", "llqr", "llqr_sam_fast", "llqr_sam_adam", "llqr_sam_cg",
-                                 "llqr_sam_sched", "llqr_sam_ema05", "llqr_sam_lr01", "llqr_sam_kfac"),
-              "digits|0.4|adamw": ("llqr_sam",), "digits_vit|0.4|adamw|40 epochs": ("llqr_sam", "llqr")}
+    panels = {
+        "digits|0.4|sgd": (
+            "llqr_sam",
+            "llqr",
+            "llqr_sam_fast",
+            "llqr_sam_adam",
+            "llqr_sam_cg",
+            "llqr_sam_sched",
+            "llqr_sam_ema05",
+            "llqr_sam_lr01",
+            "llqr_sam_kfac",
+        ),
+        "digits|0.4|adamw": ("llqr_sam",),
+        "digits_vit|0.4|adamw|40 epochs": ("llqr_sam", "llqr"),
+    }
     by_key = {c.key(): c for c in cells}
     hist_runs = []
     for key, methods in panels.items():
@@ -916,9 +1166,23 @@ def plots(store: Store, summary: dict, cells: Sequence[Cell], out: str, epochs: 
             continue
         for m in methods:
             row = summary.get(key, {}).get(m)
-            r = None if row is None else store.data["runs"].get(run_key(
-                {"task": cell.task, "noise": cell.noise, "method": m, "opt": cell.opt, "rho": row["rho"],
-                 "seed": seed0, "epochs": cell.n_epochs(epochs)}))
+            r = (
+                None
+                if row is None
+                else store.data["runs"].get(
+                    run_key(
+                        {
+                            "task": cell.task,
+                            "noise": cell.noise,
+                            "method": m,
+                            "opt": cell.opt,
+                            "rho": row["rho"],
+                            "seed": seed0,
+                            "epochs": cell.n_epochs(epochs),
+                        }
+                    )
+                )
+            )
             if r is not None and r.get("u_hist"):
                 hist_runs.append(r)
     if hist_runs:
@@ -943,9 +1207,12 @@ def plots(store: Store, summary: dict, cells: Sequence[Cell], out: str, epochs: 
                 ax.set_xlabel("U − 1 (diagonal entries)" if kind == "u_minus_1" else "U (diagonal entries)")
                 ax.set_ylabel("entries")
                 if row == 0:
-                    ax.set_title(f"{r['method']} {r['task']} {r['noise']:.0%} {r['opt']} "
-                                 f"{'inner lr' if r.get('hp') == 'inner_lr' else 'ρ'} {r['rho']:g} "
-                                 f"seed {r['seed']}", fontsize=8)
+                    ax.set_title(
+                        f"{r['method']} {r['task']} {r['noise']:.0%} {r['opt']} "
+                        f"{'inner lr' if r.get('hp') == 'inner_lr' else 'ρ'} {r['rho']:g} "
+                        f"seed {r['seed']}",
+                        fontsize=8,
+                    )
                     ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out, "label_noise_u_hist.png")
@@ -969,28 +1236,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="+", help="run only these methods of the chosen cells (the report keeps all)")
     ap.add_argument("--answer", help="a markdown file (the hand-written answer) appended to the report")
     ap.add_argument("--report_only", action="store_true", help="tables and plots from the JSON, no new runs")
-    ap.add_argument("--merge_from", nargs="+", default=[],
-                    help="output dirs of other processes (disjoint --cells): their runs join this JSON first")
+    ap.add_argument(
+        "--merge_from",
+        nargs="+",
+        default=[],
+        help="output dirs of other processes (disjoint --cells): their runs join this JSON first",
+    )
     ap.add_argument("--skip_cost", action="store_true", help="no seconds-per-epoch measurement after the runs")
     a = ap.parse_args(argv)
     os.makedirs(a.output_dir, exist_ok=True)
     cells = protocol(a.protocol)
     if a.protocol == "smoke":
         a.grid_size = 2
-    command = ("python recipes/benchmarks/bench_label_noise.py --output_dir " + a.output_dir
-               + f" --protocol {a.protocol} --epochs {a.epochs} --grid_size {a.grid_size} --tuning_seeds "
-               + " ".join(map(str, a.tuning_seeds)) + " --seeds " + " ".join(map(str, a.seeds))
-               + f" --workers {a.workers}" + (f" --answer {a.answer}" if a.answer else ""))
+    command = (
+        "python recipes/benchmarks/bench_label_noise.py --output_dir "
+        + a.output_dir
+        + f" --protocol {a.protocol} --epochs {a.epochs} --grid_size {a.grid_size} --tuning_seeds "
+        + " ".join(map(str, a.tuning_seeds))
+        + " --seeds "
+        + " ".join(map(str, a.seeds))
+        + f" --workers {a.workers}"
+        + (f" --answer {a.answer}" if a.answer else "")
+    )
     tasks = sorted({(c.task, c.noise) for c in cells})
     meta = {
-        "command": command, "epochs": a.epochs, "batch_size": BATCH_SIZE, "lrs": LRS, "grid_size": a.grid_size,
+        "command": command,
+        "epochs": a.epochs,
+        "batch_size": BATCH_SIZE,
+        "lrs": LRS,
+        "grid_size": a.grid_size,
         "rho_grids": {o: list(grid_for(Cell("", 0, o, ()), "sam", a.grid_size)) for o in RHO_GRID},
-        "rho_grids_task": {f"{t}|{o}": list(grid_for(Cell(t, 0, o, ()), "sam", a.grid_size))
-                           for t, o in RHO_GRID_TASK},
-        "tuning_seeds": a.tuning_seeds, "seeds": a.seeds, "llqr_update_interval": LLQR_INTERVAL,
+        "rho_grids_task": {
+            f"{t}|{o}": list(grid_for(Cell(t, 0, o, ()), "sam", a.grid_size)) for t, o in RHO_GRID_TASK
+        },
+        "tuning_seeds": a.tuning_seeds,
+        "seeds": a.seeds,
+        "llqr_update_interval": LLQR_INTERVAL,
         "methods": {k: {**asdict(v), "llqr_overrides": dict(v.llqr_overrides)} for k, v in METHODS.items()},
-        "cells": [asdict(c) for c in cells], "data": {f"{t}|{n}": load_task(t, n).record for t, n in tasks},
-        "architectures": ARCH, "torch": torch.__version__,
+        "cells": [asdict(c) for c in cells],
+        "data": {f"{t}|{n}": load_task(t, n).record for t, n in tasks},
+        "architectures": ARCH,
+        "torch": torch.__version__,
     }
     meta["protocol_text"] = (
         f"{a.epochs} epochs (where a cell names its own: that), batch {BATCH_SIZE}, SGD momentum 0.9 lr "
@@ -1003,7 +1289,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"200-epoch cell SGD's and 1.0, 1.5; LLQR alone, which has no ρ: its inner lr over {list(INNER_LR_GRID)}); "
         f"reported: seeds {a.seeds} at the chosen ρ, final-epoch test accuracy; "
         f"paired differences vs SAM on the same seed with a 95 % t-interval. LLQR: diagonal U, refreshed every "
-        f"{LLQR_INTERVAL} steps on 64 training examples (noisy labels), reference defaults otherwise.")
+        f"{LLQR_INTERVAL} steps on 64 training examples (noisy labels), reference defaults otherwise."
+    )
     store = Store(os.path.join(a.output_dir, "label_noise.json"), meta)
     for other in a.merge_from:
         store.merge(os.path.join(other, "label_noise.json"))
@@ -1012,17 +1299,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if a.methods is not None:
             cell = dataclasses.replace(cell, methods=tuple(m for m in cell.methods if m in a.methods))
         ep = cell.n_epochs(a.epochs)
-        tuning = [(cell.task, cell.noise, method, cell.opt, rho, s, ep) for method in cell.methods
-                  if METHODS[method].tuned and cell.fixed_rho(method) is None
-                  for rho in grid_for(cell, method, a.grid_size) for s in a.tuning_seeds]
+        tuning = [
+            (cell.task, cell.noise, method, cell.opt, rho, s, ep)
+            for method in cell.methods
+            if METHODS[method].tuned and cell.fixed_rho(method) is None
+            for rho in grid_for(cell, method, a.grid_size)
+            for s in a.tuning_seeds
+        ]
         execute(store, tuning, a.workers)
         final = []
         for method in cell.methods:
-            rho = choose(store, cell, method, grid_for(cell, method, a.grid_size), ep, a.tuning_seeds)[0] \
-                if METHODS[method].tuned else 0.0
-            final += [(cell.task, cell.noise, method, cell.opt, rho, s, ep,
-                       (1, 3, 6) if METHODS[method].llqr and s == a.seeds[0] else ())
-                      for s in list(a.seeds) + list(cell.extra_seeds)]
+            rho = (
+                choose(store, cell, method, grid_for(cell, method, a.grid_size), ep, a.tuning_seeds)[0]
+                if METHODS[method].tuned
+                else 0.0
+            )
+            final += [
+                (
+                    cell.task,
+                    cell.noise,
+                    method,
+                    cell.opt,
+                    rho,
+                    s,
+                    ep,
+                    (1, 3, 6) if METHODS[method].llqr and s == a.seeds[0] else (),
+                )
+                for s in list(a.seeds) + list(cell.extra_seeds)
+            ]
         execute(store, final, a.workers)
     if a.protocol == "full" and not a.report_only and not a.skip_cost:
         complete_cost(store, a.epochs)

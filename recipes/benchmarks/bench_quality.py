@@ -60,17 +60,35 @@ def run_one(recipe: str, method: str, seed: int, args: argparse.Namespace) -> di
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the recipes resume from any checkpoint they find
     flags = methods_of(recipe)[method]
     configs = [f for f in flags if f.endswith((".yaml", ".yml", ".json"))]
-    cmd = [sys.executable, script, *configs, "--output_dir", out, "--seed", str(seed),
-           "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
-           *[f for f in flags if f not in configs], *shlex.split(args.extra)]
+    cmd = [
+        sys.executable,
+        script,
+        *configs,
+        "--output_dir",
+        out,
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "no",
+        *[f for f in flags if f not in configs],
+        *shlex.split(args.extra),
+    ]
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "all_results.json")) as f:
         results = json.load(f)
-    return {"metric": results[metric], "seconds": time.time() - start, "train_loss": results.get("train_loss"),
-            "validation": results.get(metric.replace("test_", "eval_", 1))}
+    return {
+        "metric": results[metric],
+        "seconds": time.time() - start,
+        "train_loss": results.get("train_loss"),
+        "validation": results.get(metric.replace("test_", "eval_", 1)),
+    }
 
 
 def summarize(results: dict, metric: str) -> str:
@@ -124,8 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         for method in methods:
             results[method].append(run_one(args.recipe, method, seed, args))
             print(f"{method} seed {seed}: {metric} {results[method][-1]['metric']:.3f}", flush=True)
-    report = {"recipe": args.recipe, "metric": metric, "extra": args.extra, "date": time.strftime("%Y-%m-%d"),
-              "results": results}
+    report = {
+        "recipe": args.recipe,
+        "metric": metric,
+        "extra": args.extra,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
     with open(os.path.join(args.output_dir, "quality.json"), "w") as f:
         json.dump(report, f, indent=1)
     table = summarize(results, metric)

@@ -38,16 +38,29 @@ MODELS: dict[str, dict[str, Any]] = {
     "vit-b16": dict(kind="vit", batch=32, config=dict(image_size=224, patch_size=16, num_labels=1000)),
     "gpt2-125m": dict(kind="lm", batch=8, seq=512, config=dict(n_positions=512)),
     # --cpu_smoke
-    "tiny-vit": dict(kind="vit", batch=4, config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                                      num_attention_heads=2, intermediate_size=64, num_labels=5)),
-    "tiny-lm": dict(kind="lm", batch=2, seq=16, config=dict(n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                                            vocab_size=64)),
+    "tiny-vit": dict(
+        kind="vit",
+        batch=4,
+        config=dict(
+            image_size=16,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=5,
+        ),
+    ),
+    "tiny-lm": dict(
+        kind="lm", batch=2, seq=16, config=dict(n_positions=16, n_embd=32, n_layer=2, n_head=2, vocab_size=64)
+    ),
 }
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "sam": dict(sam_mode="sam", sam_rho=0.05),
-    "llqr_sam": dict(sam_mode="sam", sam_rho=0.05, llqr=True, llqr_batch_size=8, llqr_inner_steps=5,
-                     llqr_update_interval=1000),
+    "llqr_sam": dict(
+        sam_mode="sam", sam_rho=0.05, llqr=True, llqr_batch_size=8, llqr_inner_steps=5, llqr_update_interval=1000
+    ),
 }
 
 

@@ -29,8 +29,16 @@ from hf_llqrsam.sam import apply_perturbation_, restore_
 
 def _model(hidden: int, layers: int) -> ViTForImageClassification:
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
-                    num_attention_heads=4, intermediate_size=4 * hidden, num_labels=10)
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        num_labels=10,
+    )
     return ViTForImageClassification(cfg)
 
 
@@ -75,8 +83,15 @@ def main() -> None:
     sam_bytes = {"backup": _bytes(backups), "eps": _bytes([p.grad for p in params])}
     restore_(params, backups)
     refresh = _peak(lambda: pre.update(unsharded_view(model), batch, step=0))
-    out = {"rank": rank, "world_size": world, "full_param_bytes": full_bytes, "param_bytes": _bytes(params),
-           "u_bytes": pre.memory_bytes(), **sam_bytes, "refresh_peak_bytes": refresh}
+    out = {
+        "rank": rank,
+        "world_size": world,
+        "full_param_bytes": full_bytes,
+        "param_bytes": _bytes(params),
+        "u_bytes": pre.memory_bytes(),
+        **sam_bytes,
+        "refresh_peak_bytes": refresh,
+    }
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, out)
     if rank == 0:

@@ -60,12 +60,16 @@ def table(world_sizes: list[int]) -> list[dict]:
 
 def markdown(rows: list[dict], world_sizes: list[int]) -> str:
     head = " | ".join(f"W = {w}" for w in world_sizes)
-    lines = [f"| model | parameters | one process / DDP | {head} | LLQR refresh transient (any W) |",
-             "|---|---|---|" + "---|" * len(world_sizes) + "---|"]
+    lines = [
+        f"| model | parameters | one process / DDP | {head} | LLQR refresh transient (any W) |",
+        "|---|---|---|" + "---|" * len(world_sizes) + "---|",
+    ]
     for r in rows:
         cells = " | ".join(f"{r[f'w{w}_u_mib']:.1f}" for w in world_sizes)
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['ddp_u_mib']:.1f} | {cells} | "
-                     f"{r['refresh_mib'] / 1024:.2f} GiB |")
+        lines.append(
+            f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['ddp_u_mib']:.1f} | {cells} | "
+            f"{r['refresh_mib'] / 1024:.2f} GiB |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -53,8 +53,9 @@ def recipe_model_and_batches(
         order = torch.randperm(len(examples), generator=g).tolist()
         for s in range(0, len(order) - batch_size + 1, batch_size):
             chosen = [examples[i] for i in order[s : s + batch_size]]
-            batches.append(collate_fn([{**e, "pixel_values": augment(e["pixel_values"], padding, False, 0)}
-                                       for e in chosen]))
+            batches.append(
+                collate_fn([{**e, "pixel_values": augment(e["pixel_values"], padding, False, 0)} for e in chosen])
+            )
     return model, batches[:steps]
 
 
@@ -73,6 +74,7 @@ def train(model: torch.nn.Module, batches: list[dict], arm: str, rho: float, lr:
     torch.manual_seed(0)  # dropout masks
     losses = []
     for batch in batches:
+
         def closure(batch: dict = batch) -> torch.Tensor:
             opt.zero_grad()
             loss = model(**batch).loss
@@ -98,13 +100,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random_crop_padding", type=int, default=1, help="the recipe's default augmentation; 0: off")
     args = parser.parse_args(argv)
     model, batches = recipe_model_and_batches(args.seed, args.steps, 32, args.random_crop_padding)
-    report = {"steps": args.steps, "seed": args.seed, "rho": args.rho, "lr": args.lr, "window": args.window,
-              "random_crop_padding": args.random_crop_padding,
-              "mean_loss_per_window": {}}
+    report = {
+        "steps": args.steps,
+        "seed": args.seed,
+        "rho": args.rho,
+        "lr": args.lr,
+        "window": args.window,
+        "random_crop_padding": args.random_crop_padding,
+        "mean_loss_per_window": {},
+    }
     for arm in ("adamw", "sam", "looksam"):
         losses = train(model, batches, arm, args.rho, args.lr)
-        means = [sum(losses[i : i + args.window]) / len(losses[i : i + args.window])
-                 for i in range(0, len(losses), args.window)]
+        means = [
+            sum(losses[i : i + args.window]) / len(losses[i : i + args.window])
+            for i in range(0, len(losses), args.window)
+        ]
         report["mean_loss_per_window"][arm] = means
         print(f"{arm:8s} " + " ".join(f"{m:.3f}" for m in means), flush=True)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -88,8 +88,13 @@ def refresh_split(model: torch.nn.Module, batch: dict, reps: int, inner_steps: i
         pre.update(model, batch)
         total_s.append(time.perf_counter() - start)
     build, products, total = (statistics.median(x) for x in (build_s, products_s, total_s))
-    return {"refresh_s": total, "build_s": build, "products_s": products, "rest_s": total - build - products,
-            "product_ms": 1e3 * products / inner_steps}
+    return {
+        "refresh_s": total,
+        "build_s": build,
+        "products_s": products,
+        "rest_s": total - build - products,
+        "product_ms": 1e3 * products / inner_steps,
+    }
 
 
 def jv_ways(model: torch.nn.Module, batch: dict, reps: int) -> dict[str, float | str]:
@@ -113,8 +118,9 @@ def jv_ways(model: torch.nn.Module, batch: dict, reps: int) -> dict[str, float |
         used = [i for i, t in enumerate(jt) if t is not None and t.requires_grad]
 
         def double_vjp() -> torch.Tensor:
-            return torch.autograd.grad([jt[i] for i in used], w0, grad_outputs=[v[i] for i in used],
-                                       retain_graph=True)[0]
+            return torch.autograd.grad(
+                [jt[i] for i in used], w0, grad_outputs=[v[i] for i in used], retain_graph=True
+            )[0]
 
         out["double_vjp_ms"] = _median_ms(double_vjp, reps)
         with torch.no_grad():
@@ -145,8 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(args.model)
     batch = synthetic_batch(args.model, args.batch_size, "cpu")
     results = {
-        "model": args.model, "batch_size": args.batch_size, "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "device": f"cpu x{os.cpu_count()}",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": f"cpu x{os.cpu_count()}",
         "package": os.path.dirname(os.path.abspath(hf_llqrsam.__file__)),
         "sam_work": sam_work(model, reps=20 * args.reps),
         "refresh": refresh_split(model, batch, reps=max(1, args.reps // 2), inner_steps=args.inner_steps),

@@ -36,6 +36,7 @@ NAMES = ["theta"]
 
 def pothole_min() -> tuple[float, float]:
     """(y*, κ): the pothole minimum on x = 0 and its local curvature, by Newton's method in float64."""
+
     def d1(y: float) -> float:
         return B * y + DEPTH * (y - CENTER) / WIDTH**2 * math.exp(-((y - CENTER) ** 2) / (2 * WIDTH**2))
 
@@ -105,9 +106,17 @@ METHODS = {
 }
 
 
-def run(method: Method, seed: int, start: tuple[float, float], u: Preconditioner, max_steps: int = MAX_STEPS,
-        noise_variance: float = NOISE_VARIANCE, stop: bool = True, keep_every: int = 1,
-        refresh: "LearnedU | None" = None) -> dict:
+def run(
+    method: Method,
+    seed: int,
+    start: tuple[float, float],
+    u: Preconditioner,
+    max_steps: int = MAX_STEPS,
+    noise_variance: float = NOISE_VARIANCE,
+    stop: bool = True,
+    keep_every: int = 1,
+    refresh: "LearnedU | None" = None,
+) -> dict:
     """One seed, step by step through `hf_llqrsam.compute_perturbation` (the trainer's function): the reference.
 
     Plain updates θ ← θ − η P g̃ (no momentum) from `start`; stops in the box |x|, |y| < 0.05 when `stop`. With
@@ -137,8 +146,14 @@ def run(method: Method, seed: int, start: tuple[float, float], u: Preconditioner
         if stop and abs(float(theta[0])) < STOP_BOX and abs(float(theta[1])) < STOP_BOX:
             escaped = True
             break
-    return {"escaped": escaped, "steps": steps, "path_length": path, "max_radius": max_radius,
-            "final": theta.tolist(), "trajectory": trajectory}
+    return {
+        "escaped": escaped,
+        "steps": steps,
+        "path_length": path,
+        "max_radius": max_radius,
+        "final": theta.tolist(),
+        "trajectory": trajectory,
+    }
 
 
 @dataclass
@@ -158,8 +173,9 @@ def _grid(config: LLQRConfig) -> int:
     return math.gcd(config.update_interval, *(e for _, e in parse_milestones(config.update_interval_milestones)))
 
 
-def run_batch(rows: Sequence[Row], u_diag: Sequence[float], max_steps: int = MAX_STEPS,
-              keep_every: int = 0) -> list[dict]:
+def run_batch(
+    rows: Sequence[Row], u_diag: Sequence[float], max_steps: int = MAX_STEPS, keep_every: int = 0
+) -> list[dict]:
     """[`run`] for many rows at once, θ ∈ R^{rows×2}: the same arithmetic, vectorised over rows (seeds and methods).
 
     The perturbation is `compute_perturbation`'s `sam` row with C = I or a diagonal U, taken per row (each row is
@@ -178,8 +194,9 @@ def run_batch(rows: Sequence[Row], u_diag: Sequence[float], max_steps: int = MAX
     eta = torch.tensor([ETA * r.method.lr_scale for r in rows], dtype=torch.float64)[:, None]
     stop = torch.tensor([r.stop for r in rows])
     # Each learned row's refresh grid is prefiltered by the gcd of its intervals (E and any milestone E_i).
-    learned = [(i, r.refresh, _grid(r.refresh.preconditioner.config)) for i, r in enumerate(rows)
-               if r.refresh is not None]
+    learned = [
+        (i, r.refresh, _grid(r.refresh.preconditioner.config)) for i, r in enumerate(rows) if r.refresh is not None
+    ]
     cfg_eps = SAMConfig(mode="sam", rho=RHO).eps
     active = torch.ones(n, dtype=torch.bool)
     arrived_at = torch.full((n,), max_steps)
@@ -213,17 +230,35 @@ def run_batch(rows: Sequence[Row], u_diag: Sequence[float], max_steps: int = MAX
         escaped = bool(r.stop and not active[i])
         steps = int(arrived_at[i])
         traj = [] if trajectory is None else trajectory[i, : (steps // keep_every) + 1 if escaped else None].tolist()
-        out.append({"escaped": escaped, "steps": steps, "path_length": float(path[i]),
-                    "max_radius": float(max_radius[i]), "final": theta[i].tolist(), "trajectory": traj})
+        out.append(
+            {
+                "escaped": escaped,
+                "steps": steps,
+                "path_length": float(path[i]),
+                "max_radius": float(max_radius[i]),
+                "final": theta[i].tolist(),
+                "trajectory": traj,
+            }
+        )
     return out
 
 
-def run_seeds(method: Method, seeds: Sequence[int], start: tuple[float, float], u_diag: Sequence[float],
-              max_steps: int = MAX_STEPS, noise_variance: float = NOISE_VARIANCE, stop: bool = True,
-              keep_every: int = 0, refresh: "Sequence[LearnedU] | None" = None) -> list[dict]:
+def run_seeds(
+    method: Method,
+    seeds: Sequence[int],
+    start: tuple[float, float],
+    u_diag: Sequence[float],
+    max_steps: int = MAX_STEPS,
+    noise_variance: float = NOISE_VARIANCE,
+    stop: bool = True,
+    keep_every: int = 0,
+    refresh: "Sequence[LearnedU] | None" = None,
+) -> list[dict]:
     """[`run_batch`] of one method over `seeds` (with one [`LearnedU`] per seed when `refresh` is given)."""
-    rows = [Row(method, seed, start, noise_variance, stop, None if refresh is None else refresh[i])
-            for i, seed in enumerate(seeds)]
+    rows = [
+        Row(method, seed, start, noise_variance, stop, None if refresh is None else refresh[i])
+        for i, seed in enumerate(seeds)
+    ]
     return run_batch(rows, u_diag, max_steps, keep_every)
 
 
@@ -247,8 +282,9 @@ class LearnedU:
 
     def maybe_update(self, step: int, theta: torch.Tensor) -> None:
         if self.preconditioner.is_due(step):
-            self.preconditioner.fit_problem({"theta": self.hbar * theta},
-                                            lambda v: {"theta": self.hbar * v["theta"]}, step=step)
+            self.preconditioner.fit_problem(
+                {"theta": self.hbar * theta}, lambda v: {"theta": self.hbar * v["theta"]}, step=step
+            )
 
     def diagonal(self) -> list[float]:
         return self.preconditioner.apply(NAMES, [torch.ones(2, dtype=torch.float64)])[0].tolist()
@@ -264,23 +300,33 @@ LEARNED = {
     "llqr_sam_learned_default": {},
     "llqr_sam_learned_fast": {"update_interval": 10, "ema_decay": 0.0, "inner_lr": 0.05},
     "llqr_sam_learned_scheduled": {
-        "update_interval": 10, "update_interval_milestones": "100:1000",
-        "inner_lr": 0.05, "inner_lr_schedule": "cosine", "inner_lr_schedule_value": 1e-3,
+        "update_interval": 10,
+        "update_interval_milestones": "100:1000",
+        "inner_lr": 0.05,
+        "inner_lr_schedule": "cosine",
+        "inner_lr_schedule_value": 1e-3,
         "inner_lr_schedule_steps": 100,
-        "ema_decay": 0.95, "ema_schedule": "warmup", "ema_schedule_value": 0.0, "ema_schedule_steps": 100,
+        "ema_decay": 0.95,
+        "ema_schedule": "warmup",
+        "ema_schedule_value": 0.0,
+        "ema_schedule_steps": 100,
     },
 }
 
 
 def summarize(results: dict[str, dict[str, list]]) -> str:
-    lines = ["| method | escaped | median steps (escaped) | max steps (escaped) | median path length |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| method | escaped | median steps (escaped) | max steps (escaped) | median path length |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         esc = [s for s, e in zip(r["steps"], r["escaped"], strict=True) if e]
         med = f"{statistics.median(esc):.0f}" if esc else "–"
         worst = f"{max(esc)}" if esc else "–"
-        lines.append(f"| {name} | {sum(r['escaped'])}/{len(r['escaped'])} | {med} | {worst} | "
-                     f"{statistics.median(r['path_length']):.3g} |")
+        lines.append(
+            f"| {name} | {sum(r['escaped'])}/{len(r['escaped'])} | {med} | {worst} | "
+            f"{statistics.median(r['path_length']):.3g} |"
+        )
     return "\n".join(lines)
 
 
@@ -327,10 +373,14 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     # Everything as one batch: every method × seed, the learned-U variants, the flat basin and the zero-noise run.
     rows = [Row(METHODS[name], seed) for name in methods for seed in range(args.seeds)]
-    learned_refresh = {name: [LearnedU(**settings) for _ in range(args.learned_seeds)]
-                       for name, settings in LEARNED.items()}
-    rows += [Row(METHODS["llqr_sam"], seed, refresh=refresh) for refreshes in learned_refresh.values()
-             for seed, refresh in enumerate(refreshes)]
+    learned_refresh = {
+        name: [LearnedU(**settings) for _ in range(args.learned_seeds)] for name, settings in LEARNED.items()
+    }
+    rows += [
+        Row(METHODS["llqr_sam"], seed, refresh=refresh)
+        for refreshes in learned_refresh.values()
+        for seed, refresh in enumerate(refreshes)
+    ]
     basin_methods = [name for name in ("sam", "llqr_sam") if name in methods]
     rows += [Row(METHODS[name], 0, start=(0.0, 0.0), stop=False) for name in basin_methods]
     rows += [Row(METHODS["llqr_sam"], 0, noise_variance=0.0)]
@@ -345,19 +395,33 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:10s} escaped {sum(results[name]['escaped'])}/{args.seeds}", flush=True)
     learned = {}
     for name, refreshes in learned_refresh.items():
-        runs = [{"escaped": r["escaped"], "steps": r["steps"], "u_final": refresh.diagonal()}
-                for r, refresh in zip([next(out) for _ in refreshes], refreshes, strict=True)]
+        runs = [
+            {"escaped": r["escaped"], "steps": r["steps"], "u_final": refresh.diagonal()}
+            for r, refresh in zip([next(out) for _ in refreshes], refreshes, strict=True)
+        ]
         learned[name] = {"settings": LEARNED[name], "runs": runs}
-        print(f"{name:28s} escaped {sum(r['escaped'] for r in runs)}/{len(runs)}; final U {runs[0]['u_final']}"
-              if runs else name, flush=True)
+        print(
+            f"{name:28s} escaped {sum(r['escaped'] for r in runs)}/{len(runs)}; final U {runs[0]['u_final']}"
+            if runs
+            else name,
+            flush=True,
+        )
     basin = {name: next(out)["max_radius"] for name in basin_methods}
     zero_noise = next(out)
     extras = {
         "learned_u": learned,
         "flat_basin_max_radius": basin,
         "llqr_sam_zero_noise": {"escaped": zero_noise["escaped"], "steps": zero_noise["steps"]},
-        "constants": {"y_star": Y_STAR, "kappa": KAPPA, "eta": ETA, "rho": RHO, "u": list(U_DIAG),
-                      "noise_variance": NOISE_VARIANCE, "max_steps": args.max_steps, "seeds": args.seeds},
+        "constants": {
+            "y_star": Y_STAR,
+            "kappa": KAPPA,
+            "eta": ETA,
+            "rho": RHO,
+            "u": list(U_DIAG),
+            "noise_variance": NOISE_VARIANCE,
+            "max_steps": args.max_steps,
+            "seeds": args.seeds,
+        },
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({**results, "extras": extras}, f, indent=1)

@@ -48,8 +48,13 @@ def test_global_window_ga2_equals_single_process(ddp_results, tmp_path):
 
 def test_global_micro_ga2_equals_single_process_micro(ddp_results, tmp_path):
     """Micro-batch j of the union is samples {2j, 2j+1}: one ε per all-reduced micro-batch gradient."""
-    ref = _single(tmp_path, sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=2,
-                  gradient_accumulation_steps=2)
+    ref = _single(
+        tmp_path,
+        sam_mode="sam",
+        sam_accumulation="micro",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     assert max_abs_diff(ddp_results["global_micro_ga2"], ref) < TOL
 
 

@@ -20,10 +20,38 @@ pytestmark = pytest.mark.distributed
 WORKER = "tests/distributed/workers/launched_sam.py"
 CONFIG = "recipes/accelerate_configs/ddp_cpu.yaml"
 # as tests.utils.make_args, per rank: 2 ranks x 2 examples = the reference's batch of 4
-FLAGS = ["--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--per_device_train_batch_size", "2",
-         "--learning_rate", "0.1", "--optim", "sgd", "--lr_scheduler_type", "constant", "--max_grad_norm", "0",
-         "--weight_decay", "0", "--max_steps", "3", "--seed", "0", "--disable_tqdm", "true",
-         "--dataloader_num_workers", "0", "--ddp_find_unused_parameters", "false", "--sam_mode", "sam"]
+FLAGS = [
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "2",
+    "--learning_rate",
+    "0.1",
+    "--optim",
+    "sgd",
+    "--lr_scheduler_type",
+    "constant",
+    "--max_grad_norm",
+    "0",
+    "--weight_decay",
+    "0",
+    "--max_steps",
+    "3",
+    "--seed",
+    "0",
+    "--disable_tqdm",
+    "true",
+    "--dataloader_num_workers",
+    "0",
+    "--ddp_find_unused_parameters",
+    "false",
+    "--sam_mode",
+    "sam",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
 
@@ -72,11 +100,31 @@ def _free_port() -> int:
 def test_two_node_torchrun_rendezvous_runs_ddp(tmp_path, reference):
     """Two torchrun agents (the two nodes) meet at one c10d rendezvous endpoint; each starts one process."""
     out = tmp_path / "result.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "hf-llqrsam-test",
-           WORKER, str(out), "--output_dir", str(tmp_path / "run"), "--use_cpu", *FLAGS]
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-             for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv_id",
+        "hf-llqrsam-test",
+        WORKER,
+        str(out),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--use_cpu",
+        *FLAGS,
+    ]
+    nodes = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+        for _ in range(2)
+    ]
     results = [node.communicate(timeout=600) for node in nodes]
     for node, (_, err) in zip(nodes, results, strict=True):
         assert node.returncode == 0, err[-6000:]

@@ -17,8 +17,11 @@ TOL = 1e-6  # fp32 parameters (docs/integration.md §14.2)
 ORACLE = [
     ("past_fsam", {}, {}),
     ("past_fsam", {"past_fsam_overlap": 0.5}, {"window": 2}),
-    ("past_fsam", {"past_fsam_overlap": 2 / 3, "fsam_beta": 0.5, "fsam_sigma": 0.7, "sam_norm": "layer_euclidean"},
-     {"window": 3, "fsam_beta": 0.5, "fsam_sigma": 0.7, "norm": "layer_euclidean"}),
+    (
+        "past_fsam",
+        {"past_fsam_overlap": 2 / 3, "fsam_beta": 0.5, "fsam_sigma": 0.7, "sam_norm": "layer_euclidean"},
+        {"window": 3, "fsam_beta": 0.5, "fsam_sigma": 0.7, "norm": "layer_euclidean"},
+    ),
     ("looksam", {"looksam_interval": 2}, {"k": 2}),
     ("looksam", {"looksam_interval": 3, "looksam_alpha": 0.3}, {"k": 3, "alpha": 0.3}),
     ("wsam", {}, {}),
@@ -30,8 +33,9 @@ ORACLE = [
 def test_efficient_mode_matches_hand_written_loop(tmp_path, mode, flags, oracle):
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
-    SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode=mode, sam_rho=0.05, max_steps=4, **flags),
-                      train_dataset=ds).train()
+    SequentialTrainer(
+        model=model, args=make_args(tmp_path, sam_mode=mode, sam_rho=0.05, max_steps=4, **flags), train_dataset=ds
+    ).train()
     loop = OracleEfficientSAM(mode, 0.05, 0.1, **oracle)
     for batch in batches(ds, 4):
         loop.step(ref, batch)
@@ -51,10 +55,12 @@ def test_efficient_mode_matches_hand_written_loop(tmp_path, mode, flags, oracle)
 def test_layer_norms_and_fsam_ema_match_hand_written_loop(tmp_path, mode, flags):
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
-    SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode=mode, sam_rho=0.05, max_steps=4, **flags),
-                      train_dataset=ds).train()
-    loop = OracleSAM(mode, 0.05, 0.1, norm=flags.get("sam_norm", "euclidean"),
-                     fsam_ema=flags.get("fsam_ema", "precond_grad"))
+    SequentialTrainer(
+        model=model, args=make_args(tmp_path, sam_mode=mode, sam_rho=0.05, max_steps=4, **flags), train_dataset=ds
+    ).train()
+    loop = OracleSAM(
+        mode, 0.05, 0.1, norm=flags.get("sam_norm", "euclidean"), fsam_ema=flags.get("fsam_ema", "precond_grad")
+    )
     for batch in batches(ds, 4):
         loop.step(ref, batch)
     assert max_abs_diff(params_of(model), params_of(ref)) < TOL
@@ -64,8 +70,11 @@ def test_past_fsam_with_a_fixed_u_enters_perturbation_and_descent(tmp_path):
     """LLQR+past-FSAM (the reference allows U in both): C = U on v = g̃ₜ₋₁ − ḡ, P = U on the one-pass gradient."""
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
-    trainer = SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="past_fsam", max_steps=4,
-                                                             past_fsam_overlap=0.5), train_dataset=ds)
+    trainer = SequentialTrainer(
+        model=model,
+        args=make_args(tmp_path, sam_mode="past_fsam", max_steps=4, past_fsam_overlap=0.5),
+        train_dataset=ds,
+    )
     u = FixedDiagonalU(model)
     trainer.preconditioner = u
     trainer.train()
@@ -80,9 +89,12 @@ def test_passes_per_step_are_counted(tmp_path):
     """LookSAM k = 2 over 4 steps: 2 + 1 + 2 + 1 passes; past-FSAM: 1 per step, plus the overlap window's."""
     ds = image_dataset(16)
     flos = {}
-    for name, flags in {"none": {"sam_mode": "none"}, "looksam": {"sam_mode": "looksam", "looksam_interval": 2},
-                        "past": {"sam_mode": "past_fsam"},
-                        "past_window": {"sam_mode": "past_fsam", "past_fsam_overlap": 0.5}}.items():
+    for name, flags in {
+        "none": {"sam_mode": "none"},
+        "looksam": {"sam_mode": "looksam", "looksam_interval": 2},
+        "past": {"sam_mode": "past_fsam"},
+        "past_window": {"sam_mode": "past_fsam", "past_fsam_overlap": 0.5},
+    }.items():
         trainer = LLQRSAMTrainer(model=tiny_vit(), args=make_args(tmp_path, max_steps=4, **flags), train_dataset=ds)
         trainer.train()
         flos[name] = trainer.state.total_flos
@@ -135,8 +147,15 @@ def test_looksam_matches_pytorch_optimizer(tmp_path):
     peers = pytest.importorskip("pytorch_optimizer")
     ds = image_dataset(24)
     model = OneTensorNet()
-    args = make_args(tmp_path, sam_mode="looksam", sam_rho=0.05, looksam_interval=3, looksam_alpha=0.7,
-                     optim_args="momentum=0.9", max_steps=6)
+    args = make_args(
+        tmp_path,
+        sam_mode="looksam",
+        sam_rho=0.05,
+        looksam_interval=3,
+        looksam_alpha=0.7,
+        optim_args="momentum=0.9",
+        max_steps=6,
+    )
     SequentialTrainer(model=model, args=args, train_dataset=ds).train()
     ref = OneTensorNet()
     opt = peers.LookSAM(ref.parameters(), torch.optim.SGD, rho=0.05, k=3, alpha=0.7, lr=0.1, momentum=0.9)
@@ -153,12 +172,20 @@ def test_wsam_matches_pytorch_optimizer(tmp_path, decouple):
     peers = pytest.importorskip("pytorch_optimizer")
     ds = image_dataset(16)
     model = OneTensorNet(hidden=8)
-    args = make_args(tmp_path, sam_mode="wsam", sam_rho=0.05, wsam_gamma=0.6, wsam_decouple=decouple,
-                     optim_args="momentum=0.9", max_steps=4)
+    args = make_args(
+        tmp_path,
+        sam_mode="wsam",
+        sam_rho=0.05,
+        wsam_gamma=0.6,
+        wsam_decouple=decouple,
+        optim_args="momentum=0.9",
+        max_steps=4,
+    )
     SequentialTrainer(model=model, args=args, train_dataset=ds).train()
     ref = OneTensorNet(hidden=8)
-    opt = peers.WSAM(ref, ref.parameters(), torch.optim.SGD, rho=0.05, gamma=0.6, decouple=decouple, lr=0.1,
-                     momentum=0.9)
+    opt = peers.WSAM(
+        ref, ref.parameters(), torch.optim.SGD, rho=0.05, gamma=0.6, decouple=decouple, lr=0.1, momentum=0.9
+    )
     _drive(opt, ref, batches(ds, 4))
     assert max_abs_diff(params_of(model), params_of(ref)) < 1e-8
 
@@ -168,8 +195,11 @@ def test_wsam_decoupling_matters_with_momentum(tmp_path):
     out = []
     for decouple in (True, False):
         model = tiny_vit()
-        SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="wsam", wsam_decouple=decouple, max_steps=3,
-                                                      optim_args="momentum=0.9"), train_dataset=ds).train()
+        SequentialTrainer(
+            model=model,
+            args=make_args(tmp_path, sam_mode="wsam", wsam_decouple=decouple, max_steps=3, optim_args="momentum=0.9"),
+            train_dataset=ds,
+        ).train()
         out.append(params_of(model))
     assert max_abs_diff(*out) > 1e-4
 
@@ -190,12 +220,23 @@ def test_resume_is_bit_exact(tmp_path, flags):
     """2 steps + checkpoint + 2 steps equals 4 uninterrupted steps: g̃ₜ₋₁, ḡ and the overlap window's batches
     (past-FSAM), g_v (LookSAM, whose step 3 reuses the g_v of step 0) travel in the checkpoint."""
     ds = image_dataset(20)
-    common = dict(optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear", max_steps=4, save_steps=2,
-                  save_strategy="steps", per_device_train_batch_size=2, gradient_accumulation_steps=2, seed=7, **flags)
+    common = dict(
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        max_steps=4,
+        save_steps=2,
+        save_strategy="steps",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        seed=7,
+        **flags,
+    )
     full = LLQRSAMTrainer(model=tiny_vit(dropout=0.1), args=make_args(tmp_path / "full", **common), train_dataset=ds)
     full.train()
-    resumed = LLQRSAMTrainer(model=tiny_vit(seed=5, dropout=0.1), args=make_args(tmp_path / "res", **common),
-                             train_dataset=ds)
+    resumed = LLQRSAMTrainer(
+        model=tiny_vit(seed=5, dropout=0.1), args=make_args(tmp_path / "res", **common), train_dataset=ds
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert all(torch.equal(a, b) for a, b in zip(params_of(full.model), params_of(resumed.model), strict=True))
     assert full.sam_state.buffers.keys() == resumed.sam_state.buffers.keys()

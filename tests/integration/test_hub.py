@@ -36,8 +36,9 @@ class FakeHub:
         self.repos.append(repo_id)
         return SimpleNamespace(repo_id=repo_id)
 
-    def upload_folder(self, api, *, repo_id, folder_path, path_in_repo=None, ignore_patterns=None,
-                      run_as_future=False, **kwargs):
+    def upload_folder(
+        self, api, *, repo_id, folder_path, path_in_repo=None, ignore_patterns=None, run_as_future=False, **kwargs
+    ):
         files = {}
         for root, _, names in os.walk(folder_path):
             for name in names:
@@ -56,8 +57,9 @@ class FakeHub:
 @pytest.fixture
 def hub(monkeypatch) -> FakeHub:
     fake = FakeHub()
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id,
-                                                                                                          **kw))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw)
+    )
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw))
     return fake
 
@@ -69,8 +71,17 @@ def _card_header_tags(card: str) -> list[str]:
 
 def test_vit_saved_by_the_trainer_loads_back_and_pushes_a_card_naming_the_method(tmp_path, hub):
     out = tmp_path / "vit-llqrsam"
-    args = make_args(out, sam_mode="sam", sam_rho=0.05, save_strategy="steps", save_steps=3, push_to_hub=True,
-                     hub_model_id="someone/vit-llqrsam", hub_strategy="checkpoint", **LLQR)
+    args = make_args(
+        out,
+        sam_mode="sam",
+        sam_rho=0.05,
+        save_strategy="steps",
+        save_steps=3,
+        push_to_hub=True,
+        hub_model_id="someone/vit-llqrsam",
+        hub_strategy="checkpoint",
+        **LLQR,
+    )
     trainer = LLQRSAMTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(16))
     trainer.train()
     trainer.push_to_hub(commit_message="end of training")
@@ -100,16 +111,20 @@ def test_gpt2_and_its_lora_adapter_load_back(tmp_path, hub):
     peft = pytest.importorskip("peft")
 
     full_dir, lora_dir = tmp_path / "gpt2", tmp_path / "gpt2-lora"
-    full = LLQRSAMTrainer(model=tiny_gpt2(), args=make_args(full_dir, sam_mode="sam", **LLQR),
-                          train_dataset=lm_dataset())
+    full = LLQRSAMTrainer(
+        model=tiny_gpt2(), args=make_args(full_dir, sam_mode="sam", **LLQR), train_dataset=lm_dataset()
+    )
     full.train()
     full.save_model()
     loaded = AutoModelForCausalLM.from_pretrained(full_dir).state_dict()
     trained = full.model.state_dict()
     assert all(torch.equal(loaded[k], trained[k]) for k in trained)
 
-    adapted = LLQRSAMTrainer(model=lora(tiny_gpt2(), ["c_attn"]), args=make_args(lora_dir, sam_mode="sam", **LLQR),
-                             train_dataset=lm_dataset())
+    adapted = LLQRSAMTrainer(
+        model=lora(tiny_gpt2(), ["c_attn"]),
+        args=make_args(lora_dir, sam_mode="sam", **LLQR),
+        train_dataset=lm_dataset(),
+    )
     adapted.train()
     adapted.push_to_hub(commit_message="adapter")  # also saves the adapter to lora_dir
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= hub.uploads[-1]["files"].keys()

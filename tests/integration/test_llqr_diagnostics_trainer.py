@@ -85,8 +85,19 @@ def test_update_mode_with_deferred_refresh_resumes_bit_exact(tmp_path):
     """The deferral is decided from the step and the LR schedule: a run resumed at step 3 refreshes where the
     uninterrupted one does (1, 2, 4) and ends bit-identical, U included."""
     ds = image_dataset(20)
-    kw = dict(optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=2, max_steps=5,
-              save_steps=3, save_strategy="steps", seed=7, llqr_apply="update", llqr_update_interval=2, **LLQR_FAST)
+    kw = dict(
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        max_steps=5,
+        save_steps=3,
+        save_strategy="steps",
+        seed=7,
+        llqr_apply="update",
+        llqr_update_interval=2,
+        **LLQR_FAST,
+    )
     full = LLQRSAMTrainer(model=tiny_vit(), args=make_args(tmp_path / "full", **kw), train_dataset=ds)
     full.train()
     assert full.preconditioner.num_updates == 3 and full.preconditioner.last_update_step == 4

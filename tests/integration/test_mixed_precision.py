@@ -32,15 +32,24 @@ def _with_cpu_scaler(trainer, init_scale=2.0**10):
 
 
 SCALER_CASES = [
-    ("sam", {}), ("sam", {"sam_norm": "matrix"}), ("asam", {"sam_rho": 0.5}), ("fsam", {}), ("fisher_sam", {}),
-    ("fisher_sam", {"fisher_sam_form": "paper"}), ("gsam", {"gsam_alpha": 0.8}), ("vasso", {}), ("infosam", {}),
-    ("infosam", {"infosam_variance": "ema"}), ("sam", {"llqr": True, "llqr_update_interval": 2}),
+    ("sam", {}),
+    ("sam", {"sam_norm": "matrix"}),
+    ("asam", {"sam_rho": 0.5}),
+    ("fsam", {}),
+    ("fisher_sam", {}),
+    ("fisher_sam", {"fisher_sam_form": "paper"}),
+    ("gsam", {"gsam_alpha": 0.8}),
+    ("vasso", {}),
+    ("infosam", {}),
+    ("infosam", {"infosam_variance": "ema"}),
+    ("sam", {"llqr": True, "llqr_update_interval": 2}),
     ("fsam", {"llqr": True, "llqr_update_interval": 2}),
 ]
 
 
-@pytest.mark.parametrize(("mode", "extra"), SCALER_CASES, ids=[f"{m}-{'-'.join(map(str, e.values()))}"
-                                                                for m, e in SCALER_CASES])
+@pytest.mark.parametrize(
+    ("mode", "extra"), SCALER_CASES, ids=[f"{m}-{'-'.join(map(str, e.values()))}" for m, e in SCALER_CASES]
+)
 def test_scaled_gradients_give_the_unscaled_step(tmp_path, mode, extra):
     """Every mode under a CPU GradScaler (S = 1024) equals fp32 within 1e-6; its state too; pass 1 never unscales.
 
@@ -65,8 +74,9 @@ def test_scaled_gradients_give_the_unscaled_step(tmp_path, mode, extra):
             torch.testing.assert_close(trainer.sam_state.buffers[kind][name], t, rtol=1e-5, atol=1e-8)
     if mode == "gsam":  # the correction really acts: α = 0 lands elsewhere
         no_corr = tiny_vit()
-        SequentialTrainer(model=no_corr, args=make_args(tmp_path, sam_mode="gsam", gsam_alpha=0.0),
-                          train_dataset=ds).train()
+        SequentialTrainer(
+            model=no_corr, args=make_args(tmp_path, sam_mode="gsam", gsam_alpha=0.0), train_dataset=ds
+        ).train()
         assert max_abs_diff(params_of(no_corr), params_of(scaled)) > 1e-4
 
 
@@ -74,8 +84,9 @@ def test_scaler_overflow_in_pass1_skips_ascent_and_step(tmp_path):
     ds = image_dataset(16)
     model = PoisonNet({3}, float("inf"))  # step 2, pass 1
     snaps = _Snapshots(model)
-    trainer = SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="fsam", max_steps=2),
-                                train_dataset=ds, callbacks=[snaps])
+    trainer = SequentialTrainer(
+        model=model, args=make_args(tmp_path, sam_mode="fsam", max_steps=2), train_dataset=ds, callbacks=[snaps]
+    )
     scaler = _with_cpu_scaler(trainer)
     trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(snaps.begin[1], params_of(model), strict=True))

@@ -18,8 +18,9 @@ from hf_llqrsam.checkpoint import STATE_FILE
 from tests.lm_utils import lm_dataset, lora, tiny_gpt2
 from tests.utils import image_dataset, make_args, tiny_vit
 
-LLQR = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=3, llqr_inner_lr=1.0, llqr_ema_decay=0.5,
-            llqr_update_interval=2)
+LLQR = dict(
+    llqr=True, llqr_batch_size=8, llqr_inner_steps=3, llqr_inner_lr=1.0, llqr_ema_decay=0.5, llqr_update_interval=2
+)
 
 
 def _gpt2_lora(seed: int = 0):
@@ -37,8 +38,19 @@ CASES = {
 
 
 def _args(tmp_path, **overrides):
-    base = dict(optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear", max_steps=6, save_steps=3,
-                save_strategy="steps", per_device_train_batch_size=4, seed=7, sam_mode="sam", sam_rho=0.05, **LLQR)
+    base = dict(
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        max_steps=6,
+        save_steps=3,
+        save_strategy="steps",
+        per_device_train_batch_size=4,
+        seed=7,
+        sam_mode="sam",
+        sam_rho=0.05,
+        **LLQR,
+    )
     return make_args(tmp_path, **{**base, **overrides})
 
 

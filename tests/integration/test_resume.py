@@ -14,8 +14,17 @@ from tests.utils import image_dataset, make_args, params_of, tiny_vit
 
 def _args(tmp_path, **overrides):
     # dropout on, the Trainer's random sampler, AdamW with a decaying LR, GA = 2
-    base = dict(optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear", max_steps=6, save_steps=3,
-                save_strategy="steps", per_device_train_batch_size=2, gradient_accumulation_steps=2, seed=7)
+    base = dict(
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        max_steps=6,
+        save_steps=3,
+        save_strategy="steps",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        seed=7,
+    )
     return make_args(tmp_path, **{**base, **overrides})
 
 
@@ -38,8 +47,9 @@ def test_resume_is_bit_exact(tmp_path, overrides):
     ascents_per_step = 2 if overrides.get("sam_accumulation") == "micro" else 1  # micro: one per micro-batch
     assert state["format_version"] == FORMAT_VERSION and state["sam"]["ascents"] == 3 * ascents_per_step
 
-    resumed = LLQRSAMTrainer(model=tiny_vit(seed=99, dropout=0.1), args=_args(resumed_dir, **overrides),
-                             train_dataset=ds)
+    resumed = LLQRSAMTrainer(
+        model=tiny_vit(seed=99, dropout=0.1), args=_args(resumed_dir, **overrides), train_dataset=ds
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert all(torch.equal(a, b) for a, b in zip(params_of(full.model), params_of(resumed.model), strict=True))
     for kind, buffers in full.sam_state.buffers.items():
@@ -61,8 +71,9 @@ def test_resume_with_another_mode_warns_and_starts_the_sam_state_fresh(tmp_path,
 
 def _llqr_checkpoint(tmp_path, **overrides):
     ds = image_dataset(20)
-    args = _args(tmp_path / "a", sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3,
-                 max_steps=3, **overrides)
+    args = _args(
+        tmp_path / "a", sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3, max_steps=3, **overrides
+    )
     LLQRSAMTrainer(model=tiny_vit(), args=args, train_dataset=ds).train()
     return ds, tmp_path / "a" / "checkpoint-3"
 
@@ -79,10 +90,13 @@ def _poison_state(path, fn):
     torch.save(state, path)
 
 
-@pytest.mark.parametrize(("poison", "match"), [
-    (lambda s: next(iter(s["llqr"]["blocks"].values()))["d"].view(-1).__setitem__(0, float("nan")), "non-finite"),
-    (lambda s: next(iter(s["llqr"]["blocks"].values()))["d"].fill_(-1.0), "min_diag|positive|<= 0|≤ 0"),
-])
+@pytest.mark.parametrize(
+    ("poison", "match"),
+    [
+        (lambda s: next(iter(s["llqr"]["blocks"].values()))["d"].view(-1).__setitem__(0, float("nan")), "non-finite"),
+        (lambda s: next(iter(s["llqr"]["blocks"].values()))["d"].fill_(-1.0), "min_diag|positive|<= 0|≤ 0"),
+    ],
+)
 def test_resume_refuses_a_corrupted_u(tmp_path, poison, match):
     """A NaN or negative U used to load and freeze training for good; now the resume stops with a clear error."""
     ds, checkpoint = _llqr_checkpoint(tmp_path)
@@ -94,26 +108,32 @@ def test_resume_refuses_a_corrupted_u(tmp_path, poison, match):
 
 def test_resume_refuses_a_nonfinite_sam_buffer(tmp_path):
     ds = image_dataset(20)
-    LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path / "a", sam_mode="fsam", max_steps=3),
-    train_dataset=ds).train()
+    LLQRSAMTrainer(
+        model=tiny_vit(), args=_args(tmp_path / "a", sam_mode="fsam", max_steps=3), train_dataset=ds
+    ).train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
-    _poison_state(checkpoint / STATE_FILE, lambda s: next(iter(s["sam"]["buffers"]["gbar"].values())).fill_(
-        float("inf")))
+    _poison_state(
+        checkpoint / STATE_FILE, lambda s: next(iter(s["sam"]["buffers"]["gbar"].values())).fill_(float("inf"))
+    )
     with pytest.raises(ValueError, match="non-finite") as err:
         _resume(tmp_path, ds, checkpoint, sam_mode="fsam")
     assert str(checkpoint / STATE_FILE) in str(err.value)
 
 
-@pytest.mark.parametrize(("change", "setting"), [
-    ({"llqr_identity_scaling": 2.0}, "llqr_identity_scaling"),
-    ({"llqr_structure": "scalar"}, "llqr_structure"),
-])
+@pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ({"llqr_identity_scaling": 2.0}, "llqr_identity_scaling"),
+        ({"llqr_structure": "scalar"}, "llqr_structure"),
+    ],
+)
 def test_resume_refuses_a_changed_u_setting(tmp_path, change, setting):
     """Resuming with another identity scaling used to quarter U silently; every U-defining setting is now checked."""
     ds, checkpoint = _llqr_checkpoint(tmp_path)
     with pytest.raises(ValueError, match=setting):
-        _resume(tmp_path, ds, checkpoint, sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3,
-                **change)
+        _resume(
+            tmp_path, ds, checkpoint, sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_inner_steps=3, **change
+        )
 
 
 def test_resume_with_llqr_or_sam_switched_off_warns(tmp_path, caplog):

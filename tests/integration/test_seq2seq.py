@@ -11,10 +11,25 @@ from tests.utils import tiny_marian, tiny_tokenizer, translation_dataset
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
-                per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2, learning_rate=1e-2,
-                disable_tqdm=True, predict_with_generate=True, generation_max_length=8, max_grad_norm=0.0,
-                label_smoothing_factor=0.1, optim="sgd", lr_scheduler_type="constant", seed=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        predict_with_generate=True,
+        generation_max_length=8,
+        max_grad_norm=0.0,
+        label_smoothing_factor=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        seed=0,
+    )
     return LLQRSAMSeq2SeqTrainingArguments(**{**base, **kw})
 
 
@@ -22,9 +37,14 @@ def test_seq2seq_sam_trains_and_generates(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_marian(tok)
     ds = translation_dataset(tok)
-    trainer = LLQRSAMSeq2SeqTrainer(model=model, args=_args(tmp_path, sam_mode="sam"), train_dataset=ds,
-                                    eval_dataset=ds.select(range(4)), data_collator=DataCollatorForSeq2Seq(tok, model),
-                                    processing_class=tok)
+    trainer = LLQRSAMSeq2SeqTrainer(
+        model=model,
+        args=_args(tmp_path, sam_mode="sam"),
+        train_dataset=ds,
+        eval_dataset=ds.select(range(4)),
+        data_collator=DataCollatorForSeq2Seq(tok, model),
+        processing_class=tok,
+    )
     trainer.train()
     assert trainer.state.log_history[0]["sam/perturbation_norm"] == pytest.approx(0.1, rel=1e-5)
     metrics = trainer.evaluate()
@@ -46,9 +66,14 @@ def test_seq2seq_descent_gradient_is_ga_invariant(tmp_path):
     norms = {}
     for bs, ga in ((4, 1), (2, 2)):
         model = tiny_marian(tok)
-        trainer = LLQRSAMSeq2SeqTrainer(model=model, args=_args(tmp_path, sam_mode="sam", max_steps=1,
-                                        per_device_train_batch_size=bs, gradient_accumulation_steps=ga),
-                                        train_dataset=ds, data_collator=DataCollatorForSeq2Seq(tok, model))
+        trainer = LLQRSAMSeq2SeqTrainer(
+            model=model,
+            args=_args(
+                tmp_path, sam_mode="sam", max_steps=1, per_device_train_batch_size=bs, gradient_accumulation_steps=ga
+            ),
+            train_dataset=ds,
+            data_collator=DataCollatorForSeq2Seq(tok, model),
+        )
         trainer._get_train_sampler = lambda *a: __import__("torch").utils.data.SequentialSampler(ds)
         trainer.train()
         norms[(bs, ga)] = trainer.state.log_history[0]["grad_norm"]

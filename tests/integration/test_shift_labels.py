@@ -176,8 +176,9 @@ def test_undecidable_model_fails_at_the_first_refresh_naming_the_flag(tmp_path):
     trainer = LLQRSAMTrainer(model=model, args=make_args(tmp_path, **LLQR), train_dataset=lm_dataset())
     with pytest.raises(ValueError, match="Pass --llqr_shift_labels true for a causal LM"):
         trainer.train()
-    forced = LLQRSAMTrainer(model=PlainLM(), args=make_args(tmp_path, llqr_shift_labels="true", **LLQR),
-                            train_dataset=lm_dataset())
+    forced = LLQRSAMTrainer(
+        model=PlainLM(), args=make_args(tmp_path, llqr_shift_labels="true", **LLQR), train_dataset=lm_dataset()
+    )
     forced.train()
     assert forced.preconditioner.num_updates == 1
 
@@ -202,8 +203,9 @@ def test_refresh_fits_u_to_the_shifted_problem(tmp_path, monkeypatch, factory):
     monkeypatch.setattr(LLQRPreconditioner, "fit_problem", capture)
     model = factory()
     initial = copy.deepcopy(model)
-    trainer = LLQRSAMTrainer(model=model, args=make_args(tmp_path, max_steps=1, sam_mode="sam", **LLQR),
-                             train_dataset=lm_dataset())
+    trainer = LLQRSAMTrainer(
+        model=model, args=make_args(tmp_path, max_steps=1, sam_mode="sam", **LLQR), train_dataset=lm_dataset()
+    )
     trainer.train()
     batch = trainer._curvature_batch(0)  # a pure function of (seed, step)
     shifted, unshifted = shifted_grads(initial, batch), shifted_grads(copy.deepcopy(initial), batch, shift=False)

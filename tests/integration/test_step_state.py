@@ -24,11 +24,14 @@ class OOMOnce(SequentialTrainer):
         return super().compute_loss(*args, **kwargs)
 
 
-@pytest.mark.parametrize(("mode", "extra"), [
-    ("fsam", {"llqr": True, "llqr_update_interval": 2}),
-    ("sam", {"sam_accumulation": "micro"}),
-    ("infosam", {}),
-])
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("fsam", {"llqr": True, "llqr_update_interval": 2}),
+        ("sam", {"sam_accumulation": "micro"}),
+        ("infosam", {}),
+    ],
+)
 def test_oom_retry_in_pass2_equals_a_clean_run_at_the_smaller_batch(tmp_path, mode, extra):
     """`auto_find_batch_size`: an OOM in pass 2 of step 0 (GA 2, batch 8 → 7) leaves nothing behind.
 
@@ -39,8 +42,11 @@ def test_oom_retry_in_pass2_equals_a_clean_run_at_the_smaller_batch(tmp_path, mo
     ds = image_dataset(48)
     common = dict(sam_mode=mode, gradient_accumulation_steps=2, max_steps=3, **extra)
     model = tiny_vit()
-    retried = OOMOnce(model=model, args=make_args(tmp_path / "oom", per_device_train_batch_size=8,
-                      auto_find_batch_size=True, **common), train_dataset=ds)
+    retried = OOMOnce(
+        model=model,
+        args=make_args(tmp_path / "oom", per_device_train_batch_size=8, auto_find_batch_size=True, **common),
+        train_dataset=ds,
+    )
     retried.fail_at = 3  # window mode: calls 1-2 are pass 1, call 3 is the first replay
     if extra.get("sam_accumulation") == "micro":
         retried.fail_at = 4  # micro: pass 1, pass 2, pass 1, then the second micro-batch's pass 2
@@ -98,8 +104,12 @@ def test_batchnorm_buffers_bit_identical_after_a_skipped_step(tmp_path, policy, 
     model = PoisonedBatchNormNet(poisoned)
     snaps = _BufferSnapshots(model)
     extra = {"sam_start_step": 2} if which == "plain" else {}  # steps 0, 1 are then plain one-pass steps
-    trainer = SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", max_steps=2,
-                                sam_bn_stats=policy, **extra), train_dataset=ds, callbacks=[snaps])
+    trainer = SequentialTrainer(
+        model=model,
+        args=make_args(tmp_path, sam_mode="sam", max_steps=2, sam_bn_stats=policy, **extra),
+        train_dataset=ds,
+        callbacks=[snaps],
+    )
     trainer.train()
     assert trainer.state.log_history[1]["sam/skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(snaps.buffers[1], model.buffers(), strict=True))
@@ -118,9 +128,21 @@ class DropoutNet(nn.Module):
 
 
 def _resume_args(tmp_path, cls, **kw):
-    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=4,
-                  gradient_accumulation_steps=2, learning_rate=1e-2, seed=5, disable_tqdm=True, optim="adamw_torch",
-                  lr_scheduler_type="linear", save_strategy="steps", save_steps=3, max_steps=6)
+    common = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        seed=5,
+        disable_tqdm=True,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=3,
+        max_steps=6,
+    )
     common.update(kw)
     return cls(**common)
 
@@ -130,8 +152,10 @@ def test_sam_mode_none_resume_is_stock_bit_for_bit(tmp_path):
     doing the same, and equals the uninterrupted run (dropout, random sampler, AdamW with a linear schedule, GA 2)."""
     ds = image_dataset(24)
     results = {}
-    for name, trainer_cls, args_cls in (("stock", Trainer, TrainingArguments),
-                                        ("ours", LLQRSAMTrainer, LLQRSAMTrainingArguments)):
+    for name, trainer_cls, args_cls in (
+        ("stock", Trainer, TrainingArguments),
+        ("ours", LLQRSAMTrainer, LLQRSAMTrainingArguments),
+    ):
         full = DropoutNet()
         trainer_cls(model=full, args=_resume_args(tmp_path / name, args_cls), train_dataset=ds).train()
         resumed = DropoutNet()

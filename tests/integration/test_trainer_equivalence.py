@@ -23,9 +23,21 @@ TOL = 1e-6  # fp32 parameters (docs/integration.md §14.2)
 def test_off_path_is_stock_trainer_bitwise(tmp_path):
     """sam_mode=none, llqr off: same params and RNG as the stock Trainer (dropout, random sampler, AdamW, GA 2)."""
     ds = image_dataset(24)
-    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", max_steps=4,
-                  per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, seed=3,
-                  disable_tqdm=True, optim="adamw_torch", lr_scheduler_type="linear", max_grad_norm=1.0)
+    common = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        seed=3,
+        disable_tqdm=True,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+    )
     stock_model = tiny_vit(dropout=0.2)
     Trainer(model=stock_model, args=TrainingArguments(**common), train_dataset=ds).train()
     stock_rng = torch.get_rng_state()
@@ -53,12 +65,19 @@ def test_mode_matches_hand_written_loop(tmp_path, mode, extra):
     ds = image_dataset(16)
     model = tiny_vit()
     ref = tiny_vit()
-    args = make_args(tmp_path, sam_mode=mode, sam_rho=extra.get("sam_rho", 0.05), max_steps=4, **{
-        k: v for k, v in extra.items() if k != "sam_rho"})
+    args = make_args(
+        tmp_path,
+        sam_mode=mode,
+        sam_rho=extra.get("sam_rho", 0.05),
+        max_steps=4,
+        **{k: v for k, v in extra.items() if k != "sam_rho"},
+    )
     SequentialTrainer(model=model, args=args, train_dataset=ds).train()
 
-    oracle_kwargs = {"norm": extra.get("sam_norm", "euclidean"), "fisher_form": extra.get("fisher_sam_form",
-                     "reference")}
+    oracle_kwargs = {
+        "norm": extra.get("sam_norm", "euclidean"),
+        "fisher_form": extra.get("fisher_sam_form", "reference"),
+    }
     if mode == "fisher_sam" and oracle_kwargs["fisher_form"] == "paper":
         oracle_kwargs["fisher_eta"] = 1.0
     oracle = OracleSAM(mode, args.sam_rho, args.learning_rate, **oracle_kwargs)
@@ -70,18 +89,31 @@ def test_mode_matches_hand_written_loop(tmp_path, mode, extra):
 def test_window_ga2_equals_ga1_with_double_batch(tmp_path):
     ds = image_dataset(16)
     m_ga, m_big = tiny_vit(), tiny_vit()
-    SequentialTrainer(model=m_ga, args=make_args(tmp_path, sam_mode="sam", per_device_train_batch_size=2,
-                      gradient_accumulation_steps=2, max_steps=4), train_dataset=ds).train()
-    SequentialTrainer(model=m_big, args=make_args(tmp_path, sam_mode="sam", per_device_train_batch_size=4,
-                      max_steps=4), train_dataset=ds).train()
+    SequentialTrainer(
+        model=m_ga,
+        args=make_args(
+            tmp_path, sam_mode="sam", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4
+        ),
+        train_dataset=ds,
+    ).train()
+    SequentialTrainer(
+        model=m_big,
+        args=make_args(tmp_path, sam_mode="sam", per_device_train_batch_size=4, max_steps=4),
+        train_dataset=ds,
+    ).train()
     assert max_abs_diff(params_of(m_ga), params_of(m_big)) < TOL
 
 
 def test_window_ga4_matches_full_window_loop(tmp_path):
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
-    SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="fsam", per_device_train_batch_size=1,
-                      gradient_accumulation_steps=4, max_steps=4), train_dataset=ds).train()
+    SequentialTrainer(
+        model=model,
+        args=make_args(
+            tmp_path, sam_mode="fsam", per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=4
+        ),
+        train_dataset=ds,
+    ).train()
     oracle = OracleSAM("fsam", 0.1, 0.1)
     for batch in batches(ds, 4):  # one ε from the whole 4-example window
         oracle.step(ref, batch)
@@ -92,17 +124,31 @@ def test_micro_mode_one_perturbation_per_micro_batch(tmp_path):
     """Micro GA=2: descent = mean over micro-batches of ∇L_j(θ + ε_j), ε_j from micro-batch j alone."""
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
-    SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", sam_accumulation="micro",
-                      per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),
-                      train_dataset=ds).train()
+    SequentialTrainer(
+        model=model,
+        args=make_args(
+            tmp_path,
+            sam_mode="sam",
+            sam_accumulation="micro",
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=4,
+        ),
+        train_dataset=ds,
+    ).train()
     micro = batches(ds, 2)
     for step in range(4):
         averaged_sam_step(ref, micro[2 * step : 2 * step + 2], rho=0.1, lr=0.1)
     assert max_abs_diff(params_of(model), params_of(ref)) < TOL
     # and it is a different method from window mode
     win = tiny_vit()
-    SequentialTrainer(model=win, args=make_args(tmp_path, sam_mode="sam", per_device_train_batch_size=2,
-                      gradient_accumulation_steps=2, max_steps=4), train_dataset=ds).train()
+    SequentialTrainer(
+        model=win,
+        args=make_args(
+            tmp_path, sam_mode="sam", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4
+        ),
+        train_dataset=ds,
+    ).train()
     assert max_abs_diff(params_of(model), params_of(win)) > 1e-5
 
 
@@ -122,10 +168,20 @@ def test_weights_restored_exactly_before_optimizer_step(tmp_path, accumulation):
     ds = image_dataset(16)
     model = tiny_vit(dropout=0.1)
     snaps = _Snapshots(model)
-    trainer = LLQRSAMTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", sam_rho=0.5,
-                             sam_accumulation=accumulation, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, optim="adamw_torch"), train_dataset=ds,
-                             callbacks=[snaps])
+    trainer = LLQRSAMTrainer(
+        model=model,
+        args=make_args(
+            tmp_path,
+            sam_mode="sam",
+            sam_rho=0.5,
+            sam_accumulation=accumulation,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            optim="adamw_torch",
+        ),
+        train_dataset=ds,
+        callbacks=[snaps],
+    )
     trainer.train()
     assert len(snaps.begin) == len(snaps.pre) == 3
     for a, b in zip(snaps.begin, snaps.pre, strict=True):
@@ -156,8 +212,12 @@ def test_nonfinite_pass_skips_step_and_leaves_weights(tmp_path, value, which, po
     ds = image_dataset(16)
     model = PoisonNet(poisoned, value)
     snaps = _Snapshots(model)
-    trainer = SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", max_steps=2,
-                                optim="adamw_torch"), train_dataset=ds, callbacks=[snaps])
+    trainer = SequentialTrainer(
+        model=model,
+        args=make_args(tmp_path, sam_mode="sam", max_steps=2, optim="adamw_torch"),
+        train_dataset=ds,
+        callbacks=[snaps],
+    )
     trainer.train()
     final = params_of(model)
     assert all(torch.isfinite(p).all() for p in final)
@@ -179,8 +239,9 @@ def test_floating_point_ops_count_both_passes(tmp_path):
 
 def test_logged_sam_metrics(tmp_path):
     ds = image_dataset(16)
-    trainer = LLQRSAMTrainer(model=tiny_vit(), args=make_args(tmp_path, sam_mode="fsam", sam_rho=0.05),
-                             train_dataset=ds)
+    trainer = LLQRSAMTrainer(
+        model=tiny_vit(), args=make_args(tmp_path, sam_mode="fsam", sam_rho=0.05), train_dataset=ds
+    )
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["sam/perturbation_norm"] == pytest.approx(0.05, rel=1e-5)
@@ -216,8 +277,13 @@ def test_fixed_u_enters_perturbation_and_descent_once_per_step(tmp_path, mode, i
     """LLQR+SAM / LLQR+FSAM with a fixed U at GA = 2: C = U (or I), P = U applied once per optimizer step."""
     ds = image_dataset(16)
     model, ref = tiny_vit(), tiny_vit()
-    trainer = SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode=mode, per_device_train_batch_size=2,
-                                gradient_accumulation_steps=2, max_steps=4), train_dataset=ds)
+    trainer = SequentialTrainer(
+        model=model,
+        args=make_args(
+            tmp_path, sam_mode=mode, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4
+        ),
+        train_dataset=ds,
+    )
     u = FixedDiagonalU(model)
     trainer.preconditioner = u  # llqr=False: U is fixed, never refreshed
     trainer.u_in_perturbation = in_perturbation
@@ -233,8 +299,9 @@ def test_gradient_checkpointing_with_sam_matches_plain(tmp_path):
     ds = image_dataset(16)
     plain, ckpt = tiny_vit(), tiny_vit()
     SequentialTrainer(model=plain, args=make_args(tmp_path, sam_mode="sam"), train_dataset=ds).train()
-    SequentialTrainer(model=ckpt, args=make_args(tmp_path, sam_mode="sam", activation_checkpointing=True),
-                      train_dataset=ds).train()
+    SequentialTrainer(
+        model=ckpt, args=make_args(tmp_path, sam_mode="sam", activation_checkpointing=True), train_dataset=ds
+    ).train()
     assert ckpt.is_activation_checkpointing and not plain.is_activation_checkpointing
     assert max_abs_diff(params_of(plain), params_of(ckpt)) < TOL
 
@@ -254,12 +321,16 @@ def test_batchnorm_stats_kept_from_one_pass(tmp_path, policy):
     """sam_bn_stats: exactly one pass's running-stat update survives; `first` is the clean pass's."""
     ds = image_dataset(16)
     model = BatchNormNet()
-    SequentialTrainer(model=model, args=make_args(tmp_path, sam_mode="sam", sam_rho=0.5, max_steps=1,
-                      sam_bn_stats=policy), train_dataset=ds).train()
+    SequentialTrainer(
+        model=model,
+        args=make_args(tmp_path, sam_mode="sam", sam_rho=0.5, max_steps=1, sam_bn_stats=policy),
+        train_dataset=ds,
+    ).train()
     clean = BatchNormNet().train()
     with torch.no_grad():
         clean(**batches(ds, 4)[0])  # one train-mode forward at θ₀ from the initial buffers
     assert int(model.bn.num_batches_tracked) == 1
     same = torch.allclose(model.bn.running_mean, clean.bn.running_mean, rtol=0, atol=1e-7) and torch.allclose(
-        model.bn.running_var, clean.bn.running_var, rtol=0, atol=1e-7)
+        model.bn.running_var, clean.bn.running_var, rtol=0, atol=1e-7
+    )
     assert same == (policy == "first")  # `second` keeps the perturbed pass's statistics (the reference)

@@ -49,9 +49,22 @@ def _texts(n: int = 16) -> datasets.Dataset:
 
 
 def _sft_config(tmp_path, **overrides) -> LLQRSAMSFTConfig:
-    kwargs = dict(output_dir=str(tmp_path), report_to="none", max_steps=6, save_steps=3, save_strategy="steps",
-                  logging_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, optim="adamw_torch", seed=0,
-                  disable_tqdm=True, max_length=16, sam_mode="sam", sam_rho=RHO)
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=6,
+        save_steps=3,
+        save_strategy="steps",
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        optim="adamw_torch",
+        seed=0,
+        disable_tqdm=True,
+        max_length=16,
+        sam_mode="sam",
+        sam_rho=RHO,
+    )
     return LLQRSAMSFTConfig(**{**kwargs, **overrides})
 
 
@@ -62,8 +75,9 @@ LLQR = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=2, llqr_inner_lr=1e-2
 def test_sft_logs_checkpoints_resumes_and_cards(tmp_path, llqr):
     extra = LLQR if llqr else {}
     tokenizer, ds = tiny_tokenizer(), _texts()
-    full = LLQRSAMSFTTrainer(model=tiny_gpt2(), args=_sft_config(tmp_path / "full", **extra), train_dataset=ds,
-                             processing_class=tokenizer)
+    full = LLQRSAMSFTTrainer(
+        model=tiny_gpt2(), args=_sft_config(tmp_path / "full", **extra), train_dataset=ds, processing_class=tokenizer
+    )
     full.train()
 
     # logged keys and their values; TRL's token count once per token (pass 2 records nothing)
@@ -94,8 +108,12 @@ def test_sft_logs_checkpoints_resumes_and_cards(tmp_path, llqr):
     assert f"Trained with `hf_llqrsam`: **{method}**" in card and card.count("## Training method (hf_llqrsam)") == 1
 
     # resume: 3 + 3 == 6, from a differently initialised model
-    resumed = LLQRSAMSFTTrainer(model=tiny_gpt2(seed=99), args=_sft_config(tmp_path / "resumed", **extra),
-                                train_dataset=ds, processing_class=tokenizer)
+    resumed = LLQRSAMSFTTrainer(
+        model=tiny_gpt2(seed=99),
+        args=_sft_config(tmp_path / "resumed", **extra),
+        train_dataset=ds,
+        processing_class=tokenizer,
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -116,8 +134,10 @@ def test_sft_config_validates_like_our_arguments(tmp_path, capsys):
         LLQRSAMSFTConfig(output_dir=str(tmp_path), report_to="none", sam_mode="sam", optim="lomo")
     with pytest.warns(UserWarning, match=r"llqr_batch_size=8 \(llqr=False\)"):
         LLQRSAMSFTConfig(output_dir=str(tmp_path), report_to="none", llqr_batch_size=8)
-    (args,) = parse_args(LLQRSAMSFTConfig, ["--output_dir", str(tmp_path), "--sam_mode", "sam", "--llqr",
-                                            "--report_to", "none", "--max_length", "32"])
+    (args,) = parse_args(
+        LLQRSAMSFTConfig,
+        ["--output_dir", str(tmp_path), "--sam_mode", "sam", "--llqr", "--report_to", "none", "--max_length", "32"],
+    )
     assert args.sam_mode == "sam" and args.llqr and args.max_length == 32 and args.to_llqr_config() is not None
     with pytest.raises(SystemExit):
         parse_args(LLQRSAMSFTConfig, ["--output_dir", str(tmp_path), "--sam_rho", "0", "--sam_mode", "sam"])
@@ -145,10 +165,22 @@ def test_every_override_takes_the_base_signature(trainer):
     """Each Trainer method the mixin overrides either passes *args/**kwargs through or has exactly the parameters
     of the TRL trainer's own method (no hard-coded stock signature)."""
     trl_base = trainer.__mro__[trainer.__mro__.index(LLQRSAMTrainerMixin) + 1]
-    overridden = [n for n, f in vars(LLQRSAMTrainerMixin).items() if callable(f) and hasattr(trl_base, n)
-                  and not n.startswith("__")]
-    expected = {"create_model_card", "log", "training_step", "floating_point_ops", "create_optimizer", "train",
-                "_save_optimizer_and_scheduler", "_load_optimizer_and_scheduler", "_load_from_checkpoint"}
+    overridden = [
+        n
+        for n, f in vars(LLQRSAMTrainerMixin).items()
+        if callable(f) and hasattr(trl_base, n) and not n.startswith("__")
+    ]
+    expected = {
+        "create_model_card",
+        "log",
+        "training_step",
+        "floating_point_ops",
+        "create_optimizer",
+        "train",
+        "_save_optimizer_and_scheduler",
+        "_load_optimizer_and_scheduler",
+        "_load_from_checkpoint",
+    }
     assert expected <= set(overridden)
     for name in overridden:
         ours = inspect.signature(getattr(LLQRSAMTrainerMixin, name)).parameters
@@ -183,10 +215,24 @@ def test_dpo_sam_step_equals_a_hand_written_sam_step_on_trls_loss(tmp_path):
     ds = datasets.Dataset.from_dict({k: [_words(g, 3) for _ in range(8)] for k in ("prompt", "chosen", "rejected")})
     model = tiny_gpt2()
     ref = copy.deepcopy(model)
-    args = LLQRSAMDPOConfig(output_dir=str(tmp_path), report_to="none", max_steps=1, save_strategy="steps",
-                            save_steps=1, logging_steps=1, per_device_train_batch_size=4, learning_rate=0.1,
-                            optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, seed=0, disable_tqdm=True,
-                            max_length=16, sam_mode="sam", sam_rho=RHO)
+    args = LLQRSAMDPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        seed=0,
+        disable_tqdm=True,
+        max_length=16,
+        sam_mode="sam",
+        sam_rho=RHO,
+    )
     trainer = SequentialDPO(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tiny_tokenizer())
     initial = copy.deepcopy(trainer.model)  # as TRL prepared it (its fused LM head), before any step
     ref_before = [p.detach().clone() for p in trainer.ref_model.parameters()]

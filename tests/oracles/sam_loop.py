@@ -45,12 +45,28 @@ def normalise(model: nn.Module, norm: str, v: torch.Tensor, cv: torch.Tensor, rh
 class OracleSAM:
     """One object per run; `step(model, batch)` performs one optimizer step."""
 
-    def __init__(self, mode: str, rho: float, lr: float, *, eps: float = 1e-12, asam_eta: float = 0.01,
-                 fsam_beta: float = 0.9, fsam_sigma: float = 1.0, fisher_eta: float = 0.1,
-                 fisher_form: str = "reference",
-                 gsam_alpha: float = 0.4, vasso_theta: float = 0.4, infosam_alpha: float = 0.9,
-                 infosam_damping: float = 1e-8, norm: str = "euclidean", u: torch.Tensor | None = None,
-                 u_in_perturbation: bool = True, u_on_update: bool = True, fsam_ema: str = "precond_grad"):
+    def __init__(
+        self,
+        mode: str,
+        rho: float,
+        lr: float,
+        *,
+        eps: float = 1e-12,
+        asam_eta: float = 0.01,
+        fsam_beta: float = 0.9,
+        fsam_sigma: float = 1.0,
+        fisher_eta: float = 0.1,
+        fisher_form: str = "reference",
+        gsam_alpha: float = 0.4,
+        vasso_theta: float = 0.4,
+        infosam_alpha: float = 0.9,
+        infosam_damping: float = 1e-8,
+        norm: str = "euclidean",
+        u: torch.Tensor | None = None,
+        u_in_perturbation: bool = True,
+        u_on_update: bool = True,
+        fsam_ema: str = "precond_grad",
+    ):
         self.mode, self.rho, self.lr, self.eps = mode, rho, lr, eps
         self.fsam_ema = fsam_ema
         self.asam_eta, self.fsam_beta, self.fsam_sigma = asam_eta, fsam_beta, fsam_sigma
@@ -77,10 +93,13 @@ class OracleSAM:
                 cv = cv / torch.sqrt((cv * cv).sum() + self.eps)
             self.state["gbar"] = new_gbar
         elif mode == "asam":
-            t = torch.cat([
-                (torch.ones_like(p) if n.endswith("bias") else p.detach().abs() + self.asam_eta).reshape(-1)
-                for n, p in model.named_parameters() if p.requires_grad
-            ])
+            t = torch.cat(
+                [
+                    (torch.ones_like(p) if n.endswith("bias") else p.detach().abs() + self.asam_eta).reshape(-1)
+                    for n, p in model.named_parameters()
+                    if p.requires_grad
+                ]
+            )
             return rho * t * t * g / torch.sqrt((t * g).pow(2).sum() + self.eps)
         elif mode == "fisher_sam":
             c = 1 / (g * g + self.fisher_eta) if self.fisher_form == "reference" else 1 / (1 + self.fisher_eta * g * g)
@@ -159,9 +178,22 @@ class OracleEfficientSAM:
     - wsam (Yue et al., KDD 2023): descend on g + γ/(1 − γ)(g_s − g) (plain SGD: decoupled = coupled).
     """
 
-    def __init__(self, mode: str, rho: float, lr: float, *, eps: float = 1e-12, fsam_beta: float = 0.9,
-                 fsam_sigma: float = 1.0, window: int = 1, k: int = 5, alpha: float = 0.7, gamma: float = 0.9,
-                 norm: str = "euclidean", u: torch.Tensor | None = None):
+    def __init__(
+        self,
+        mode: str,
+        rho: float,
+        lr: float,
+        *,
+        eps: float = 1e-12,
+        fsam_beta: float = 0.9,
+        fsam_sigma: float = 1.0,
+        window: int = 1,
+        k: int = 5,
+        alpha: float = 0.7,
+        gamma: float = 0.9,
+        norm: str = "euclidean",
+        u: torch.Tensor | None = None,
+    ):
         self.mode, self.rho, self.lr, self.eps = mode, rho, lr, eps
         self.beta, self.sigma, self.window = fsam_beta, fsam_sigma, window
         self.k, self.alpha, self.gamma = k, alpha, gamma

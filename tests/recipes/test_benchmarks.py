@@ -12,9 +12,31 @@ from recipes.benchmarks.bench_cost import _measure_peak, main
 
 
 def test_cost_benchmark_tiny(tmp_path):
-    out = main(["--output_dir", str(tmp_path), "--models", "vit-s", "--variants", "base,sam,hand_sam,llqr_sam",
-                "--batch_size", "4", "--llqr_batch_size", "4", "--steps", "1", "--rounds", "2", "--warmup", "1",
-                "--refreshes", "1", "--scaling_widths", "", "--no_memory"])
+    out = main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--models",
+            "vit-s",
+            "--variants",
+            "base,sam,hand_sam,llqr_sam",
+            "--batch_size",
+            "4",
+            "--llqr_batch_size",
+            "4",
+            "--steps",
+            "1",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--refreshes",
+            "1",
+            "--scaling_widths",
+            "",
+            "--no_memory",
+        ]
+    )
     saved = json.loads((tmp_path / "cost.json").read_text())
     rows = saved["models"]["vit-s"]["variants"]
     assert rows.keys() == {"base", "sam", "hand_sam", "llqr_sam"}
@@ -43,10 +65,13 @@ def test_peak_memory_counts_the_sam_backup():
 def test_quality_benchmark_tiny(tmp_path):
     from recipes.benchmarks.bench_quality import main as quality
 
-    tiny = ("--max_steps 2 --hidden_size 16 --num_hidden_layers 1 --num_attention_heads 2 --intermediate_size 32 "
-            "--do_train --do_predict --max_train_samples 32 --max_predict_samples 32")
-    report = quality(["--recipe", "image", "--output_dir", str(tmp_path), "--methods", "sam", "--seeds", "0",
-                      "--extra", tiny])
+    tiny = (
+        "--max_steps 2 --hidden_size 16 --num_hidden_layers 1 --num_attention_heads 2 --intermediate_size 32 "
+        "--do_train --do_predict --max_train_samples 32 --max_predict_samples 32"
+    )
+    report = quality(
+        ["--recipe", "image", "--output_dir", str(tmp_path), "--methods", "sam", "--seeds", "0", "--extra", tiny]
+    )
     assert 0.0 <= report["results"]["sam"][0]["metric"] <= 1.0
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["metric"] == "test_accuracy" and len(saved["results"]["sam"]) == 1
@@ -56,8 +81,9 @@ def test_quality_benchmark_tiny(tmp_path):
 def test_profile_tiny(tmp_path):
     from recipes.benchmarks.profile_cost import main as profile_main
 
-    out = profile_main(["--output_dir", str(tmp_path), "--model", "vit-s", "--batch_size", "4", "--inner_steps", "2",
-                        "--reps", "1"])
+    out = profile_main(
+        ["--output_dir", str(tmp_path), "--model", "vit-s", "--batch_size", "4", "--inner_steps", "2", "--reps", "1"]
+    )
     saved = json.loads((tmp_path / "profile.json").read_text())
     assert saved["sam_work"]["tensors"] == 40 and saved["sam_work"]["ours_ms"] > 0 < saved["sam_work"]["hand_ms"]
     refresh = out["refresh"]
@@ -69,8 +95,27 @@ def test_profile_tiny(tmp_path):
 
 def test_cost_benchmark_looksam_and_wsam_rows(tmp_path):
     """LookSAM is timed over whole cycles of k = 5 steps (one full step each), reported per optimizer step."""
-    main(["--output_dir", str(tmp_path), "--models", "vit-s", "--variants", "base,sam,looksam,wsam", "--batch_size",
-          "2", "--steps", "1", "--rounds", "1", "--warmup", "1", "--scaling_widths", "", "--no_memory"])
+    main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--models",
+            "vit-s",
+            "--variants",
+            "base,sam,looksam,wsam",
+            "--batch_size",
+            "2",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "1",
+            "--scaling_widths",
+            "",
+            "--no_memory",
+        ]
+    )
     saved = json.loads((tmp_path / "cost.json").read_text())
     rows, targets = saved["models"]["vit-s"]["variants"], saved["targets"]
     assert {"looksam", "wsam"} <= rows.keys()

@@ -8,8 +8,21 @@ from recipes.benchmarks import fsdp2_gpu
 
 def test_cpu_smoke_writes_results_and_the_table(tmp_path):
     for backend in ("fsdp2", "ddp"):
-        fsdp2_gpu.main(["--cpu_smoke", "--model", "tiny-lm", "--variants", "llqr_sam", "--steps", "2",
-                        "--backend", backend, "--output_dir", str(tmp_path)])
+        fsdp2_gpu.main(
+            [
+                "--cpu_smoke",
+                "--model",
+                "tiny-lm",
+                "--variants",
+                "llqr_sam",
+                "--steps",
+                "2",
+                "--backend",
+                backend,
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
     rows = json.loads((tmp_path / "fsdp2-tiny-lm.json").read_text())
     assert [r["variant"] for r in rows] == ["llqr_sam"]
     llqr = rows[0]

@@ -28,8 +28,12 @@ def _mlp(seed: int = 0) -> bench.MLP:
 CASES = [
     ("sam", {"sam_mode": "sam"}, bench.Method("sam"), None),
     ("llqr_sam", {"sam_mode": "sam", "llqr": True}, bench.Method("sam", llqr=True), {}),
-    ("llqr_sam_fast", {"sam_mode": "sam", "llqr": True, "llqr_inner_lr": 0.05, "llqr_ema_decay": 0.5},
-     bench.Method("sam", llqr=True), {"inner_lr": 0.05, "ema_decay": 0.5}),
+    (
+        "llqr_sam_fast",
+        {"sam_mode": "sam", "llqr": True, "llqr_inner_lr": 0.05, "llqr_ema_decay": 0.5},
+        bench.Method("sam", llqr=True),
+        {"inner_lr": 0.05, "ema_decay": 0.5},
+    ),
     ("llqr_fsam", {"sam_mode": "fsam", "llqr": True}, bench.Method("fsam", llqr=True), {}),
     ("looksam", {"sam_mode": "looksam", "looksam_interval": 2}, bench.Method("looksam"), None),
     ("wsam", {"sam_mode": "wsam"}, bench.Method("wsam"), None),
@@ -47,8 +51,16 @@ def test_loop_equals_trainer(tmp_path, name, trainer_kw, method, llqr_kw):
     llqr_args = {}
     if llqr_kw is not None:
         llqr_args = dict(llqr_update_interval=1, llqr_batch_size=8, llqr_inner_steps=5, llqr_shift_labels="false")
-    args = make_args(tmp_path, sam_rho=rho, max_steps=steps, per_device_train_batch_size=bs, learning_rate=lr,
-                     optim="sgd", **trainer_kw, **llqr_args)
+    args = make_args(
+        tmp_path,
+        sam_rho=rho,
+        max_steps=steps,
+        per_device_train_batch_size=bs,
+        learning_rate=lr,
+        optim="sgd",
+        **trainer_kw,
+        **llqr_args,
+    )
     ds = datasets.Dataset.from_dict({"x": x.tolist(), "labels": y.tolist()}).with_format("torch")
     trained = _mlp()
     trainer = SequentialTrainer(model=trained, args=args, train_dataset=ds)
@@ -61,10 +73,19 @@ def test_loop_equals_trainer(tmp_path, name, trainer_kw, method, llqr_kw):
         cfg = bench.LLQRConfig(update_interval=1, batch_size=8, inner_steps=5, **llqr_kw)
     batches = [torch.arange(i * bs, (i + 1) * bs) for i in range(steps)]
     optimizer = torch.optim.SGD(list(ours.parameters()), lr=lr)
-    info = bench.train(ours, method, optimizer, rho, batches, x, y, llqr=cfg,
-                       curvature_indices=lambda step: curvature_indices(args.seed, step, len(x), 8),
-                       looksam_interval=2 if method.sam_mode == "looksam" else None,
-                       sam_kwargs={"wsam_decouple": False} if name == "wsam_coupled" else None)
+    info = bench.train(
+        ours,
+        method,
+        optimizer,
+        rho,
+        batches,
+        x,
+        y,
+        llqr=cfg,
+        curvature_indices=lambda step: curvature_indices(args.seed, step, len(x), 8),
+        looksam_interval=2 if method.sam_mode == "looksam" else None,
+        sam_kwargs={"wsam_decouple": False} if name == "wsam_coupled" else None,
+    )
     assert info["skipped"] == 0
     if cfg is not None:
         assert info["refreshes"] == steps == trainer.preconditioner.num_updates
@@ -92,8 +113,9 @@ def test_noise_draw_fixed_and_recorded():
 
 def test_smoke(tmp_path):
     out = str(tmp_path / "out")
-    summary = bench.main(["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100",
-                          "--seeds", "0", "1"])
+    summary = bench.main(
+        ["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100", "--seeds", "0", "1"]
+    )
     with open(os.path.join(out, "label_noise.json")) as f:
         data = json.load(f)
     rec = data["meta"]["data"]["digits|0.4"]
@@ -107,14 +129,31 @@ def test_smoke(tmp_path):
         md = f.read()
     assert "| sam |" in md and "diff vs SAM" in md
     # resumable: a second call runs nothing new
-    bench.main(["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100",
-                "--seeds", "0", "1"])
+    bench.main(
+        ["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100", "--seeds", "0", "1"]
+    )
     with open(os.path.join(out, "label_noise.json")) as f:
         assert json.load(f)["runs"] == data["runs"]
     # another output dir merging this one's runs runs nothing itself, and a disagreeing run is refused
     other = str(tmp_path / "other")
-    bench.main(["--output_dir", other, "--merge_from", out, "--protocol", "smoke", "--epochs", "1",
-                "--tuning_seeds", "100", "--seeds", "0", "1", "--report_only"])
+    bench.main(
+        [
+            "--output_dir",
+            other,
+            "--merge_from",
+            out,
+            "--protocol",
+            "smoke",
+            "--epochs",
+            "1",
+            "--tuning_seeds",
+            "100",
+            "--seeds",
+            "0",
+            "1",
+            "--report_only",
+        ]
+    )
     with open(os.path.join(other, "label_noise.json")) as f:
         assert json.load(f)["runs"] == data["runs"]
     key = next(iter(data["runs"]))
@@ -122,8 +161,9 @@ def test_smoke(tmp_path):
     with open(os.path.join(out, "label_noise.json"), "w") as f:
         json.dump(data, f)
     with pytest.raises(ValueError, match="disagrees"):
-        bench.main(["--output_dir", other, "--merge_from", out, "--protocol", "smoke", "--epochs", "1",
-                    "--report_only"])
+        bench.main(
+            ["--output_dir", other, "--merge_from", out, "--protocol", "smoke", "--epochs", "1", "--report_only"]
+        )
 
 
 def test_llqr_alone_tunes_its_inner_lr():
@@ -143,7 +183,11 @@ def test_recipe_vit_is_the_recipes_model():
     model = bench.MODELS["digits_vit"](64, 10)
     cfg, args = model.vit.config, ModelArguments()
     assert (cfg.image_size, cfg.patch_size, cfg.hidden_size, cfg.num_hidden_layers) == (
-        args.image_size, args.patch_size, args.hidden_size, args.num_hidden_layers)
+        args.image_size,
+        args.patch_size,
+        args.hidden_size,
+        args.num_hidden_layers,
+    )
     x = bench.load_task("digits_vit", 0.4).x_train[:5]
     assert model(x).shape == (5, 10)
     seen = {}
@@ -155,10 +199,16 @@ def test_recipe_vit_is_the_recipes_model():
 
 
 def test_knob_selection_picks_best_validation_arm():
-    """"Knobs chosen on validation": the LLQR+SAM arm of best tuning validation, its budget the arms' sum."""
+    """ "Knobs chosen on validation": the LLQR+SAM arm of best tuning validation, its budget the arms' sum."""
+
     def row(val, test):
-        return {"rho": 0.5, "val_curve": {0.3: val - 0.1, 0.5: val}, "tuning_runs": 4, "test": test,
-                "diff_vs_sam": (test[0] - 0.9, 0.0, 0.0)}
+        return {
+            "rho": 0.5,
+            "val_curve": {0.3: val - 0.1, 0.5: val},
+            "tuning_runs": 4,
+            "test": test,
+            "diff_vs_sam": (test[0] - 0.9, 0.0, 0.0),
+        }
 
     summary = {"c": {"sam": row(0.9, [0.9]), "llqr_sam": row(0.91, [0.95]), "llqr_sam_cg": row(0.93, [0.85])}}
     sel = bench.knob_selection(summary)["c"]
@@ -194,7 +244,7 @@ def test_readme_label_noise_tables_match_the_results_json():
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
     start = readme.index("### Label noise")
-    section = readme[start: readme.index("\n### ", start + 1)].replace("−", "-")
+    section = readme[start : readme.index("\n### ", start + 1)].replace("−", "-")
     checked = 0
     for key, rows in summary.items():
         if "extra seeds" in key and "fixed" not in key and "digits_vit" not in key:

@@ -36,8 +36,9 @@ def test_batched_stop_and_learned_u_equal_the_reference(learned):
     for row, got in zip(rows, batch, strict=True):
         refresh = None if row.refresh is None else LearnedU(**settings)
         u = FixedDiagonal(U_DIAG) if refresh is None else refresh.preconditioner
-        ref = run(row.method, row.seed, row.start, u, steps, noise_variance=row.noise_variance, keep_every=7,
-                  refresh=refresh)
+        ref = run(
+            row.method, row.seed, row.start, u, steps, noise_variance=row.noise_variance, keep_every=7, refresh=refresh
+        )
         assert (got["escaped"], got["steps"]) == (ref["escaped"], ref["steps"])
         _close(got["final"], ref["final"])
         _close(got["trajectory"], ref["trajectory"])

@@ -12,17 +12,57 @@ from safetensors.torch import load_file
 from tests.utils import REPO, run_torchrun
 
 WORKER = "tests/recipes/workers/vit_recipe.py"
-TINY = ["--do_train", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--hidden_size", "16",
-        "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "32", "--image_size", "8",
-        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "1",
-        "--sam_mode", "sam", "--llqr", "--llqr_update_interval", "2", "--llqr_batch_size", "16",
-        "--llqr_inner_steps", "3", "--max_grad_norm", "0"]
+TINY = [
+    "--do_train",
+    "--max_train_samples",
+    "64",
+    "--per_device_train_batch_size",
+    "8",
+    "--hidden_size",
+    "16",
+    "--num_hidden_layers",
+    "1",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "32",
+    "--image_size",
+    "8",
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--logging_steps",
+    "1",
+    "--sam_mode",
+    "sam",
+    "--llqr",
+    "--llqr_update_interval",
+    "2",
+    "--llqr_batch_size",
+    "16",
+    "--llqr_inner_steps",
+    "3",
+    "--max_grad_norm",
+    "0",
+]
 
 
 @pytest.mark.distributed
 def test_vit_recipe_runs_on_two_processes(tmp_path):
-    run_torchrun(WORKER, "--output_dir", str(tmp_path), "--max_steps", "3", "--save_strategy", "no",
-                 "--ddp_find_unused_parameters", "false", *TINY)
+    run_torchrun(
+        WORKER,
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "3",
+        "--save_strategy",
+        "no",
+        "--ddp_find_unused_parameters",
+        "false",
+        *TINY,
+    )
     assert (tmp_path / "all_results.json").exists()
 
 

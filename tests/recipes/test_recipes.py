@@ -110,8 +110,9 @@ def test_image_embedded_digits_writes_results_and_card(image, tmp_path):
 
 
 def test_image_sam_mode_sam_runs_and_names_the_method(image, tmp_path):
-    image.main(["--output_dir", str(tmp_path), *TINY_IMAGE, "--sam_mode", "sam", "--sam_rho", "0.05",
-                "--logging_steps", "1"])
+    image.main(
+        ["--output_dir", str(tmp_path), *TINY_IMAGE, "--sam_mode", "sam", "--sam_rho", "0.05", "--logging_steps", "1"]
+    )
     _assert_fraction_of(_results(tmp_path)["test_accuracy"], 16)
     assert _logged(tmp_path, "sam/rho") and set(_logged(tmp_path, "sam/rho")) == {0.05}  # SAM really ran, at ρ
     assert all(abs(norm - 0.05) < 1e-6 for norm in _logged(tmp_path, "sam/perturbation_norm"))
@@ -274,7 +275,7 @@ def test_translation_local_json_and_csv_files(translation, tmp_path):
         [*argv, "--train_file", str(tmp_path / "train.json"), "--validation_file", str(tmp_path / "validation.json")]
     )
     assert 0.0 <= _results(output_dir)["eval_bleu"] <= 100.0
-    predictions = (output_dir / "generated_predictions.txt")
+    predictions = output_dir / "generated_predictions.txt"
     assert not predictions.exists()  # --do_predict false: no test pass
 
     csv = "german,english\n" + "\n".join(f"{row['de']},{row['en']}" for row in pairs)
@@ -316,8 +317,13 @@ def test_unknown_sam_mode_exits_with_the_choices(recipe, request, capsys):
 
 
 @pytest.mark.parametrize("recipe", ["image", "translation"])
-@pytest.mark.parametrize(("argv", "flag"), [(["--sam_mode", "sam", "--sam_rho", "1e400"], "sam_rho"),
-                                            (["--sam_mode", "gsam", "--sam_scope", "local"], "sam_scope")])
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--sam_mode", "sam", "--sam_rho", "1e400"], "sam_rho"),
+        (["--sam_mode", "gsam", "--sam_scope", "local"], "sam_scope"),
+    ],
+)
 def test_bad_value_is_a_one_line_error(recipe, request, capsys, argv, flag):
     """A value the arguments reject exits 2 with one line naming the flag, not a traceback through __post_init__."""
     module = request.getfixturevalue(recipe)

@@ -24,28 +24,62 @@ from tests.utils import image_dataset, tiny_vit
 @pytest.mark.parametrize("cls", [LLQRSAMTrainingArguments, LLQRSAMSeq2SeqTrainingArguments])
 def test_parser_round_trip(tmp_path, cls):
     parser = HfArgumentParser(cls)
-    (args,) = parser.parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--sam_mode", "fsam", "--sam_rho", "0.07", "--fsam_beta", "0.8",
-        "--llqr", "--llqr_structure", "kfac", "--no_llqr_warm_start", "--llqr_update_until", "40",
-        "--report_to", "none",
-    ])
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--sam_mode",
+            "fsam",
+            "--sam_rho",
+            "0.07",
+            "--fsam_beta",
+            "0.8",
+            "--llqr",
+            "--llqr_structure",
+            "kfac",
+            "--no_llqr_warm_start",
+            "--llqr_update_until",
+            "40",
+            "--report_to",
+            "none",
+        ]
+    )
     assert (args.sam_mode, args.sam_rho, args.fsam_beta) == ("fsam", 0.07, 0.8)
     assert args.llqr and args.llqr_structure == "kfac" and not args.llqr_warm_start
     assert args.llqr_update_until == 40 and args.llqr_chunk_size is None
     as_json = json.loads(args.to_json_string())
     assert as_json["sam_mode"] == "fsam" and as_json["llqr_structure"] == "kfac"
-    (again,) = parser.parse_dict({k: v for k, v in as_json.items() if k in {f.name for f in
-                                   __import__("dataclasses").fields(cls)} and not k.startswith("_")})
+    (again,) = parser.parse_dict(
+        {
+            k: v
+            for k, v in as_json.items()
+            if k in {f.name for f in __import__("dataclasses").fields(cls)} and not k.startswith("_")
+        }
+    )
     assert again.sam_rho == 0.07 and again.llqr_update_until == 40
 
 
 def test_help_renders_and_bad_choice_exits_2(tmp_path):
     code = "from transformers import HfArgumentParser; from hf_llqrsam import LLQRSAMTrainingArguments as A; "
-    help_out = subprocess.run([sys.executable, "-c", code + "HfArgumentParser(A).parse_args_into_dataclasses()",
-                               "--help"], capture_output=True, text=True)
+    help_out = subprocess.run(
+        [sys.executable, "-c", code + "HfArgumentParser(A).parse_args_into_dataclasses()", "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert help_out.returncode == 0 and "--sam_mode" in help_out.stdout and "--llqr_ema_decay" in help_out.stdout
-    bad = subprocess.run([sys.executable, "-c", code + "HfArgumentParser(A).parse_args_into_dataclasses()",
-                          "--output_dir", str(tmp_path), "--sam_mode", "sharp"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code + "HfArgumentParser(A).parse_args_into_dataclasses()",
+            "--output_dir",
+            str(tmp_path),
+            "--sam_mode",
+            "sharp",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "sam_mode" in bad.stderr and "fsam" in bad.stderr
 
 
@@ -83,13 +117,19 @@ BAD = [
     ({"llqr": True, "sam_mode": "fisher_sam"}, r"llqr=True with sam_mode='fisher_sam'"),
     ({"llqr": True, "sam_mode": "asam"}, r"llqr_in_perturbation=True with sam_mode='asam'"),
     ({"llqr": True, "llqr_on_update": False}, r"U used nowhere"),
-    ({"llqr": True, "llqr_apply": "update", "llqr_on_update": False, "sam_mode": "sam"},
-     r"llqr_apply='update'\. Requires llqr_on_update"),
-    ({"llqr": True, "sam_mode": "sam", "sam_norm": "matrix", "llqr_structure": "kfac"},
-     r"sam_norm='matrix' with llqr_structure='kfac'"),
+    (
+        {"llqr": True, "llqr_apply": "update", "llqr_on_update": False, "sam_mode": "sam"},
+        r"llqr_apply='update'\. Requires llqr_on_update",
+    ),
+    (
+        {"llqr": True, "sam_mode": "sam", "sam_norm": "matrix", "llqr_structure": "kfac"},
+        r"sam_norm='matrix' with llqr_structure='kfac'",
+    ),
     ({"sam_mode": "sam", "optim": "lomo"}, r"optim='lomo'"),
-    ({"sam_mode": "sam", "optim": "galore_adamw_layerwise", "optim_target_modules": ["attn"]},
-     r"optim='galore_adamw_layerwise'"),
+    (
+        {"sam_mode": "sam", "optim": "galore_adamw_layerwise", "optim_target_modules": ["attn"]},
+        r"optim='galore_adamw_layerwise'",
+    ),
     ({"sam_mode": "sam", "ddp_static_graph": True}, r"ddp_static_graph=True"),
 ]
 
@@ -116,12 +156,28 @@ def _namespace(tmp_path, **overrides):
         ({"sam_mode": "sam", "deepspeed": "ds.json"}, ValueError, "deepspeed='ds.json' with sam_mode/llqr"),
         ({"llqr": True, "parallelism_config": object()}, ValueError, "parallelism_config"),
         ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 2}}, ValueError, "use_cpu=True"),
-        ({"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 1}, "use_cpu": False}, ValueError,
-         "FSDP1"),
-        ({"sam_mode": "sam", "llqr": True, "llqr_structure": "sep_ekfac", "fsdp": "full_shard", "fsdp_config": {},
-          "use_cpu": False}, ValueError, "llqr_structure='sep_ekfac' with fsdp: Kronecker"),
-        ({"sam_mode": "sam", "sam_scope": "local", "fsdp": "full_shard", "fsdp_config": {},
-          "use_cpu": False}, ValueError, "sam_scope='local' with fsdp"),
+        (
+            {"sam_mode": "sam", "fsdp": "full_shard", "fsdp_config": {"version": 1}, "use_cpu": False},
+            ValueError,
+            "FSDP1",
+        ),
+        (
+            {
+                "sam_mode": "sam",
+                "llqr": True,
+                "llqr_structure": "sep_ekfac",
+                "fsdp": "full_shard",
+                "fsdp_config": {},
+                "use_cpu": False,
+            },
+            ValueError,
+            "llqr_structure='sep_ekfac' with fsdp: Kronecker",
+        ),
+        (
+            {"sam_mode": "sam", "sam_scope": "local", "fsdp": "full_shard", "fsdp_config": {}, "use_cpu": False},
+            ValueError,
+            "sam_scope='local' with fsdp",
+        ),
     ],
 )
 def test_unsupported_setup_rejected(tmp_path, overrides, error, match):
@@ -187,8 +243,7 @@ def test_llqr_rejects_unsupported_models(tmp_path, mutate, match):
 
 
 def test_llqr_rejects_iterable_dataset(tmp_path):
-    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, llqr=True,
-                                    max_steps=1)
+    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, llqr=True, max_steps=1)
     with pytest.raises(ValueError, match="IterableDataset"):
         LLQRSAMTrainer(model=tiny_vit(), args=args, train_dataset=image_dataset(8).to_iterable_dataset())
 
@@ -263,16 +318,29 @@ def test_builders_map_each_field_to_its_namesake():
         assert getattr(llqr, f.name) == f"<{cli}>", f.name
 
 
-_SAM_PREFIXED = {"rho", "rho_schedule", "rho_min", "start_step", "interval", "norm", "eps", "accumulation", "scope",
-                 "bn_stats", "same_dropout"}
+_SAM_PREFIXED = {
+    "rho",
+    "rho_schedule",
+    "rho_min",
+    "start_step",
+    "interval",
+    "norm",
+    "eps",
+    "accumulation",
+    "scope",
+    "bn_stats",
+    "same_dropout",
+}
 
 
 @pytest.mark.parametrize(("form", "eta"), [("reference", 0.1), ("paper", 1.0)])
 def test_fisher_sam_eta_is_resolved(tmp_path, form, eta):
     args = _args(tmp_path, sam_mode="fisher_sam", fisher_sam_form=form)
     assert args.to_sam_config().fisher_sam_eta == eta
-    assert _args(tmp_path, sam_mode="fisher_sam", fisher_sam_form=form, fisher_sam_eta=0.5).to_sam_config(
-    ).fisher_sam_eta == 0.5
+    assert (
+        _args(tmp_path, sam_mode="fisher_sam", fisher_sam_form=form, fisher_sam_eta=0.5).to_sam_config().fisher_sam_eta
+        == 0.5
+    )
 
 
 def test_sam_modes_come_from_the_mode_records():
@@ -292,6 +360,9 @@ def test_configs_stay_pure():
     """config.py and llqr/config.py import nothing but the standard library (no transformers, no torch)."""
     for path in ("hf_llqrsam/config.py", "hf_llqrsam/llqr/config.py"):
         source = (Path(__file__).parents[2] / path).read_text()
-        imports = {line.split()[1].split(".")[0] for line in source.splitlines()
-                   if line.startswith(("import ", "from ")) and not line.startswith("from .")}
+        imports = {
+            line.split()[1].split(".")[0]
+            for line in source.splitlines()
+            if line.startswith(("import ", "from ")) and not line.startswith("from .")
+        }
         assert imports <= {"dataclasses", "typing"}, (path, imports)

@@ -98,8 +98,9 @@ def test_refresh_grid_with_milestones_is_anchored_at_zero():
     """k mod E(k) = 0 with E = 4, then 3 from step 10, then 7 from step 20, none at or after 30: the grid of the
     reference's `step % precond_up_sched(step) == 0`, by hand."""
     model = TanhNet((2, 2), seed=0)
-    pre = LLQRPreconditioner(model, LLQRConfig(update_interval=4, update_interval_milestones="10:3,20:7",
-                                               update_until=30))
+    pre = LLQRPreconditioner(
+        model, LLQRConfig(update_interval=4, update_interval_milestones="10:3,20:7", update_until=30)
+    )
     assert [k for k in range(45) if pre.is_due(k)] == [0, 4, 8, 12, 15, 18, 21, 28]
     plain = LLQRPreconditioner(model, LLQRConfig(update_interval=4))
     assert [k for k in range(20) if plain.is_due(k)] == [0, 4, 8, 12, 16]
@@ -146,8 +147,9 @@ def test_a_refresh_uses_the_values_at_its_step():
         metrics = pre.update(model, _batch(1), step=step)
         lr, decay = inner_lr_at(SCHEDULED, step), ema_decay_at(SCHEDULED, step)
         assert metrics["llqr/inner_lr"] == lr and metrics["llqr/ema_decay"] == decay
-        constant = LLQRConfig(update_interval=3, inner_steps=4, inner_solver="adam", inner_lr=lr, ema_decay=decay,
-                              damping=0.1)
+        constant = LLQRConfig(
+            update_interval=3, inner_steps=4, inner_solver="adam", inner_lr=lr, ema_decay=decay, damping=0.1
+        )
         ref = LLQRPreconditioner(model, constant)
         ref.update(model, _batch(1), step=step)
         for a, b in zip(pre.structure.parameters(), ref.structure.parameters(), strict=True):

@@ -93,8 +93,13 @@ def test_u_after_one_refresh_equals_the_dense_oracle(kind, solver, lr, clip):
     model, x, y = _net_and_batch()
     steps = 25
     config = LLQRConfig(
-        structure=kind, inner_solver=solver, inner_steps=steps, inner_lr=lr or 1e-3, clip_norm=clip or 5.0,
-        ema_decay=BETA, damping=DAMPING,
+        structure=kind,
+        inner_solver=solver,
+        inner_steps=steps,
+        inner_lr=lr or 1e-3,
+        clip_norm=clip or 5.0,
+        ema_decay=BETA,
+        damping=DAMPING,
     )
     pre = LLQRPreconditioner(model, config)
     template = make_structure(kind, pre.structure.layouts, pre.structure.groups, dtype=torch.float64)
@@ -127,8 +132,12 @@ def _merge(kind, template, x0, v_t):
         return merged
     tensors = unflatten(merged.clone(), template.parameters())
     keys = {id(t) for blk in template.blocks for k, t in blk.items() if k in ("T_A", "T_B", "L_A", "L_B")}
-    return flatten([torch.tril(t) if id(p) in keys and t.dim() == 2 else t
-                    for p, t in zip(template.parameters(), tensors, strict=True)])
+    return flatten(
+        [
+            torch.tril(t) if id(p) in keys and t.dim() == 2 else t
+            for p, t in zip(template.parameters(), tensors, strict=True)
+        ]
+    )
 
 
 def _stiff_problem(n):
@@ -147,8 +156,9 @@ def _problem_fit(kind, beta):
     A = G + DAMPING * torch.eye(len(g), dtype=torch.float64)
     params = list(model.parameters())
     gv = lambda v: unflatten(A @ flatten(v), params)  # noqa: E731
-    stats = fit_structure(structure, unflatten(g, params), gv, steps=25, lr=1.0, momentum=0.0, clip_norm=1e-9,
-                          solver="cg", cg_beta=beta)
+    stats = fit_structure(
+        structure, unflatten(g, params), gv, steps=25, lr=1.0, momentum=0.0, clip_norm=1e-9, solver="cg", cg_beta=beta
+    )
     return structure, stats
 
 
@@ -161,8 +171,9 @@ def test_cg_polak_ribiere_variant_equals_its_oracle_and_differs_from_the_referen
     template = make_structure(kind, pr.layouts, pr.groups, dtype=torch.float64)
     value_and_grad, _ = _oracle_objective(kind, model, *_stiff_problem(len(flatten(model.parameters()))), template)
     x0 = flatten(template.parameters())
-    torch.testing.assert_close(flatten(pr.parameters()), backtracking_pr_cg(x0, value_and_grad, 25, textbook=True),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        flatten(pr.parameters()), backtracking_pr_cg(x0, value_and_grad, 25, textbook=True), rtol=1e-10, atol=1e-12
+    )
     assert float((flatten(pr.parameters()) - flatten(ref.parameters())).abs().max()) > 1e-6
 
 
@@ -199,8 +210,9 @@ def test_cg_zero_steps_and_a_nonfinite_start():
     assert math.isnan(stats.objective_start)
     assert all(torch.equal(t, torch.ones_like(t)) for t in structure.parameters())
     bad = lambda v: [torch.full_like(t, float("nan")) for t in v]  # noqa: E731
-    stats = fit_structure(structure, g, bad, steps=3, lr=1.0, momentum=0.0, clip_norm=1.0, solver="cg",
-                          stop_if_nonfinite=True)
+    stats = fit_structure(
+        structure, g, bad, steps=3, lr=1.0, momentum=0.0, clip_norm=1.0, solver="cg", stop_if_nonfinite=True
+    )
     assert stats.stopped and all(torch.equal(t, torch.ones_like(t)) for t in structure.parameters())
     # without the stop, every trial is NaN: the line search takes the zero step and V stays put
     stats = fit_structure(structure, g, bad, steps=3, lr=1.0, momentum=0.0, clip_norm=1.0, solver="cg")
@@ -241,8 +253,9 @@ def test_default_solver_is_todays_momentum_loop():
 
     group_of = group_index(v.clip_groups())
     for _ in range(5):
-        _, grads = surrogate_gradient(v, list(g_dict.values()),
-                                      lambda t: list(gv_dict(dict(zip(names, t, strict=True))).values()))
+        _, grads = surrogate_gradient(
+            v, list(g_dict.values()), lambda t: list(gv_dict(dict(zip(names, t, strict=True))).values())
+        )
         sanitize_(grads)
         clip_by_groups_(grads, group_of, 5.0)
         for p, gr in zip(params, grads, strict=True):

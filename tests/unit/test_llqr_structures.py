@@ -208,10 +208,12 @@ def test_diagonal_fused_apply_matches_the_per_block_loop(scale):
     fused = structure.apply(ts)
     loop = [structure.apply_block(i, t) for i, t in enumerate(ts)]
     weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ts]
-    grads_fused = torch.autograd.grad(sum((w * f).sum() for w, f in zip(weights, fused, strict=True)),
-                                      structure.parameters())
-    grads_loop = torch.autograd.grad(sum((w * f).sum() for w, f in zip(weights, loop, strict=True)),
-                                     structure.parameters())
+    grads_fused = torch.autograd.grad(
+        sum((w * f).sum() for w, f in zip(weights, fused, strict=True)), structure.parameters()
+    )
+    grads_loop = torch.autograd.grad(
+        sum((w * f).sum() for w, f in zip(weights, loop, strict=True)), structure.parameters()
+    )
     for a, b in zip([*fused, *grads_fused], [*loop, *grads_loop], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
     mixed = structure.apply([t.float() for t in ts])  # another dtype: the per-block path, promoted

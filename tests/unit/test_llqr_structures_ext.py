@@ -93,8 +93,10 @@ def _problem(n, seed=3):
 def test_identity_init_applies_identity(kind, scale):
     """U = I at init; psd_ekfac and psd_sep_ekfac up to the reference's ε = 1e-12 (t = √s gives s + ε)."""
     model, structure = _make(kind, scale)
-    ts = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-          for p in model.parameters()]
+    ts = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for p in model.parameters()
+    ]
     tol = 3e-12 if kind in WITH_EPS else 1e-15
     for t, u in zip(ts, structure.apply(ts), strict=True):
         torch.testing.assert_close(u, t, rtol=tol, atol=tol)
@@ -135,8 +137,10 @@ def test_symmetric_and_psd_for_any_parameters(kind):
 def _dense_j(kind, structure, values, g, G):
     """J(U) = −gᵀMg + ½(Mg)ᵀ(G + λI)(Mg) with M assembled from `values` (the structure's tensors, in order)."""
     oracle = structure.clone()
-    oracle.blocks = [{k: values[[id(p) for p in structure.parameters()].index(id(t))] for k, t in blk.items()}
-                     for blk in structure.blocks]
+    oracle.blocks = [
+        {k: values[[id(p) for p in structure.parameters()].index(id(t))] for k, t in blk.items()}
+        for blk in structure.blocks
+    ]
     return dense_objective(g, G, DAMPING, _dense(kind, oracle))
 
 
@@ -227,13 +231,19 @@ def test_memory_and_tensor_names():
         "sym_kfac": sum(sq(m, ds, "m") + sq(n, ds, "n") for m, n, ds in kernels.values()),
         "psd_sym_kfac": sum(sq(m, ds, "m") + sq(n, ds, "n") for m, n, ds in kernels.values()),
     }
-    names = {"psd_ekfac": {"Q_A", "Q_G", "t"}, "psd_sep_ekfac": {"Q_A", "Q_G", "t_a", "t_b"}, "diag_kfac": {"a", "b"},
-             "sym_kfac": {"T_A", "T_B"}, "psd_sym_kfac": {"L_A", "L_B"}}
+    names = {
+        "psd_ekfac": {"Q_A", "Q_G", "t"},
+        "psd_sep_ekfac": {"Q_A", "Q_G", "t_a", "t_b"},
+        "diag_kfac": {"a", "b"},
+        "sym_kfac": {"T_A", "T_B"},
+        "psd_sym_kfac": {"L_A", "L_B"},
+    }
     for kind in NEW:
         _, structure = _make(kind)
         assert structure.memory_bytes() == 8 * (expected[kind] + bias_like), kind
-        kernel_blocks = [set(b) for b, lay in zip(structure.blocks, structure.layouts, strict=True)
-                         if lay.kind != "diagonal"]
+        kernel_blocks = [
+            set(b) for b, lay in zip(structure.blocks, structure.layouts, strict=True) if lay.kind != "diagonal"
+        ]
         assert all(b == names[kind] for b in kernel_blocks), kind
         assert structure.clip_groups() == [[i] for i in range(len(structure.parameters()))]
 

@@ -46,9 +46,9 @@ class DiagU:
 
 def _diag_u(params, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return DiagU({
-        n: torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.2 for n, p in zip(NAMES, params, strict=True)
-    })
+    return DiagU(
+        {n: torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.2 for n, p in zip(NAMES, params, strict=True)}
+    )
 
 
 def test_s1_euclidean_radius_and_matrix_form():
@@ -76,17 +76,25 @@ def test_s3_asam_formula_with_unit_bias_scale():
     eps = compute_perturbation(SAMConfig(mode="asam", asam_eta=0.01), SAMState(), NAMES, params, grads, 0.5).eps
     t = torch.cat([params[0].abs().reshape(-1) + 0.01, torch.ones(3, dtype=torch.float64)])
     g = _flat(grads)
-    torch.testing.assert_close(_flat(eps), 0.5 * t * t * g / torch.sqrt((t * g).pow(2).sum() + 1e-12), rtol=1e-12,
-                               atol=0)
+    torch.testing.assert_close(
+        _flat(eps), 0.5 * t * t * g / torch.sqrt((t * g).pow(2).sum() + 1e-12), rtol=1e-12, atol=0
+    )
 
 
 def test_s4_fisher_reference_form_equals_paper_form():
     params, grads = _tensors()
     rho, eta = 0.1, 0.1
-    ref = compute_perturbation(SAMConfig(mode="fisher_sam", fisher_sam_eta=eta), SAMState(), NAMES, params, grads,
-                               rho).eps
-    paper = compute_perturbation(SAMConfig(mode="fisher_sam", fisher_sam_form="paper", fisher_sam_eta=1 / eta),
-                                 SAMState(), NAMES, params, grads, rho / math.sqrt(eta)).eps
+    ref = compute_perturbation(
+        SAMConfig(mode="fisher_sam", fisher_sam_eta=eta), SAMState(), NAMES, params, grads, rho
+    ).eps
+    paper = compute_perturbation(
+        SAMConfig(mode="fisher_sam", fisher_sam_form="paper", fisher_sam_eta=1 / eta),
+        SAMState(),
+        NAMES,
+        params,
+        grads,
+        rho / math.sqrt(eta),
+    ).eps
     torch.testing.assert_close(_flat(ref), _flat(paper), rtol=1e-9, atol=1e-12)
     # and the reference form probes ~1/sqrt(eta) farther than SAM when g^2 << eta
     small = [g * 1e-3 for g in grads]

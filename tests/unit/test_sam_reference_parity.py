@@ -52,7 +52,9 @@ class DiagU:
 def test_layer_groups_are_the_owning_modules():
     assert layer_groups(NAMES) == [[0, 1], [2, 3], [4]]
     assert layer_groups(["vit.embeddings.cls_token", "vit.embeddings.patch.weight", "vit.embeddings.position"]) == [
-        [0, 2], [1]]
+        [0, 2],
+        [1],
+    ]
 
 
 @pytest.mark.parametrize("norm", ["layer_euclidean", "layer_matrix"])
@@ -78,8 +80,9 @@ def test_layer_norms_match_the_hand_computation(norm, with_u):
 def test_layer_norm_of_a_zero_layer_is_zero_and_finite():
     grads = _tensors(2)
     grads[4] = torch.zeros(5, dtype=torch.float64)
-    out = compute_perturbation(SAMConfig(mode="sam", norm="layer_euclidean"), SAMState(), NAMES, _tensors(1), grads,
-                               0.3)
+    out = compute_perturbation(
+        SAMConfig(mode="sam", norm="layer_euclidean"), SAMState(), NAMES, _tensors(1), grads, 0.3
+    )
     assert out.finite and torch.equal(out.eps[4], torch.zeros(5, dtype=torch.float64))
 
 
@@ -198,8 +201,24 @@ def _reference_ramp(step, target=0.2, init=0.005, ramp=(4000, 150000), start=200
 
 @pytest.mark.parametrize(
     "step",
-    [0, 3999, 4000, 4001, 77000, 149999, 150000, 150001, 199999, 200000, 200001, 249999, 250000, 299999, 300000,
-     1_000_000],
+    [
+        0,
+        3999,
+        4000,
+        4001,
+        77000,
+        149999,
+        150000,
+        150001,
+        199999,
+        200000,
+        200001,
+        249999,
+        250000,
+        299999,
+        300000,
+        1_000_000,
+    ],
 )
 def test_iwslt14_ramp_equals_the_reference_schedule(step):
     """Cosine from 0.005 to ρ over steps 4000–150000, then +0.05 at 200k, 250k, 300k, … (the reference preset

@@ -9,8 +9,11 @@ from hf_llqrsam.sharded_state import PLACEHOLDER, has_placeholders, load_sharded
 
 
 def _state(u):
-    return {"sam": {"ascents": 1, "skipped_ascent": 0, "buffers": {}}, "llqr": {"blocks": {"w": {"d": u}}},
-            "config": {"sam_mode": "sam", "llqr": True}}
+    return {
+        "sam": {"ascents": 1, "skipped_ascent": 0, "buffers": {}},
+        "llqr": {"blocks": {"w": {"d": u}}},
+        "config": {"sam_mode": "sam", "llqr": True},
+    }
 
 
 def test_plain_state_has_nothing_to_shard():

@@ -16,12 +16,14 @@ from tests.utils import SequentialTrainer, image_dataset, make_args, params_of, 
 LLQR = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=5, llqr_inner_lr=1e-2, llqr_update_interval=2)
 CONFIGS = {
     "global_ga1": dict(sam_mode="sam", per_device_train_batch_size=2),
-    "global_micro_ga2": dict(sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=1,
-                             gradient_accumulation_steps=2),
+    "global_micro_ga2": dict(
+        sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=1, gradient_accumulation_steps=2
+    ),
     "global_window_ga2": dict(sam_mode="fsam", per_device_train_batch_size=1, gradient_accumulation_steps=2),
     "local_ga1": dict(sam_mode="sam", sam_scope="local", per_device_train_batch_size=2),
-    "compile_global_ga1": dict(sam_mode="sam", per_device_train_batch_size=2, torch_compile=True,
-                               torch_compile_backend="aot_eager"),
+    "compile_global_ga1": dict(
+        sam_mode="sam", per_device_train_batch_size=2, torch_compile=True, torch_compile_backend="aot_eager"
+    ),
     "llqr_replicated": dict(sam_mode="sam", per_device_train_batch_size=2, **LLQR),
     "llqr_sharded": dict(sam_mode="sam", per_device_train_batch_size=2, llqr_curvature_sharding="sharded", **LLQR),
 }

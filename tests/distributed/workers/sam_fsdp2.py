@@ -39,29 +39,46 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # 2 steps without LLQR (the second uses the state the first left: ḡ, d, m, g̃ₜ₋₁, g_v), 3 with (refreshes at 0, 2)
     "sam_ga1": dict(sam_mode="sam", per_device_train_batch_size=2, max_steps=2),
     **{  # window GA 2 (the replays unsynced until the last) for the other modes; sam is at GA 1, micro and with U
-        f"{mode}_window2": dict(sam_mode=mode, per_device_train_batch_size=1, gradient_accumulation_steps=2,
-                                max_steps=2)
+        f"{mode}_window2": dict(
+            sam_mode=mode, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2
+        )
         for mode in ("asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam", "past_fsam", "wsam")
     },
-    "looksam_window2": dict(sam_mode="looksam", looksam_interval=2, per_device_train_batch_size=1,
-                            gradient_accumulation_steps=2, max_steps=2),  # the two-pass step 0, the reuse at 1
-    "sam_micro2": dict(sam_mode="sam", sam_accumulation="micro", per_device_train_batch_size=1,
-                       gradient_accumulation_steps=2, max_steps=2),
+    "looksam_window2": dict(
+        sam_mode="looksam",
+        looksam_interval=2,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+    ),  # the two-pass step 0, the reuse at 1
+    "sam_micro2": dict(
+        sam_mode="sam",
+        sam_accumulation="micro",
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+    ),
     "llqr_sam": dict(sam_mode="sam", per_device_train_batch_size=2, **LLQR),
-    "llqr_sam_sharded_curvature": dict(sam_mode="sam", per_device_train_batch_size=2,
-                                       llqr_curvature_sharding="sharded", **LLQR),
-    "llqr_fsam_scalar_window2": dict(sam_mode="fsam", per_device_train_batch_size=1, gradient_accumulation_steps=2,
-                                     llqr_structure="scalar", **LLQR),
+    "llqr_sam_sharded_curvature": dict(
+        sam_mode="sam", per_device_train_batch_size=2, llqr_curvature_sharding="sharded", **LLQR
+    ),
+    "llqr_fsam_scalar_window2": dict(
+        sam_mode="fsam", per_device_train_batch_size=1, gradient_accumulation_steps=2, llqr_structure="scalar", **LLQR
+    ),
     # the dry run of SGD with momentum reads the optimizer's sharded momentum buffers (AdamW would turn the ~1e-8
     # summation-order differences of FSDP2's reduce-scatter into ~2e-5 within 3 steps, with or without SAM/LLQR)
-    "llqr_apply_update_sgd_momentum": dict(per_device_train_batch_size=2, optim="sgd", optim_args="momentum=0.9",
-                                           llqr_apply="update", **LLQR),
+    "llqr_apply_update_sgd_momentum": dict(
+        per_device_train_batch_size=2, optim="sgd", optim_args="momentum=0.9", llqr_apply="update", **LLQR
+    ),
 }
 # plain DDP (not sharded) in the same launch: the LLQR collectives through Accelerate there too
-DDP = {"ddp_llqr_sam_sharded_curvature": CONFIGS["llqr_sam_sharded_curvature"],
-       "ddp_sam_local": dict(sam_mode="sam", sam_scope="local", per_device_train_batch_size=2)}
-RESUME = dict(sam_mode="fsam", per_device_train_batch_size=2, optim="adamw_torch", learning_rate=1e-2,
-              max_steps=4, **LLQR)  # refreshes at 0 and 2: the second one after the resume
+DDP = {
+    "ddp_llqr_sam_sharded_curvature": CONFIGS["llqr_sam_sharded_curvature"],
+    "ddp_sam_local": dict(sam_mode="sam", sam_scope="local", per_device_train_batch_size=2),
+}
+RESUME = dict(
+    sam_mode="fsam", per_device_train_batch_size=2, optim="adamw_torch", learning_rate=1e-2, max_steps=4, **LLQR
+)  # refreshes at 0 and 2: the second one after the resume
 
 
 def shard(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
@@ -154,8 +171,10 @@ def result(trainer: Any, memory: Memory, counter: Counter, sharded: bool) -> dic
                 assert d.to_local().shape == p.to_local().shape, lay.name
             for t in blk.values():
                 assert _local(t).device == torch.empty(0, device=trainer.accelerator.device).device  # cpu:0 is cpu
-        out["u_local"] = {lay.name: {k: _local(t).clone() for k, t in blk.items()}
-                          for lay, blk in zip(pre.structure.layouts, blocks, strict=True)}
+        out["u_local"] = {
+            lay.name: {k: _local(t).clone() for k, t in blk.items()}
+            for lay, blk in zip(pre.structure.layouts, blocks, strict=True)
+        }
         out["mem"]["u"] = pre.memory_bytes()
         out["num_updates"] = pre.num_updates
     return out
@@ -190,13 +209,24 @@ def check_curvature_facts(out_dir: str, mesh: Any) -> None:
     except ValueError as err:
         errors["kfac"] = str(err)
     try:
-        SequentialTrainer(model=model, args=make_args(out_dir, sam_mode="sam", sam_scope="local", ddp_backend="gloo"),
-                          train_dataset=ds)
+        SequentialTrainer(
+            model=model,
+            args=make_args(out_dir, sam_mode="sam", sam_scope="local", ddp_backend="gloo"),
+            train_dataset=ds,
+        )
     except ValueError as err:
         errors["local"] = str(err)
-    torch.save({"hooks_g_max": hooks_max, "g_ref_max": max(float(t.abs().max()) for t in g_ref.values()),
-                "view_g_err": g_err, "view_gv_err": gv_err, "view_param_bytes": view_bytes, "errors": errors},
-               f"{out_dir}/facts_rank{dist.get_rank()}.pt")
+    torch.save(
+        {
+            "hooks_g_max": hooks_max,
+            "g_ref_max": max(float(t.abs().max()) for t in g_ref.values()),
+            "view_g_err": g_err,
+            "view_gv_err": gv_err,
+            "view_param_bytes": view_bytes,
+            "errors": errors,
+        },
+        f"{out_dir}/facts_rank{dist.get_rank()}.pt",
+    )
 
 
 class DCPCheckpoints:
@@ -265,9 +295,16 @@ def resume_results(out_dir: str, mesh: Any) -> None:
     files = sorted(os.listdir(f"{out_dir}/resume/checkpoint-2"))
     dcp_files = sorted(os.listdir(f"{out_dir}/resume/checkpoint-2/llqrsam_dcp"))
     state = torch.load(f"{out_dir}/resume/checkpoint-2/llqrsam_state.pt", weights_only=True)
-    torch.save({"runs": runs, "files": files, "dcp_files": dcp_files, "format_version": state["format_version"],
-                "placeholder": state["llqr"]["blocks"]["classifier.weight"]["d"]},
-               f"{out_dir}/resume_rank{dist.get_rank()}.pt")
+    torch.save(
+        {
+            "runs": runs,
+            "files": files,
+            "dcp_files": dcp_files,
+            "format_version": state["format_version"],
+            "placeholder": state["llqr"]["blocks"]["classifier.weight"]["d"],
+        },
+        f"{out_dir}/resume_rank{dist.get_rank()}.pt",
+    )
 
 
 def main(out_dir: str, only: list[str] | None = None) -> None:
