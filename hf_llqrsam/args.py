@@ -82,7 +82,7 @@ SAM_MODES: tuple[str, ...] = SAM_MODE_NAMES
 """The `sam_mode` values, `"none"` first (= [`~hf_llqrsam.modes.SAM_MODE_NAMES`]; the `SAMMode` Literal lists them)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LLQRSAMFields:
     """The hf_llqrsam fields, mixed into both argument classes.
 
@@ -788,7 +788,9 @@ def _post_init(args: Any, base_post_init: Callable[[], None]) -> None:
 class LLQRSAMTrainingArguments(TrainingArguments, LLQRSAMFields):
     """[`~transformers.TrainingArguments`] with the hf_llqrsam fields (see [`LLQRSAMFields`]).
 
-    NOTE: no default of [`~transformers.TrainingArguments`] is changed.
+    NOTE: no default of [`~transformers.TrainingArguments`] is changed, and the hf_llqrsam fields are keyword-only,
+    so a positional argument means what it means on the stock class (`LLQRSAMTrainingArguments("out")` is
+    `output_dir="out"`).
 
     Example:
 

@@ -1,6 +1,7 @@
 """The flags: native to HfArgumentParser, serialisable, and every bad value rejected naming the flag."""
 
 import dataclasses
+import inspect
 import json
 import subprocess
 import sys
@@ -57,6 +58,53 @@ def test_parser_round_trip(tmp_path, cls):
         }
     )
     assert again.sam_rho == 0.07 and again.llqr_update_until == 40
+
+
+def _pairs() -> list[tuple[type, type]]:
+    """(stock class, ours) for the two argument classes and both TRL configs."""
+    from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+    pairs: list[tuple[type, type]] = [
+        (TrainingArguments, LLQRSAMTrainingArguments),
+        (Seq2SeqTrainingArguments, LLQRSAMSeq2SeqTrainingArguments),
+    ]
+    trl = pytest.importorskip("trl")
+    from hf_llqrsam.integrations.trl import LLQRSAMDPOConfig, LLQRSAMSFTConfig
+
+    return [*pairs, (trl.SFTConfig, LLQRSAMSFTConfig), (trl.DPOConfig, LLQRSAMDPOConfig)]
+
+
+# TRL's configs default gradient_checkpointing=True, which transformers 5 warns about, on the stock class as on ours
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("index", range(4), ids=["TrainingArguments", "Seq2Seq", "SFTConfig", "DPOConfig"])
+def test_positional_construction_means_what_it_means_on_the_stock_class(tmp_path, index):
+    """Issue 22 item 1: `Ours("out")` is output_dir="out", as on the stock class (our fields are keyword-only)."""
+    stock, ours = _pairs()[index]
+    positional = [name for name, p in inspect.signature(stock).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    ours_positional = [
+        name for name, p in inspect.signature(ours).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    assert ours_positional == positional  # the same positional slots, in the same order, and none of ours
+    values = (str(tmp_path / "out"), 4, 2.0, 7, 0.01, "cosine")  # output_dir, batch size, epochs, max_steps, lr, ...
+    assert positional[: len(values)] == [
+        "output_dir",
+        "per_device_train_batch_size",
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "lr_scheduler_type",
+    ]
+    kwargs = {"report_to": "none", "bf16": False}  # bf16: TRL's unset default needs a bf16 device
+    expected, got = stock(*values, **kwargs), ours(*values, **kwargs)
+    differ = [f.name for f in dataclasses.fields(stock) if getattr(expected, f.name) != getattr(got, f.name)]
+    assert not differ
+    assert got.output_dir == str(tmp_path / "out") and got.max_steps == 7 and got.sam_mode == "none"
+    with pytest.raises(TypeError):  # one positional argument too many fails as on the stock class
+        ours(*[getattr(expected, name) for name in positional], "sam")
+    (parsed,) = HfArgumentParser(ours).parse_args_into_dataclasses(
+        ["--sam_mode", "sam", "--output_dir", str(tmp_path / "x"), "--report_to", "none", "--bf16", "false"]
+    )
+    assert parsed.sam_mode == "sam" and parsed.output_dir == str(tmp_path / "x")
 
 
 def test_help_renders_and_bad_choice_exits_2(tmp_path):
