@@ -1,7 +1,10 @@
 """The support matrix in code (`docs/integration.md` §10): unsupported setups raise at construction, naming the
 flag."""
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,6 +49,35 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+class LaunchError(ValueError):
+    """A multi-process launch that would silently run something else ([`validate_launch`]). A `ValueError`, so code
+    that catches those still does; a script turns it into one line on rank 0 with [`launch_errors_exit`]."""
+
+
+@contextlib.contextmanager
+def launch_errors_exit() -> Iterator[None]:
+    """Turn a [`LaunchError`] into one line, `<script>: error: <message>` on stderr, printed by the process of global
+    rank 0 only, and exit code 2 on every process, instead of one traceback per rank inside the launcher's report.
+
+    Wrap a script's entry point; every process of the launch raises the error at trainer init, before any process
+    group exists, so each exits on its own and rank 0 speaks for them (rank from the launcher's `RANK`).
+
+    Example:
+
+    ```python
+    >>> if __name__ == "__main__":  # doctest: +SKIP
+    ...     with launch_errors_exit():
+    ...         main()
+    ```
+    """
+    try:
+        yield
+    except LaunchError as err:
+        if int(os.environ.get("RANK", "0") or "0") == 0:
+            sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {err}\n")
+        raise SystemExit(2) from None
+
+
 def validate_launch(args: Any) -> None:
     """Refuse a multi-process launch that would run as independent, non-DDP trainings (`docs/integration.md` §14.1).
 
@@ -56,7 +88,7 @@ def validate_launch(args: Any) -> None:
     (`WORLD_SIZE` > 1) or an initialised process group with more than one rank, whatever `sam_mode` is.
 
     Raises:
-        `ValueError`: naming `--use_cpu`.
+        [`LaunchError`]: naming `--use_cpu`.
     """
     from transformers.training_args import ParallelMode
 
@@ -65,7 +97,7 @@ def validate_launch(args: Any) -> None:
     processes = max(launched, group)
     mode = args.parallel_mode
     if processes > 1 and mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
-        raise ValueError(
+        raise LaunchError(
             f"Invalid launch: {processes} processes were started (WORLD_SIZE={launched}, process group of {group}), "
             f"but the Trainer runs each as an independent, non-DDP training (parallel_mode={mode.value}, device="
             f"{args.device}), all writing to {args.output_dir!r}. On a machine without GPUs pass --use_cpu "

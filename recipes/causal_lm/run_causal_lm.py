@@ -38,6 +38,7 @@ from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
 from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
+from hf_llqrsam.compat import launch_errors_exit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -549,4 +550,5 @@ def answer_and_score(
 
 
 if __name__ == "__main__":
-    main()
+    with launch_errors_exit():  # a refused launch: one line from rank 0, no traceback per rank
+        main()

@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from hf_llqrsam import LLQRSAMSeq2SeqTrainer, LLQRSAMSeq2SeqTrainingArguments
+from hf_llqrsam.compat import launch_errors_exit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -470,4 +471,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    with launch_errors_exit():  # a refused launch: one line from rank 0, no traceback per rank
+        main()
