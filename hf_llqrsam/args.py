@@ -29,7 +29,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import MISSING, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, Union, cast, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn, Union, cast, get_args, get_origin, get_type_hints
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 
@@ -195,7 +195,7 @@ class LLQRSAMFields:
         Piecewise-constant E, `"k1:E1,k2:E2"`: E = E_i from step k_i on (strictly increasing k_i >= 1, E_i >= 1),
         refreshes where k % E(k) == 0 (the reference's `piecewise_constant` `precond_update_scheduler`).
     llqr_update_until (`int`, *optional*):
-        No refresh at or after this step (>= 0); `None` never stops.
+        No refresh at or after this step (>= 1; 0 would leave U = I for the whole run); `None` never stops.
     llqr_batch_size (`int`, *optional*, defaults to `64`):
         Examples in the curvature batch (>= 1).
     llqr_inner_steps (`int`, *optional*, defaults to `50`):
@@ -372,6 +372,9 @@ class LLQRSAMFields:
     )
     llqr_chunk_size: int | None = field(default=None, metadata={"help": "Recompute the curvature batch in chunks."})
 
+    llqr_unsupported: ClassVar[str | None] = None
+    """`"<trainer>: <why>"` where this argument class refuses `llqr=True` (a trainer without LLQR: DPO), or `None`."""
+
     if TYPE_CHECKING:  # a field of TrainingArguments, which every concrete argument class mixes in
 
         @property
@@ -544,7 +547,11 @@ _RANGES: dict[str, _Rule] = {
     "wsam_gamma": (lambda x: 0 <= x < 1, "in [0, 1)"),
     "llqr_renyi_alpha": (lambda x: x > 0 and x != 1, "> 0 and != 1"),
     "llqr_update_interval": (lambda x: x >= 1, ">= 1"),
-    "llqr_update_until": (lambda x: x >= 0, ">= 0 (or None)"),
+    "llqr_update_until": (
+        lambda x: x >= 1,
+        ">= 1 (or None): the first refresh is at step 0 and none runs at or after llqr_update_until, so 0 would "
+        "leave U = I for the whole run",
+    ),
     "llqr_batch_size": (lambda x: x >= 1, ">= 1"),
     "llqr_inner_steps": (lambda x: x >= 0, ">= 0"),
     "llqr_inner_lr": (lambda x: x > 0, "> 0"),
@@ -592,6 +599,9 @@ def validate_llqrsam_fields(args: Any) -> None:
                 _fail(f"Invalid {name}={value!r}. Must be {bound}.")
     _validate_sam_rules(args)
     if args.llqr:
+        unsupported = getattr(args, "llqr_unsupported", None)
+        if unsupported:
+            _fail(f"Invalid llqr=True with {unsupported}")
         _validate_llqr_rules(args)
 
 
@@ -668,7 +678,7 @@ def _validate_llqr_rules(args: Any) -> None:
             f"Invalid llqr_{name}_schedule_steps=None with llqr_{name}_schedule={schedule!r}: the {schedule} "
             f"schedule needs its length in optimizer steps (set --llqr_{name}_schedule_steps).",
         )
-    parse_milestones(args.llqr_update_interval_milestones)  # raises naming the flag
+    parse_milestones(args.llqr_update_interval_milestones, field="llqr_update_interval_milestones")
     if args.llqr_apply == "update":
         _check(args.llqr_on_update, "Invalid llqr_apply='update'. Requires llqr_on_update=True.")
     if args.sam_norm in ("matrix", "layer_matrix") and in_c:
@@ -764,15 +774,36 @@ def warn_ignored_flags(args: Any, stacklevel: int = 2) -> None:
         )
 
 
-def validate_llqrsam_args(args: Any) -> None:
+def validate_llqrsam_args(args: Any, *, warn: bool = True) -> None:
     """Every argument-time check of `args` (`docs/integration.md` §8, §10): fields, support matrix, ignored flags.
+
+    The argument classes run these checks when they are built; this function runs them again on an existing object,
+    so that a field changed after construction (`args.sam_rho = float("nan")`, a `hyperparameter_search` trial) is
+    refused as it would be at construction. The trainer calls it when it is built and when `train()` starts.
+
+    Args:
+        args (`Any`): an argument object with the [`LLQRSAMFields`] and the [`~transformers.TrainingArguments`]
+            fields (an [`LLQRSAMTrainingArguments`], a TRL config of `hf_llqrsam.integrations.trl`).
+        warn (`bool`, *optional*, defaults to `True`): also warn about flags the run ignores ([`warn_ignored_flags`]);
+            `False` for a re-check of arguments already warned about.
 
     Raises:
         `ValueError`: naming the offending field(s), the value and what is allowed.
+
+    Example:
+
+    ```python
+    >>> args = LLQRSAMTrainingArguments(output_dir="out", sam_mode="sam", report_to="none")
+    >>> args.sam_rho = float("nan")
+    >>> validate_llqrsam_args(args, warn=False)
+    Traceback (most recent call last):
+    ValueError: Invalid sam_rho=nan. Must be a finite float.
+    ```
     """
     validate_llqrsam_fields(args)
     validate_setup_args(args)
-    warn_ignored_flags(args, stacklevel=2)
+    if warn:
+        warn_ignored_flags(args, stacklevel=2)
 
 
 def _post_init(args: Any, base_post_init: Callable[[], None]) -> None:

@@ -27,7 +27,7 @@ Importing this module without TRL installed raises an `ImportError` that says `p
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 try:
     from trl.trainer.dpo_config import DPOConfig
@@ -84,14 +84,14 @@ class LLQRSAMDPOConfig(DPOConfig, LLQRSAMFields):
     An unset `bf16` is False on a machine where bf16 cannot run; no other default of `DPOConfig` is changed.
     """
 
+    llqr_unsupported: ClassVar[str | None] = (
+        "DPO: the LLQR curvature problem is the cross-entropy of labelled rows (logits against `labels`), but DPO "
+        "batches carry no labels and DPO's loss is a logistic loss on policy/reference log-ratios, so U would be "
+        "fitted to a problem DPO does not optimise. Use the SAM family alone (sam_mode) with DPO, or LLQR with SFT "
+        "(LLQRSAMSFTConfig)."
+    )
+
     def __post_init__(self) -> None:
-        if self.llqr:
-            raise ValueError(
-                "Invalid llqr=True with DPO: the LLQR curvature problem is the cross-entropy of labelled rows "
-                "(logits against `labels`), but DPO batches carry no labels and DPO's loss is a logistic loss on "
-                "policy/reference log-ratios, so U would be fitted to a problem DPO does not optimise. Use the SAM "
-                "family alone (sam_mode) with DPO, or LLQR with SFT (LLQRSAMSFTConfig)."
-            )
         _default_bf16(self)
         _post_init(self, super().__post_init__)
 

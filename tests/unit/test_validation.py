@@ -19,7 +19,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from hf_llqrsam import LLQRSAMSeq2SeqTrainingArguments, LLQRSAMTrainingArguments
-from hf_llqrsam.args import _RANGES, _UNBOUNDED, LLQRSAMFields, cli_errors, parse_args
+from hf_llqrsam.args import _RANGES, _UNBOUNDED, LLQRSAMFields, cli_errors, parse_args, validate_llqrsam_args
 from hf_llqrsam.modes import MODES
 
 HINTS = typing.get_type_hints(LLQRSAMFields)
@@ -106,7 +106,8 @@ BAD += [
     ({"infosam_damping": 0.0}, r"infosam_damping=0.0\. Must be > 0"),
     ({"sam_rho_schedule": "lr_proportional", "sam_rho_min": 0.5}, r"sam_rho_min=0.5\. Must be <= sam_rho"),
     ({"llqr_update_interval": 0}, r"llqr_update_interval=0\. Must be >= 1"),
-    ({"llqr_update_until": -1}, r"llqr_update_until=-1\. Must be >= 0"),
+    ({"llqr_update_until": -1}, r"llqr_update_until=-1\. Must be >= 1"),
+    ({"llqr_update_until": 0}, r"llqr_update_until=0\. Must be >= 1 .*U = I for the whole run"),  # issue 22 item 10
     ({"llqr_batch_size": 0}, r"llqr_batch_size=0\. Must be >= 1"),
     ({"llqr_inner_steps": -1}, r"llqr_inner_steps=-1\. Must be >= 0"),
     ({"llqr_inner_lr": 0.0}, r"llqr_inner_lr=0.0\. Must be > 0"),
@@ -284,6 +285,55 @@ def test_bad_configuration_rejected(tmp_path, cls, kwargs, match):
     assert "\n" not in str(info.value)  # one line, so the CLI can print it as one
 
 
+OUR_BAD = [(kwargs, match) for kwargs, match in BAD if set(kwargs) <= set(DEFAULTS)]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), OUR_BAD, ids=_ids(OUR_BAD))
+def test_fields_changed_after_construction_are_refused_by_the_recheck(tmp_path, kwargs, match):
+    """Issue 22 item 10: validation cannot be bypassed. Every bad value of our fields in the table, set on valid
+    arguments after construction, is refused by `validate_llqrsam_args` (which the trainer runs when it is built
+    and when `train()` starts) with the message construction gives."""
+    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    validate_llqrsam_args(args, warn=False)
+    for name, value in kwargs.items():
+        setattr(args, name, value)
+    with pytest.raises(ValueError, match=match):
+        validate_llqrsam_args(args, warn=False)
+
+
+def test_recheck_names_the_field_set_after_construction(tmp_path):
+    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", sam_mode="sam", sam_rho=0.05)
+    args.sam_rho = float("nan")
+    with pytest.raises(ValueError, match=r"^Invalid sam_rho=nan\. Must be a finite float\.$"):
+        validate_llqrsam_args(args, warn=False)
+    args.sam_rho, args.llqr, args.llqr_update_until = 0.05, True, 0
+    with pytest.raises(ValueError, match=r"^Invalid llqr_update_until=0\. Must be >= 1"):
+        validate_llqrsam_args(args, warn=False)
+    args.llqr_update_until, args.sam_mode = None, "gsam"  # a cross-field rule, not a range
+    with pytest.raises(ValueError, match=r"Invalid llqr=True with sam_mode='gsam'"):
+        validate_llqrsam_args(args, warn=False)
+
+
+def test_recheck_warns_only_when_asked(tmp_path):
+    args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    args.fsam_beta = 0.5  # ignored under sam_mode='none'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_llqrsam_args(args, warn=False)
+    with pytest.warns(UserWarning, match=r"fsam_beta=0\.5 \(only used with sam_mode='fsam'"):
+        validate_llqrsam_args(args)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # TRL's default
+def test_recheck_of_the_dpo_config_refuses_llqr(tmp_path):
+    trl = pytest.importorskip("hf_llqrsam.integrations.trl")
+    config = trl.LLQRSAMDPOConfig(output_dir=str(tmp_path), report_to="none", sam_mode="sam")
+    validate_llqrsam_args(config, warn=False)
+    config.llqr = True
+    with pytest.raises(ValueError, match=r"Invalid llqr=True with DPO: .* no labels"):
+        validate_llqrsam_args(config, warn=False)
+
+
 def test_the_table_covers_every_literal_and_float_flag():
     typos = {name for kwargs, _ in BAD for name, v in kwargs.items() if name in LITERALS and v not in LITERALS[name]}
     assert typos == set(LITERALS)
@@ -319,7 +369,8 @@ BAD_CLI: list[tuple[list[str], str]] = [
     (["--fsam_beta", "1.0"], r"fsam_beta=1.0\. Must be in \[0, 1\)"),
     (["--sam_interval", "0"], r"sam_interval=0\. Must be >= 1"),
     (["--llqr_inner_lr", "0"], r"llqr_inner_lr=0.0\. Must be > 0"),
-    (["--llqr_update_until", "-1"], r"llqr_update_until=-1\. Must be >= 0"),
+    (["--llqr_update_until", "-1"], r"llqr_update_until=-1\. Must be >= 1"),
+    (["--llqr", "--llqr_update_until", "0"], r"llqr_update_until=0\. Must be >= 1"),
     (["--sam_mode", "sam", "--sam_rho", "0"], r"sam_rho=0.0\. Must be > 0"),
     (["--sam_mode", "sam", "--optim", "lomo"], r"optim='lomo'"),
     (["--sam_mode", "sam", "--ddp_static_graph", "true"], r"ddp_static_graph=True"),
@@ -434,7 +485,7 @@ VALID: list[dict] = [
     {"llqr": True, "sam_mode": "fsam", "llqr_structure": "kfac", "llqr_on_update": False},
     {"llqr": True, "sam_mode": "asam", "llqr_in_perturbation": False},
     {"llqr": True, "sam_mode": "sam", "llqr_apply": "update", "optim": "sgd"},
-    {"llqr": True, "llqr_divergence": "renyi", "llqr_renyi_alpha": 2.0, "llqr_update_until": 0, "llqr_chunk_size": 1},
+    {"llqr": True, "llqr_divergence": "renyi", "llqr_renyi_alpha": 2.0, "llqr_update_until": 1, "llqr_chunk_size": 1},
     {"llqr": True, "llqr_ema_decay": 1.0, "llqr_inner_momentum": 0.0, "llqr_inner_steps": 0, "llqr_damping": 0.5},
     {"sam_mode": "sam", "fsdp": True},  # FSDP2, window mode
     {"sam_mode": "sam", "sam_accumulation": "micro", "fsdp": True},  # FSDP2, micro mode (every pass 2 syncs)
@@ -476,6 +527,7 @@ def test_valid_configuration_constructs_without_warning(tmp_path, kwargs):
         args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), report_to="none", **kwargs)
     ours = [str(w.message) for w in caught if "hf_llqrsam" in str(w.message)]
     assert not ours
+    validate_llqrsam_args(args, warn=False)  # the trainer's re-check accepts what construction accepted
     assert args.to_sam_config().mode == args.sam_mode
     assert (args.to_llqr_config() is None) == (not args.llqr)
 
