@@ -11,6 +11,10 @@ level is `{"format_version": 2, "sam": dict, "llqr": dict | None, "config": dict
 
 A version-1 file without LLQR state is read as is (its SAM state is unchanged in version 2). A version-1 file with
 LLQR state is refused: its U cannot be checked against the run.
+
+[`load_state`] checks the file and its top level; U's part is checked by
+[`~hf_llqrsam.llqr.LLQRPreconditioner.load_state_dict`] against its fingerprint, and the SAM part by
+[`validate_sam_state`] against the live parameters, before any step runs.
 """
 
 import os
@@ -19,6 +23,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from .modes import MODES, SAM_MODE_NAMES
 
 __all__ = [
     "FORMAT_VERSION",
@@ -29,6 +36,7 @@ __all__ = [
     "describe_state",
     "load_state",
     "save_state",
+    "validate_sam_state",
 ]
 
 STATE_FILE = "llqrsam_state.pt"
@@ -191,3 +199,114 @@ def describe_state(state: Mapping[str, Any]) -> dict[str, bool]:
     buffers = sam.get("buffers") or {}
     has_sam = bool(sam.get("ascents") or sam.get("skipped_ascent") or any(bool(b) for b in buffers.values()))
     return {"sam": has_sam, "llqr": state.get("llqr") is not None}
+
+
+def _sam_refused(path: str, what: str) -> LLQRSAMStateError:
+    return LLQRSAMStateError(f"Cannot resume: {path} holds an unusable SAM state: {what}. {_remedy(path)}")
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def validate_sam_state(state: Mapping[str, Any], path: str, *, mode: str, params: Mapping[str, Tensor]) -> None:
+    """Check the SAM part of a loaded state file against this run, as U's part is checked against its fingerprint.
+
+    The part is what [`~hf_llqrsam.sam.SAMState.state_dict`] writes: `{"ascents": int, "skipped_ascent": int,
+    "buffers": {kind: {parameter name: tensor}}}`, plus `"batches"` (past-FSAM's overlap window, a list of
+    `{"inputs": [dict, ...], "num_items": ...}`). Always checked: `config.sam_mode` is a known mode, the required
+    keys, the types (a dict of dicts of tensors, counters that are non-negative ints, the batch window's layout).
+    When the file's `sam_mode` is this run's `mode`, its state is used, so each buffer is also checked: its kind
+    belongs to the mode ([`~hf_llqrsam.modes.ModeSpec.state`]), its name is a parameter of this model, and it has the
+    parameter's shape (a broadcastable shape is refused too), a floating dtype and finite values. A file of another
+    mode is only checked for its layout (the trainer warns and starts the SAM state fresh).
+
+    Args:
+        state (`Mapping[str, Any]`): the state file, from [`load_state`] (FSDP2 shards already read into tensors).
+        path (`str`): the file, named in every error.
+        mode (`str`): this run's `sam_mode`.
+        params (`Mapping[str, Tensor]`): canonical parameter name -> the live parameter of this run (the trainable
+            ones the SAM state is keyed by). For an FSDP2 DTensor parameter `p.shape` is the global shape, which a
+            buffer read whole or as a DTensor shard has as well.
+
+    Raises:
+        [`LLQRSAMStateError`] (a `ValueError`): naming the file, the key or buffer at fault and the fix.
+    """
+    config, sam = state.get("config"), state.get("sam")
+    if not isinstance(config, Mapping) or not isinstance(sam, Mapping):
+        raise _sam_refused(path, "'sam' and 'config' must be dicts")
+    saved_mode = config.get("sam_mode", None)
+    if not isinstance(saved_mode, str) or saved_mode not in SAM_MODE_NAMES:
+        what = "config has no 'sam_mode'" if "sam_mode" not in config else f"config.sam_mode={saved_mode!r}"
+        raise _sam_refused(path, f"{what}, which is not one of {', '.join(map(repr, SAM_MODE_NAMES))}")
+    missing = [k for k in ("buffers", "ascents", "skipped_ascent") if k not in sam]
+    if missing:
+        raise _sam_refused(path, f"missing keys {missing} in 'sam' (expected 'buffers', 'ascents', 'skipped_ascent')")
+    extra = sorted(set(sam) - {"buffers", "ascents", "skipped_ascent", "batches"}, key=str)
+    if extra:
+        raise _sam_refused(path, f"unknown keys {extra} in 'sam'")
+    for key in ("ascents", "skipped_ascent"):
+        if not _is_count(sam[key]):
+            raise _sam_refused(path, f"sam.{key}={sam[key]!r} is not a non-negative int")
+    buffers = sam["buffers"]
+    if not isinstance(buffers, Mapping):
+        raise _sam_refused(
+            path, f"sam.buffers is a {type(buffers).__name__}, not a dict of {{kind: {{name: tensor}}}}"
+        )
+    for kind, store in buffers.items():
+        if not isinstance(kind, str) or not isinstance(store, Mapping):
+            raise _sam_refused(path, f"sam.buffers[{kind!r}] is a {type(store).__name__}, not a dict {{name: tensor}}")
+        for name, t in store.items():
+            if not isinstance(name, str) or not isinstance(t, Tensor):
+                raise _sam_refused(path, f"sam.buffers[{kind!r}][{name!r}] is a {type(t).__name__}, not a tensor")
+    if "batches" in sam:
+        _check_batches(sam["batches"], path, saved_mode)
+    if saved_mode == mode:
+        _check_buffers(buffers, path, mode, params)
+
+
+def _check_batches(batches: Any, path: str, saved_mode: str) -> None:
+    """past-FSAM's overlap window: `[{"inputs": [dict, ...], "num_items": int | Tensor | None}, ...]`."""
+    if saved_mode != "past_fsam":
+        raise _sam_refused(path, f"sam.batches (past-FSAM's overlap window) in a file of sam_mode={saved_mode!r}")
+    if not isinstance(batches, list):
+        raise _sam_refused(path, f"sam.batches is a {type(batches).__name__}, not a list")
+    for i, entry in enumerate(batches):
+        ok = isinstance(entry, Mapping) and set(entry) == {"inputs", "num_items"}
+        ok = ok and isinstance(entry["inputs"], list) and all(isinstance(mb, Mapping) for mb in entry["inputs"])
+        num = entry["num_items"] if ok else None
+        ok = ok and (num is None or isinstance(num, Tensor) or _is_count(num))
+        if not ok:
+            raise _sam_refused(
+                path, f"sam.batches[{i}] is not {{'inputs': [dict, ...], 'num_items': int, tensor or None}}"
+            )
+
+
+def _check_buffers(
+    buffers: Mapping[str, Mapping[str, Tensor]], path: str, mode: str, params: Mapping[str, Tensor]
+) -> None:
+    kinds = MODES[mode].state if mode in MODES else ()
+    extra = sorted(set(buffers) - set(kinds))
+    if extra:
+        raise _sam_refused(
+            path,
+            f"buffers {extra} do not belong to sam_mode={mode!r} (its buffers: {list(kinds) or 'none'}), so the file "
+            "does not match this run",
+        )
+    for kind, store in buffers.items():
+        unknown = [name for name in store if name not in params]
+        if unknown:
+            raise _sam_refused(
+                path,
+                f"buffer {kind!r} is keyed by {len(unknown)} name(s) that are not trainable parameters of this model "
+                f"(e.g. {unknown[0]!r}), so it was written for another model or another set of trainable parameters",
+            )
+        for name, t in store.items():
+            p = params[name]
+            where = f"buffer {kind!r} of {name!r}"
+            if tuple(t.shape) != tuple(p.shape):
+                raise _sam_refused(path, f"{where} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+            if not t.is_floating_point():
+                raise _sam_refused(path, f"{where} has dtype {t.dtype}, not a floating dtype")
+            if not bool(torch.isfinite(t).all()):
+                raise _sam_refused(path, f"{where} holds non-finite values, so every later ascent would be skipped")

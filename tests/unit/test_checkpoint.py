@@ -1,5 +1,6 @@
 """`llqrsam_state.pt`: round trip, atomic save, and a clear error (with the full path) for every unusable file."""
 
+import math
 import os
 import pickle
 
@@ -14,8 +15,10 @@ from hf_llqrsam.checkpoint import (
     describe_state,
     load_state,
     save_state,
+    validate_sam_state,
 )
 from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner
+from hf_llqrsam.sam import SAMState
 
 
 def _state(llqr: bool = True, buffers: bool = True) -> dict:
@@ -150,3 +153,206 @@ def test_describe_state():
     empty_kind = _state(buffers=False)
     empty_kind["sam"]["buffers"] = {"fsam_ema": {}}
     assert describe_state(empty_kind)["sam"] is False
+
+
+# ---------------------------------------------------------------------------------------------- the SAM part
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+def _sam_file(tmp_path, mode: str = "fsam", kinds: tuple[str, ...] = ("gbar",), batches: bool = False) -> dict:
+    """A state file as the trainer writes it (`SAMState.state_dict`), with a buffer per kind for every parameter."""
+    params = dict(_model().named_parameters())
+    sam = SAMState()
+    for i, kind in enumerate(kinds):
+        sam.set(kind, list(params), [torch.full_like(p, 0.1 * (i + 1)) for p in params.values()])
+    sam.ascents, sam.skipped_ascent = 4, 1
+    if batches:
+        sam.batches = [
+            {"inputs": [{"x": torch.ones(2, 4), "labels": torch.zeros(2, dtype=torch.long)}], "num_items": 2}
+        ]
+    state = {"sam": sam.state_dict(), "llqr": None, "config": {"sam_mode": mode, "llqr": False}}
+    save_state(str(tmp_path), state)
+    loaded = load_state(str(tmp_path))
+    assert loaded is not None
+    return loaded
+
+
+def _sam_refused(tmp_path, state: dict, mode: str, *needles: str) -> str:
+    """`state` on disk is refused, by `load_state` or by `validate_sam_state`, naming the file and the fix."""
+    torch.save(state, tmp_path / STATE_FILE)
+    path = os.path.abspath(tmp_path / STATE_FILE)
+    with pytest.raises(LLQRSAMStateError) as err:
+        loaded = load_state(str(tmp_path))
+        validate_sam_state(loaded, path, mode=mode, params=dict(_model().named_parameters()))
+    msg = str(err.value)
+    assert path in msg and "Delete" in msg and "\n" not in msg, msg
+    assert all(n in msg for n in needles), msg
+    return msg
+
+
+def _edit(path: str, value):
+    """A mutation of the state file: the entry at `path` (keys joined by `|`; a list is indexed by a number) becomes
+    `value` (called, if callable, for a fresh object); `DELETE` removes it."""
+
+    def apply(state: dict) -> None:
+        *keys, last = path.split("|")
+        target = state
+        for key in keys:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        last = int(last) if isinstance(target, list) else last
+        if value is DELETE:
+            del target[last]
+        else:
+            target[last] = value() if callable(value) else value
+
+    return apply
+
+
+def _int_kind(state: dict) -> None:
+    state["sam"]["buffers"][0] = {}
+
+
+DELETE = object()
+W = "sam|buffers|gbar|0.weight"  # FSAM's gbar of the first Linear's weight, shape (3, 4)
+
+# (id, run mode, file's mode and kinds, mutation, a phrase of the message)
+MALFORMED = [
+    ("no-config-sam_mode", "fsam", _edit("config|sam_mode", DELETE), "config has no 'sam_mode'"),
+    ("sam_mode-int", "fsam", _edit("config|sam_mode", 3), "config.sam_mode=3"),
+    ("sam_mode-unknown", "fsam", _edit("config|sam_mode", "sharp"), "config.sam_mode='sharp'"),
+    ("sam_mode-None", "fsam", _edit("config|sam_mode", None), "config.sam_mode=None"),
+    ("no-buffers", "fsam", _edit("sam|buffers", DELETE), "missing keys ['buffers']"),
+    ("no-ascents", "fsam", _edit("sam|ascents", DELETE), "missing keys ['ascents']"),
+    ("no-skipped_ascent", "fsam", _edit("sam|skipped_ascent", DELETE), "missing keys ['skipped_ascent']"),
+    ("unknown-sam-key", "fsam", _edit("sam|momentum", lambda: torch.zeros(3)), "unknown keys ['momentum']"),
+    ("ascents-negative", "fsam", _edit("sam|ascents", -1), "sam.ascents=-1 is not a non-negative int"),
+    ("ascents-float", "fsam", _edit("sam|ascents", 2.0), "sam.ascents=2.0"),
+    ("ascents-bool", "fsam", _edit("sam|ascents", True), "sam.ascents=True"),
+    ("ascents-tensor", "fsam", _edit("sam|ascents", lambda: torch.tensor(3)), "sam.ascents=tensor(3)"),
+    ("skipped-str", "fsam", _edit("sam|skipped_ascent", "0"), "sam.skipped_ascent='0'"),
+    ("skipped-None", "fsam", _edit("sam|skipped_ascent", None), "sam.skipped_ascent=None"),
+    ("buffers-list", "fsam", _edit("sam|buffers", lambda: [torch.zeros(3, 4)]), "sam.buffers is a list"),
+    ("buffers-None", "fsam", _edit("sam|buffers", None), "sam.buffers is a NoneType"),
+    ("kind-list", "fsam", _edit("sam|buffers|gbar", lambda: [torch.zeros(3, 4)]), "sam.buffers['gbar'] is a list"),
+    ("kind-tensor", "fsam", _edit("sam|buffers|gbar", lambda: torch.zeros(3, 4)), "sam.buffers['gbar'] is a Tensor"),
+    ("kind-int-key", "fsam", _int_kind, "sam.buffers[0]"),
+    ("buffer-list", "fsam", _edit(W, lambda: [[0.0] * 4] * 3), "sam.buffers['gbar']['0.weight'] is a list"),
+    ("buffer-float", "fsam", _edit(W, 0.0), "sam.buffers['gbar']['0.weight'] is a float"),
+    ("buffer-dcp-placeholder", "fsam", _edit(W, {"__dcp__": "sam/gbar/0.weight"}), "is a dict, not a tensor"),
+    ("extra-kind", "fsam", _edit("sam|buffers|d", lambda: {"0.bias": torch.zeros(3)}), "buffers ['d'] do not belong"),
+    ("infosam-kind-under-fsam", "fsam", _edit("sam|buffers|m", lambda: {}), "buffers ['m'] do not belong"),
+    ("kinds-under-sam", "sam", _edit("config|sam_mode", "sam"), "buffers ['gbar'] do not belong to sam_mode='sam'"),
+    (
+        "another-models-names",
+        "fsam",
+        _edit("sam|buffers|gbar", lambda: {"encoder.weight": torch.zeros(3, 4), "encoder.bias": torch.zeros(3)}),
+        "keyed by 2 name(s) that are not trainable parameters of this model (e.g. 'encoder.weight')",
+    ),
+    ("one-unknown-name", "fsam", _edit("sam|buffers|gbar|head.weight", lambda: torch.zeros(2, 3)), "'head.weight'"),
+    ("shape-wrong", "fsam", _edit(W, lambda: torch.zeros(3, 5)), "has shape (3, 5), the parameter (3, 4)"),
+    ("shape-broadcast-row", "fsam", _edit(W, lambda: torch.zeros(1, 4)), "has shape (1, 4), the parameter (3, 4)"),
+    ("shape-broadcast-vector", "fsam", _edit(W, lambda: torch.zeros(4)), "has shape (4,), the parameter (3, 4)"),
+    ("shape-scalar", "fsam", _edit(W, lambda: torch.tensor(0.5)), "has shape (), the parameter (3, 4)"),
+    ("shape-transposed", "fsam", _edit(W, lambda: torch.zeros(4, 3)), "has shape (4, 3)"),
+    ("shape-flattened", "fsam", _edit(W, lambda: torch.zeros(12)), "has shape (12,)"),
+    ("dtype-int", "fsam", _edit(W, lambda: torch.zeros(3, 4, dtype=torch.long)), "dtype torch.int64, not a floating"),
+    ("dtype-bool", "fsam", _edit(W, lambda: torch.zeros(3, 4, dtype=torch.bool)), "dtype torch.bool"),
+    ("dtype-complex", "fsam", _edit(W, lambda: torch.zeros(3, 4, dtype=torch.cfloat)), "dtype torch.complex64"),
+    ("nan", "fsam", _edit(W, lambda: torch.full((3, 4), math.nan)), "buffer 'gbar' of '0.weight' holds non-finite"),
+    ("inf", "fsam", _edit(W, lambda: torch.full((3, 4), math.inf)), "holds non-finite values"),
+    (
+        "minus-inf-bias",
+        "fsam",
+        _edit("sam|buffers|gbar|2.bias", lambda: torch.tensor([0.0, -math.inf])),
+        "buffer 'gbar' of '2.bias' holds non-finite",
+    ),
+    ("batches-under-fsam", "fsam", _edit("sam|batches", lambda: []), "sam.batches (past-FSAM's overlap window)"),
+    ("sam-not-dict", "fsam", _edit("sam", lambda: [1]), "['sam'] are not dicts"),
+    ("config-not-dict", "fsam", _edit("config", "fsam"), "['config'] are not dicts"),
+]
+BATCH = "sam|batches|0"
+MALFORMED_PAST = [  # past-FSAM files with an overlap window
+    ("batches-dict", _edit("sam|batches", lambda: {"inputs": []}), "sam.batches is a dict, not a list"),
+    ("batches-tensor", _edit("sam|batches", lambda: torch.zeros(2)), "sam.batches is a Tensor"),
+    ("batch-list", _edit(BATCH, lambda: [torch.ones(2, 4)]), "sam.batches[0] is not"),
+    ("batch-no-num_items", _edit(f"{BATCH}|num_items", DELETE), "sam.batches[0] is not"),
+    ("batch-extra-key", _edit(f"{BATCH}|step", 3), "sam.batches[0] is not"),
+    ("batch-inputs-dict", _edit(f"{BATCH}|inputs", lambda: {"x": torch.ones(2, 4)}), "sam.batches[0] is not"),
+    ("batch-inputs-tensors", _edit(f"{BATCH}|inputs", lambda: [torch.ones(2, 4)]), "sam.batches[0] is not"),
+    ("batch-num_items-float", _edit(f"{BATCH}|num_items", 2.5), "sam.batches[0] is not"),
+    ("batch-num_items-negative", _edit(f"{BATCH}|num_items", -2), "sam.batches[0] is not"),
+    ("g_last-broadcast", _edit("sam|buffers|g_last|2.weight", lambda: torch.zeros(1, 3)), "has shape (1, 3)"),
+]
+
+
+@pytest.mark.parametrize(("run_mode", "mutate", "needle"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_sam_state_is_refused_naming_the_file(tmp_path, run_mode, mutate, needle):
+    """Issue 22 item 7: every malformed SAM part of a state file on disk is refused before any step runs, with an
+    error that names the file, what is wrong and the fix (never a bare KeyError/TypeError, never a silent restart
+    or broadcast)."""
+    state = _sam_file(tmp_path)
+    validate_sam_state(state, "f", mode=run_mode, params=dict(_model().named_parameters()))  # valid before
+    mutate(state)
+    _sam_refused(tmp_path, state, run_mode, needle)
+
+
+@pytest.mark.parametrize(("mutate", "needle"), [m[1:] for m in MALFORMED_PAST], ids=[m[0] for m in MALFORMED_PAST])
+def test_malformed_past_fsam_window_is_refused_naming_the_file(tmp_path, mutate, needle):
+    state = _sam_file(tmp_path, "past_fsam", ("gbar", "g_last"), batches=True)
+    validate_sam_state(state, "f", mode="past_fsam", params=dict(_model().named_parameters()))  # valid before
+    mutate(state)
+    _sam_refused(tmp_path, state, "past_fsam", needle)
+
+
+def test_the_held_out_count_of_malformed_cases():
+    assert len(MALFORMED) + len(MALFORMED_PAST) >= 30
+    assert len({m[0] for m in MALFORMED} | {m[0] for m in MALFORMED_PAST}) == len(MALFORMED) + len(MALFORMED_PAST)
+
+
+@pytest.mark.parametrize(
+    ("run_mode", "file_mode", "kinds", "batches"),
+    [
+        ("fsam", "fsam", ("gbar",), False),
+        ("fsam", "fsam", (), False),  # an FSAM run saved before its first ascent
+        ("infosam", "infosam", ("m", "v"), False),
+        ("vasso", "vasso", ("d",), False),
+        ("looksam", "looksam", ("gv",), False),
+        ("past_fsam", "past_fsam", ("gbar", "g_last"), True),
+        ("sam", "sam", (), False),
+        ("none", "none", (), False),  # LLQR alone: counters only
+        ("sam", "fsam", ("gbar",), False),  # another mode's file: layout checked, the trainer starts SAM fresh
+        ("fsam", "infosam", ("m", "v"), False),
+    ],
+)
+def test_valid_sam_states_are_accepted(tmp_path, run_mode, file_mode, kinds, batches):
+    state = _sam_file(tmp_path, file_mode, kinds, batches)
+    validate_sam_state(state, "f", mode=run_mode, params=dict(_model().named_parameters()))
+
+
+def test_buffers_of_some_parameters_and_low_precision_are_accepted(tmp_path):
+    """A kind may cover some of the trainable parameters (those that had a gradient: the rest read as zeros), and a
+    buffer may be any floating dtype; a file of another mode is not checked against this model."""
+    state = _sam_file(tmp_path)
+    del state["sam"]["buffers"]["gbar"]["0.bias"]
+    state["sam"]["buffers"]["gbar"]["2.weight"] = torch.zeros(2, 3, dtype=torch.bfloat16)
+    params = dict(_model().named_parameters())
+    validate_sam_state(state, "f", mode="fsam", params=params)
+    state["sam"]["buffers"]["gbar"]["other.weight"] = torch.zeros(7)
+    validate_sam_state(state, "f", mode="sam", params=params)  # another mode's buffers are dropped, not read
+    with pytest.raises(LLQRSAMStateError, match="'other.weight'"):
+        validate_sam_state(state, "f", mode="fsam", params=params)
+
+
+def test_a_buffer_is_checked_against_the_global_shape_of_its_parameter(tmp_path):
+    """FSDP2: the live parameter is a DTensor whose `.shape` is the global shape; what is compared is `p.shape`."""
+
+    state = _sam_file(tmp_path)
+    params = {name: torch.empty(0) for name in dict(_model().named_parameters())}
+    with pytest.raises(LLQRSAMStateError, match=r"has shape \(3, 4\), the parameter \(0,\)"):
+        validate_sam_state(state, "f", mode="fsam", params=params)
+    params = {name: torch.empty(p.shape, device="meta") for name, p in _model().named_parameters()}
+    validate_sam_state(state, "f", mode="fsam", params=params)  # only the shape of the parameter is read
