@@ -132,6 +132,7 @@ def _walk(top: Path, suffixes: tuple[str, ...]) -> list[Path]:
 def scanned_files() -> list[Path]:
     files = [p for d in ("hf_llqrsam", "recipes", "tests") for p in _walk(ROOT / d, (".py",))]
     files += _walk(ROOT, (".md",))
+    files += [p for p in _walk(DOCS, (".md",)) if p.stem not in KNOWN_DOCS]  # the guides, references, results
     files += _walk(ROOT / "recipes", (".yaml", ".yml"))
     return sorted(set(files))
 
@@ -175,3 +176,260 @@ def test_unresolved_citations_are_reported():
     bad = unresolved(find_citations(f"`{alg}` §99.9 and docs/{alg} §8.1–8.99, Q99", "fake.py"))
     assert any("§99.9" in p for p in bad) and any("§8.99" in p for p in bad) and any("Q99" in p for p in bad)
     assert unresolved(find_citations("docs/" + "no_such_doc.md §1"))
+
+
+# --- the documentation site and the README ------------------------------------------------------------------------
+# The pages of docs/ and README.md quote numbers, tables and commands. Each check below compares a page with the
+# source it quotes: the committed results JSON, a script's own output, the package's records, the scripts' parsers.
+
+import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import runpy  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+README = ROOT / "README.md"
+DESIGN_DOCS = {DOCS / f"{name}.md" for name in KNOWN_DOCS} | {DOCS / "design.md"}
+
+
+def _hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _page(name: str) -> str:
+    return (DOCS / name).read_text(encoding="utf-8")
+
+
+def test_readme_is_a_landing_page():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250, "README.md is the landing page: at most 250 lines, the rest in docs/"
+    for target in re.findall(r"\]\((docs/[^)#\s]+)", text):
+        assert (ROOT / target).is_file(), f"README.md links {target}, which does not exist"
+
+
+def test_readme_setup_commands_are_the_documented_ones():
+    """The two set-up commands install what they must and run what they say; .ci/run runs the same test command."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    main_job = next(b for b in blocks if "run_image_classification.py" in b and "pip install torch" in b).strip()
+    assert main_job.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && ")
+    assert (
+        'pip install -e ".[recipes]" && python recipes/image_classification/run_image_classification.py ' in main_job
+    )
+    assert "--sam_mode sam --llqr" in main_job
+    tests = next(b for b in blocks if "pytest" in b).strip()
+    assert tests == (
+        "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
+        'pip install -e ".[test,recipes,peft,trl,peers,hpo,docs]" && python -m pytest tests -q'
+    )
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert (
+        "python -m pytest tests -q" in ci and 'pip install --quiet -e ".[test,recipes,peft,trl,peers,hpo,docs]"' in ci
+    )
+    assert ci.index("mypy hf_llqrsam") < ci.index("mkdocs build --strict") < ci.index("python -m pytest tests -q")
+
+
+def test_mode_reference_is_the_mode_records():
+    """The SAM-family page carries the table `mode_table()` renders from the `ModeSpec` records, nothing hand-made."""
+    from hf_llqrsam.modes import MODES, mode_table
+
+    page = _hooks().render_markers(_page("reference/modes.md"))
+    assert mode_table() in page
+    assert not [line for line in _page("reference/modes.md").splitlines() if line.startswith("| `")]
+    assert all(f"| `{name}` |" in page for name in MODES)
+
+
+def test_flags_reference_lists_every_field_with_its_help():
+    from dataclasses import fields
+
+    from hf_llqrsam.args import LLQRSAMFields
+
+    page = _hooks().render_markers(_page("reference/flags.md"))
+    for f in fields(LLQRSAMFields):
+        assert f"`{f.name}`" in page, f"the flags page misses {f.name}"
+    # the fallback renderer (used until args.flags_markdown exists) reads the same metadata
+    fallback = _hooks().flags_from_fields()
+    for f in fields(LLQRSAMFields):
+        row = next(line for line in fallback.splitlines() if line.startswith(f"| `{f.name}` |"))
+        assert " ".join(str(f.metadata["help"]).split()).replace("|", "\\|") in row
+
+
+def test_api_reference_covers_every_public_name():
+    import hf_llqrsam
+
+    page = _hooks().api_page()
+    exports = hf_llqrsam._EXPORTS
+    for name in hf_llqrsam.__all__:
+        if name in exports:
+            assert f"::: hf_llqrsam.{exports[name]}.{name}" in page
+
+
+def test_logged_metrics_page_lists_every_logged_key():
+    """Every `sam/*` and `llqr/*` key the package logs is on the metrics page, and the page names no other."""
+    source = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "hf_llqrsam").rglob("*.py"))
+    logged = set(re.findall(r"\"((?:sam|llqr)/[a-z_]+)\"", source))
+    page = set(re.findall(r"`((?:sam|llqr)/[a-z_]+)`", _page("reference/metrics.md")))
+    assert len(logged) >= 20
+    assert logged == page, f"logged, not documented: {sorted(logged - page)}; documented, not logged: {page - logged}"
+
+
+def test_results_pages_include_committed_files_and_figures():
+    hooks = _hooks()
+    figures = {
+        ("pothole_" if "pothole" in folder else "") + png.name
+        for folder in hooks.FIGURE_DIRS
+        for png in (ROOT / folder).glob("*.png")
+    }
+    for page in (DOCS / "results").glob("*.md"):
+        text = page.read_text(encoding="utf-8")
+        hooks.render_markers(text)  # every include names a committed file
+        for name in re.findall(r"\]\(figures/([^)]+)\)", text):
+            assert name in figures, f"{page.name}: figures/{name} is not a committed figure"
+
+
+def test_label_noise_page_tables_match_the_results_json():
+    """Every row of the committed summary (test accuracy mean ± sd and the paired interval vs SAM, per cell) is the
+    one the label-noise page prints in its hand-written tables: they cannot drift from the JSON they quote."""
+    summary = json.loads((ROOT / "recipes/benchmarks/results/label_noise.json").read_text(encoding="utf-8"))["summary"]
+    page = _page("results/label-noise.md")
+    section = page[: page.index("## The committed results")].replace("−", "-")
+    checked = 0
+    for key, rows in summary.items():
+        if "extra seeds" in key and "fixed" not in key and "digits_vit" not in key:
+            continue  # the 10-seed rows are quoted as their interval only (checked below)
+        for method, row in rows.items():
+            m, s = statistics.fmean(row["test"]), statistics.stdev(row["test"])
+            assert f"{m:.3f} ± {s:.3f}" in section, (key, method)
+            if "diff_vs_sam" in row and (key == "digits|0.4|sgd" or method != "base"):  # other cells: base's acc only
+                d, lo, hi = row["diff_vs_sam"]
+                assert f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" in section, (key, method)
+            checked += 1
+    for method, row in summary["digits|0.4|sgd|5 extra seeds"].items():
+        if "diff_vs_sam" in row:
+            d, lo, hi = row["diff_vs_sam"]
+            assert f"10 seeds: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" in section, method
+    assert checked >= 40
+
+
+def test_fsdp2_memory_page_is_the_script_output(tmp_path):
+    """The FSDP2 memory-per-rank table is `fsdp2_memory_table.py`'s output (regenerated here, no process group)."""
+    from recipes.benchmarks.fsdp2_memory_table import main as memory_table
+
+    memory_table(["--output_dir", str(tmp_path)])
+    page = _page("results/fsdp2-memory.md")
+    for line in (tmp_path / "fsdp2_memory_table.md").read_text(encoding="utf-8").splitlines():
+        assert line in page
+
+
+# --- every command names a file and flags that exist ---------------------------------------------------------------
+
+_LAUNCHERS = ("python", "python3", "torchrun", "accelerate", "bash")
+
+
+def command_pages() -> list[Path]:
+    pages = [README, *sorted((ROOT / "recipes").glob("**/README.md"))]
+    return pages + sorted(p for p in DOCS.rglob("*.md") if p not in DESIGN_DOCS)
+
+
+def commands(text: str) -> list[list[str]]:
+    """The commands of the fenced bash blocks (continuation lines joined, comments dropped, `&&` / `;` chains split)
+    and of inline code spans that start with a launcher, as argument lists."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += re.sub(r"\\\n\s*", " ", block).splitlines()
+    lines += [" ".join(span.split()) for span in re.findall(r"`((?:python3?|torchrun|accelerate) [^`]+)`", text)]
+    out = []
+    for line in lines:
+        tokens = shlex.split(line, comments=True)
+        chunk: list[str] = []
+        for token in [*tokens, "&&"]:
+            if token in ("&&", ";", "||", "|"):
+                if chunk and chunk[0].split("=")[0] not in ("OMP_NUM_THREADS",) or len(chunk) > 1:
+                    out.append([t for t in chunk if not re.fullmatch(r"[A-Z_]+=\S*", t)])
+                chunk = []
+            else:
+                chunk.append(token)
+    return [c for c in out if c and c[0] in _LAUNCHERS]
+
+
+def script_of(tokens: list[str]) -> tuple[str, list[str]] | None:
+    """The repository script a command runs and the arguments it passes to it (None: `python -m`, `-c`, pip)."""
+    for i, token in enumerate(tokens):
+        if token.endswith((".py", ".sh")) and not token.startswith("-"):
+            return token, tokens[i + 1 :]
+        if token in ("-m", "-c"):
+            return None
+    return None
+
+
+_HELP: dict[str, str] = {}
+# scripts that read their own flags with `parse_known_args` and hand the rest to another script's parser
+_DELEGATES = {"recipes/causal_lm/probe_rho.py": "recipes/causal_lm/run_causal_lm.py"}
+
+
+def script_help(script: str) -> str:
+    """`python <script> --help`, run in this process (transformers is imported once for all the recipes)."""
+    if script not in _HELP:
+        out, argv, path = io.StringIO(), sys.argv, list(sys.path)
+        sys.argv = [script, "--help"]
+        try:
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+        finally:
+            sys.argv, sys.path[:] = argv, path
+        _HELP[script] = out.getvalue()
+    return _HELP[script]
+
+
+def _all_commands() -> list[tuple[str, list[str]]]:
+    return [(str(page.relative_to(ROOT)), c) for page in command_pages() for c in commands(page.read_text("utf-8"))]
+
+
+def test_command_parser_reads_chains_continuations_and_spans():
+    text = "```bash\nOMP_NUM_THREADS=1 python a.py --x 1 \\\n    --y && pip install z\n```\nand `torchrun b.py --q`"
+    assert commands(text) == [["python", "a.py", "--x", "1", "--y"], ["torchrun", "b.py", "--q"]]
+    assert script_of(["accelerate", "launch", "--config_file", "c.yaml", "s.py", "--a"]) == ("s.py", ["--a"])
+    assert script_of(["python", "-m", "pytest", "tests"]) is None
+
+
+def test_every_documented_command_names_a_file_and_flags_that_exist():
+    """Every command of README.md, the recipes' READMEs and the docs pages that runs a repository script names a file
+    that exists, and each `--flag` it passes is one that script's parser accepts (its `--help`)."""
+    checked, problems = 0, []
+    for page, tokens in _all_commands():
+        found = script_of(tokens)
+        if found is None:
+            continue
+        script, args = found
+        command = " ".join(tokens)
+        assert (ROOT / script).is_file(), f"{page}: {script} does not exist: {command}"
+        for value in args:
+            if value.startswith("recipes/") or value.endswith((".yaml", ".yml")):
+                assert (ROOT / value).exists(), f"{page}: {value} does not exist: {command}"
+        if script.endswith(".sh"):
+            continue
+        helps = [script_help(script)] + ([script_help(_DELEGATES[script])] if script in _DELEGATES else [])
+        accepted = set(re.findall(r"--[A-Za-z0-9][\w-]*", "\n".join(helps)))
+        assert accepted, f"{script} --help lists no flags"
+        for token in args:
+            flag = token.split("=", 1)[0]
+            if token.startswith("--") and " " not in token and flag not in accepted:
+                problems.append(f"{page}: {script} has no flag {flag}: {command}")
+        checked += 1
+    assert not problems, "\n".join(problems)
+    assert checked >= 15, f"only {checked} commands checked: is the parser broken?"
+
+
+def test_script_help_knows_the_recipe_flags_and_no_others():
+    flags = set(
+        re.findall(r"--[A-Za-z0-9][\w-]*", script_help("recipes/image_classification/run_image_classification.py"))
+    )
+    assert {"--sam_rho", "--llqr", "--no_llqr_in_perturbation", "--output_dir", "--fresh"} <= flags
+    assert "--sam_rhoo" not in flags

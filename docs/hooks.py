@@ -1,0 +1,151 @@
+"""MkDocs hook: the generated parts of the documentation site.
+
+Nothing here is a hand copy. Each generated part is read from its one source at build time:
+
+* `index.md`: the repository's README.md (the landing page), with its links into `docs/` made site links and its
+  links to other repository files shown as paths;
+* `reference/api.md`: one mkdocstrings block per public name of `hf_llqrsam` (its `__all__`, resolved to the defining
+  module through the package's lazy-export table), so a new public name gets its page entry without an edit here;
+* `<!-- hf_llqrsam:flags -->`: the table of every `sam_*` / `fsam_*` / ... / `llqr_*` flag, from the dataclass field
+  metadata of [`LLQRSAMFields`] (`hf_llqrsam.args.flags_markdown()` where it exists; otherwise built here from the
+  same metadata);
+* `<!-- hf_llqrsam:mode_table -->`: the SAM-family template, `hf_llqrsam.modes.mode_table()` (one row per `ModeSpec`);
+* `<!-- hf_llqrsam:include PATH -->`: the committed markdown file PATH (relative to the repository root), e.g. a
+  benchmark's generated result table under `recipes/benchmarks/results/`;
+* the committed figures of `recipes/benchmarks/results/` and `recipes/pothole/results/`, published under
+  `results/figures/` (pages link them as `figures/<name>.png`).
+
+Registered in `mkdocs.yml` (`hooks:`). `tests/unit/test_docs.py` checks the pages this produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `mkdocs build` from a checkout that is not installed: import this tree's package
+    sys.path.insert(0, str(ROOT))
+
+FIGURE_DIRS = ("recipes/benchmarks/results", "recipes/pothole/results")
+_MARKER = re.compile(r"<!--\s*hf_llqrsam:(?P<name>[a-z_]+)(?:\s+(?P<arg>\S+))?\s*-->")
+
+
+def _type_text(annotation: Any) -> str:
+    """A field's annotation as the flags table shows it: the allowed values of a `Literal`, else the type name."""
+    if isinstance(annotation, str):
+        return annotation
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if args:  # X | None
+        return " or ".join(_type_text(a) for a in args)
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def flags_from_fields() -> str:
+    """The flags table from `dataclasses.fields(LLQRSAMFields)`: name, type or allowed values, default, `help`."""
+    from hf_llqrsam.args import LLQRSAMFields
+
+    hints = typing.get_type_hints(LLQRSAMFields, include_extras=False)
+    lines = ["| flag | type / values | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(LLQRSAMFields):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {_type_text(hints.get(f.name, f.type))} | `{default!r}` | {help_text} |")
+    return "\n".join(lines)
+
+
+def flags_table() -> str:
+    """The flags page's table: the package's own renderer when it has one, else the same metadata read here."""
+    from hf_llqrsam import args
+
+    render = getattr(args, "flags_markdown", None)
+    return render() if callable(render) else flags_from_fields()
+
+
+def api_page() -> str:
+    """`reference/api.md`: an mkdocstrings block per public name, in `hf_llqrsam.__all__` order."""
+    import hf_llqrsam
+
+    exports: dict[str, str] = getattr(hf_llqrsam, "_EXPORTS", {})
+    parts = [
+        "# API reference",
+        "",
+        "Generated from the docstrings of every public name of `hf_llqrsam` (`hf_llqrsam.__all__`), each documented "
+        "where it is defined. The command-line flags are on [the flags page](flags.md).",
+        "",
+    ]
+    for name in hf_llqrsam.__all__:
+        module = exports.get(name)
+        if module is None:  # __version__ and other plain attributes
+            continue
+        parts += [f"::: hf_llqrsam.{module}.{name}", ""]
+    return "\n".join(parts)
+
+
+_LINK = re.compile(r"(?<!!)\[(?P<text>[^\]]+)\]\((?P<target>[^)\s]+)\)")
+
+
+def readme_page() -> str:
+    """`index.md`: README.md, whose links are relative to the repository root, re-rooted at `docs/`."""
+
+    def relink(match: re.Match[str]) -> str:
+        text, target = match.group("text"), match.group("target")
+        if target.startswith(("http://", "https://", "#")):
+            return match.group(0)
+        if target.startswith("docs/"):
+            return f"[{text}]({target.removeprefix('docs/')})"
+        return text if f"`{target}`" in text or target in text else f"{text} (`{target}`)"
+
+    return _LINK.sub(relink, (ROOT / "README.md").read_text(encoding="utf-8"))
+
+
+def include(arg: str, shift: int = 2) -> str:
+    """The committed file `arg`, its headings moved `shift` levels down (they sit under a section of the page)."""
+    path = (ROOT / arg).resolve()
+    if ROOT not in path.parents or not path.is_file():
+        raise FileNotFoundError(f"hf_llqrsam:include {arg}: no such file in the repository")
+    text = path.read_text(encoding="utf-8").strip()
+    return re.sub(r"^(#{1,6})(?=\s)", lambda m: "#" * min(6, len(m.group(1)) + shift), text, flags=re.MULTILINE)
+
+
+def render_markers(markdown: str) -> str:
+    """Replace every `<!-- hf_llqrsam:NAME [ARG] -->` marker of a page by what it names."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, arg = match.group("name"), match.group("arg")
+        if name == "flags":
+            return flags_table()
+        if name == "mode_table":
+            from hf_llqrsam.modes import mode_table
+
+            return mode_table()
+        if name == "include" and arg:
+            return include(arg)
+        raise ValueError(f"unknown documentation marker {match.group(0)!r} (flags, mode_table, include PATH)")
+
+    return _MARKER.sub(replace, markdown)
+
+
+# --- the MkDocs events -------------------------------------------------------------------------------------------
+
+
+def on_files(files: Any, config: Any) -> Any:
+    from mkdocs.structure.files import File
+
+    files.append(File.generated(config, "index.md", content=readme_page()))
+    files.append(File.generated(config, "reference/api.md", content=api_page()))
+    for folder in FIGURE_DIRS:
+        for png in sorted((ROOT / folder).glob("*.png")):
+            prefix = "pothole_" if "pothole" in folder else ""
+            files.append(File.generated(config, f"results/figures/{prefix}{png.name}", abs_src_path=str(png)))
+    return files
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    return render_markers(markdown)
