@@ -51,6 +51,8 @@ class ModeSpec:
             cadence, so `sam_interval` must stay 1.
         borrows (`tuple[str, ...]`, *optional*, defaults to `()`): hyperparameters of another mode that this mode
             reads too (past-FSAM reads FSAM's `fsam_beta`, `fsam_sigma`, `fsam_ema`); not warned about under it.
+        keeps_clean (`bool`, *optional*, defaults to `False`): the descent reads the clean pass-1 gradient g beside
+            g̃ (GSAM's g⊥, LookSAM's g_v, WSAM's g̃ − g), so the ascent keeps an fp32 copy of it, aligned by name.
     """
 
     name: str
@@ -69,6 +71,7 @@ class ModeSpec:
     doc: tuple[str, str, str, str, str]
     passes: Passes = "two"
     borrows: tuple[str, ...] = ()
+    keeps_clean: bool = False
 
 
 MODES: dict[str, ModeSpec] = {
@@ -153,6 +156,7 @@ MODES: dict[str, ModeSpec] = {
             hyperparameters=("gsam_alpha",),
             source="Zhuang et al., ICLR 2022 (GSAM), Alg. 1",
             doc=("g", "I", "‖g‖", "g̃ − α g⊥", "–"),
+            keeps_clean=True,
         ),
         ModeSpec(
             name="vasso",
@@ -221,6 +225,7 @@ MODES: dict[str, ModeSpec] = {
             source="Liu et al., CVPR 2022 (LookSAM), Alg. 1",
             doc=("g", "I", "‖g‖", "g̃ every k-th step, g + α‖g‖ g_v/‖g_v‖ between", "g_v"),
             passes="cadence",
+            keeps_clean=True,
         ),
         ModeSpec(
             name="wsam",
@@ -237,6 +242,7 @@ MODES: dict[str, ModeSpec] = {
             hyperparameters=("wsam_gamma", "wsam_decouple"),
             source="Yue et al., KDD 2023 (WSAM), Alg. 1",
             doc=("g", "I", "‖g‖", "g + γ/(1−γ)·(g̃ − g)", "–"),
+            keeps_clean=True,
         ),
     )
 }

@@ -47,6 +47,7 @@ __all__ = [
     "SAMState",
     "apply_perturbation_",
     "batchnorm_buffers",
+    "commit_ascent",
     "compute_perturbation",
     "copy_tensors_",
     "gsam_descent_",
@@ -166,7 +167,10 @@ class Perturbation:
     eps (`list[Tensor]`): ε per parameter (fp32), empty when the ascent was skipped.
     finite (`bool`): False when the pass-1 gradient was non-finite; then ε = 0 and no state was updated.
     grad_norm / probe_norm / perturbation_norm (`float`): ‖g‖ (true units), ‖v‖ and ‖ε‖.
-    clean_grads (`list[Tensor]`): an fp32 copy of g, kept only for GSAM's descent correction.
+    clean_grads (`list[Tensor]`): an fp32 copy of g, kept only for the descents that read it (the spec's
+        `keeps_clean`: GSAM, LookSAM, WSAM).
+    pending (`dict[str, list[Tensor]]`): the mode-state updates of this ascent (FSAM ḡ, VaSSO d, infoSAM m and v),
+        not yet written to the state when `compute_perturbation` ran with `commit=False` ([`commit_ascent`]).
     """
 
     eps: list[Tensor]
@@ -175,6 +179,15 @@ class Perturbation:
     probe_norm: float = 0.0
     perturbation_norm: float = 0.0
     clean_grads: list[Tensor] = field(default_factory=list)
+    pending: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+def commit_ascent(state: "SAMState", names: Sequence[str], pert: Perturbation) -> None:
+    """Write a finite ascent's pending mode state into `state` and count the ascent (`compute_perturbation` with
+    `commit=False` leaves both to the caller, which commits only once the whole step is known to be finite)."""
+    for kind, tensors in pert.pending.items():
+        state.set(kind, names, tensors)
+    state.ascents += 1
 
 
 class SAMState:
@@ -258,6 +271,7 @@ def compute_perturbation(
     rho: float,
     geometry: Preconditioner | None = None,
     grad_scale: float = 1.0,
+    commit: bool = True,
 ) -> Perturbation:
     """ε = ρ · C v / √(ν(v)² + eps) for `cfg.mode`, driven by its [`~hf_llqrsam.modes.ModeSpec`] (`docs/algorithm.md`
     §8).
@@ -278,6 +292,9 @@ def compute_perturbation(
         grad_scale (`float`, *optional*, defaults to 1.0): the fp16 loss scale S the gradients carry. Modes with
             `loss_scale="invariant"` build ε from the scaled g (ε does not change); `true_units` modes work on g / S
             (`docs/integration.md` §6). GSAM's clean copy stays in the units of `grads`, the units of pass 2.
+        commit (`bool`, *optional*, defaults to `True`): write the mode state and count the ascent when ε is finite.
+            `False` leaves both in `Perturbation.pending` for [`commit_ascent`]: the step engine commits only when
+            the whole step (ε, g̃, the descent terms and the state) is finite (`docs/algorithm.md`, the skip rule).
     """
     spec = MODES.get(cfg.mode)
     if spec is None:
@@ -328,21 +345,21 @@ def compute_perturbation(
             return Perturbation(eps=[], finite=False, grad_norm=grad_norm)
         eps = list(torch._foreach_mul(cv, scale))
         eps_norm = scale * cv_norm
-    for kind, tensors in pending.items():
-        state.set(kind, names, tensors)
-    state.ascents += 1
-    return Perturbation(
+    pert = Perturbation(
         eps=eps,
         finite=True,
         grad_norm=grad_norm,
         probe_norm=g_norm if v is g else float(total_norm(v)),
         perturbation_norm=eps_norm,
-        clean_grads=[t.clone() for t in raw] if spec.descent in _NEEDS_CLEAN else [],
+        clean_grads=[t.clone() for t in raw] if spec.keeps_clean else [],
+        pending=pending,
     )
+    if commit:
+        commit_ascent(state, names, pert)
+    return pert
 
 
 _FSAM_PROBES = ("ema_difference", "past_difference")  # the probes that read fsam_ema (reference `perturb_mode`)
-_NEEDS_CLEAN = ("gsam", "looksam", "wsam")  # descents that need the clean pass-1 gradient g beside g̃
 
 
 def layer_groups(names: Sequence[str]) -> list[list[int]]:

@@ -8,7 +8,7 @@ step is left behind for the next. Pure torch.
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from .sam import Perturbation, copy_tensors_
 __all__ = [
     "RNGState",
     "RunningMetrics",
+    "StepKind",
     "StepState",
     "batchnorm_policy",
     "copy_into_",
@@ -47,33 +48,55 @@ def copy_into_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     copy_tensors_(dst, src)
 
 
+StepKind = Literal["plain", "two", "one", "reuse"]
+"""What one optimizer step runs ([`~hf_llqrsam.engine.step_kind`]): `plain` (one pass at θ, the descent is g),
+`two` (pass 1 at θ, pass 2 at θ + ε), `one` (one pass at θ + ε, ε from the state: past-FSAM) or `reuse` (one pass at
+θ, the descent reuses stored state: LookSAM between its full steps)."""
+
+
 @dataclass
 class StepState:
-    """Everything one optimizer step carries between its micro-batch calls.
+    """Everything one optimizer step carries between its passes (and, in the Trainer, its micro-batch calls).
 
     Args:
         step (`int`): the optimizer step (`state.global_step` when the step began).
-        is_sam (`bool`): a two-pass step (`sam_mode`, `sam_start_step`, `sam_interval`).
+        kind (`str`): the [`StepKind`] of the step.
         bn_at_begin (`list[Tensor]`): the BatchNorm buffers before the step's first forward; restored when the step
             is skipped, and the pass-1 snapshot of the `second` policy in window mode.
         calls (`int`): micro-batch calls so far in this step.
         inputs (`list[dict]`): the window's micro-batches, replayed in pass 2 (window mode).
         rng (`list[RNGState]`): the RNG state before each pass 1 (`sam_same_dropout`).
         perturbation (`Perturbation`, *optional*): the step's ε, once built and finite.
+        names / params (`list`): the canonical names and parameters ε was built for (aligned with its tensors).
+        clean (`dict[str, Tensor]`): the clean pass-1 gradient by name, for descents that read it.
+        ascents (`int`): finite ascents of the step (one per micro-batch with `sam_accumulation="micro"`).
+        extra_passes (`int`): stored batches the one pass also ran on (past-FSAM's overlap window).
+        num_items (`Any`): the first call's `num_items_in_batch` (kept with past-FSAM's overlap window).
         drop (`bool`): the step is skipped (a non-finite ascent).
-        clean_loss / perturbed_loss (`float`): sums of the pass-1 and pass-2 losses returned by `training_step`.
+        clean_loss / perturbed_loss (`float`): sums of the pass-1 and pass-2 losses, when the driver records them.
     """
 
     step: int
-    is_sam: bool
+    kind: StepKind
     bn_at_begin: list[Tensor]
     calls: int = 0
-    inputs: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)
     rng: list[RNGState] = field(default_factory=list)
     perturbation: Perturbation | None = None
+    names: list[str] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
+    clean: dict[str, Tensor] = field(default_factory=dict)
+    ascents: int = 0
+    extra_passes: int = 0
+    num_items: Any = None
     drop: bool = False
     clean_loss: Tensor | float = 0.0
     perturbed_loss: Tensor | float = 0.0
+
+    @property
+    def is_sam(self) -> bool:
+        """The step perturbs θ (two passes, or past-FSAM's one pass at θ + ε)."""
+        return self.kind in ("two", "one")
 
 
 @contextmanager

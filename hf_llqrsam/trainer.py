@@ -1,26 +1,27 @@
-"""[`LLQRSAMTrainer`]: two-pass SAM (and LLQR) inside `training_step`, glue only (`docs/integration.md` §3).
+"""[`LLQRSAMTrainer`]: SAM-family and LLQR steps inside `training_step`, glue only (`docs/integration.md` §3).
 
 The Trainer keeps its loop, clipping, optimizer step, scheduler, logging and saving. This module decides *when*
-(window position, sync, cadence) and moves tensors; every formula lives in `sam.py` and `llqr/`.
+(window position, gradient sync) and moves tensors; the step itself is [`~hf_llqrsam.engine.SAMEngine`]'s, and every
+formula lives in `sam.py` and `llqr/`.
 """
 
 import contextlib
 import inspect
 import json
 import os
-import time
+import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
 from .args import LLQRSAMFields, LLQRSAMTrainingArguments
 from .card import method_card_section
-from .checkpoint import STATE_FILE, LLQRSAMStateError, describe_state, load_state, save_state
+from .checkpoint import STATE_FILE, load_state, save_state
 from .compat import llqrsam_active, validate_fsdp_plugin, validate_launch, validate_setup_model
-from .config import past_fsam_window
 from .data import curvature_indices
 from .distributed import (
     accelerate_all_reduce,
@@ -32,31 +33,16 @@ from .distributed import (
     unsharded_view,
     unwrap,
 )
+from .engine import SAMEngine
 from .modes import MODES
-from .sam import (
-    SAMState,
-    apply_perturbation_,
-    batchnorm_buffers,
-    compute_perturbation,
-    copy_tensors_,
-    gsam_descent_,
-    is_dtensor,
-    looksam_orthogonal,
-    looksam_reuse_,
-    restore_,
-    total_norm,
-    wsam_descent_,
-)
+from .sam import Preconditioner, SAMState
 from .schedules import rho_at
-from .step import RunningMetrics, StepState, batchnorm_policy, copy_into_, replayed_rng, rng_state, set_rng_state
+from .step import StepState, rng_state, set_rng_state
 
 logger = logging.get_logger(__name__)
 
-# Logged keys that are counts (summed over a logging interval); every other key is averaged.
 U_SUMMARY_FILE = "llqr_u_summary.json"
 """The per-tensor summary of U written next to each checkpoint (`_save_llqrsam_state`)."""
-
-_COUNTERS = ("sam/skipped", "sam/skipped_ascent", "llqr/nonfinite_ugrad", "llqr/skipped_refresh")
 
 
 # mypy sees the mixin as a Trainer (it is only ever mixed into one); at run time it is a plain object.
@@ -66,31 +52,16 @@ else:
     _MixinBase = object
 
 
-class _TrainAttempt(TrainerCallback):
-    """Resets the per-step state at the start of every training attempt (`on_train_begin`).
-
-    Under `auto_find_batch_size`, an out-of-memory error makes the Trainer rerun its inner loop with a smaller batch;
-    each attempt starts with `on_train_begin`, so nothing of the failed attempt (window, ε, SAM state, U) survives.
-    """
-
-    def __init__(self, trainer: "LLQRSAMTrainerMixin") -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._begin_attempt()
-
-
 class LLQRSAMTrainerMixin(_MixinBase):
-    """Turns [`~transformers.Trainer`] into a two-pass SAM / LLQR+SAM trainer, driven by `sam_*` / `llqr_*` args.
+    """Turns [`~transformers.Trainer`] into a SAM-family / LLQR+SAM trainer, driven by `sam_*` / `llqr_*` args.
 
     Per optimizer step (window mode, `docs/algorithm.md` §8.5): refresh U on schedule; pass 1 on every micro-batch
     gives g; ε = ρ·Cv/ν(v) (the mode's [`~hf_llqrsam.modes.ModeSpec`]); pass 2 re-runs the window at θ + ε; θ is
-    restored by copy; the descent gradient P·g̃ (GSAM: g̃ − α g⊥) is left in `p.grad` for the Trainer's clip and
-    optimizer step. `sam_mode="none"` with `llqr` off calls the stock `training_step` and nothing else.
+    restored by copy; the descent gradient is left in `p.grad` for the Trainer's clip and optimizer step. The step
+    is [`~hf_llqrsam.engine.SAMEngine`]'s (one per `train()` call, built at its first step); this class only runs the
+    passes. `sam_mode="none"` with `llqr` off calls the stock `training_step` and nothing else.
 
-    The step's state lives in one [`~hf_llqrsam.step.StepState`], made at the step's first micro-batch and dropped at
-    its last (or when a call raises). Every Trainer-method override passes its arguments through to whatever base
-    class the mixin is combined with.
+    Every Trainer-method override passes its arguments through to whatever base class the mixin is combined with.
 
     Example:
 
@@ -113,71 +84,69 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 "LLQRSAMSeq2SeqTrainingArguments."
             )
         validate_launch(self.args)
-        validate_setup_model(self.args, self.model, self.train_dataset)
         validate_fsdp_plugin(self.args, getattr(self.accelerator.state, "fsdp_plugin", None))
+        self.engine: SAMEngine | None = None  # the step engine of the current train() call
+        self._fixed_preconditioner: Preconditioner | None = None
+        self._pending_state: tuple[str, dict[str, Any]] | None = None  # (path, contents) of a checkpoint's state
+        self._llqr_shift: bool | None = None  # llqr_shift_labels, resolved at the first curvature batch
+        self._configure()
+
+    def _configure(self) -> None:
+        """(Re)build the typed configs from `args`: at construction, at each `train()`, after a trial's settings."""
+        if self.model is not None:
+            validate_setup_model(self.args, self.model, self.train_dataset)
         self.llqrsam_enabled = llqrsam_active(self.args)
-        # True while pass 2 (at θ + ε) runs: a `compute_loss` that records metrics can skip them there
-        self.llqrsam_perturbed_pass = False
         self.sam_config = self.args.to_sam_config()
         self.llqr_config = self.args.to_llqr_config()
         self.mode_spec = MODES.get(self.sam_config.mode)
-        if self.sam_config.mode == "past_fsam" and self.sam_config.past_fsam_overlap > 0 and self.args.world_size > 1:
+        llqr = self.llqr_config
+        # where U enters (C = U, P = U); a fixed U set as `trainer.preconditioner` enters both
+        self.u_in_perturbation = llqr.in_perturbation if llqr is not None else True
+        self.u_on_update = llqr.on_update and llqr.apply == "gradient" if llqr is not None else True
+        one_pass = self.mode_spec is not None and self.mode_spec.passes == "one"
+        if one_pass and self.sam_config.past_fsam_overlap > 0 and self.args.world_size > 1:
             raise ValueError(
                 f"Invalid past_fsam_overlap={self.sam_config.past_fsam_overlap!r} with world_size="
                 f"{self.args.world_size}: the overlap window keeps each rank's own recent batches, and a checkpoint "
                 "holds rank 0's only, so it is single-process. Use past_fsam_overlap=0 with several processes."
             )
-        # Where U enters: C = U (modes whose spec allows it) and P = U. Without --llqr, a fixed U that the user sets as
-        # `trainer.preconditioner` (any `hf_llqrsam.sam.Preconditioner`) enters both.
-        llqr = self.llqr_config
-        self.u_in_perturbation = llqr.in_perturbation if llqr is not None else True
-        self.u_on_update = llqr.on_update and llqr.apply == "gradient" if llqr is not None else True
-        self.sam_state = SAMState()
-        self.preconditioner: Any = None  # LLQRPreconditioner, built lazily on the first step
-        self._llqrsam_metrics = RunningMetrics(_COUNTERS)
-        self._named_params: list[tuple[str, nn.Parameter]] | None = None
-        self._pending_state: tuple[str, dict[str, Any]] | None = None  # (path, contents) of a checkpoint's state
-        self._step: StepState | None = None
-        self._last_call_was_sam = False
-        self._last_call_passes = 1  # forward/backward passes of the last training_step call (for floating_point_ops)
-        # past-FSAM, per step: (ḡ and ascents before the ascent, to undo on a skipped step), the fresh batches'
-        # num_items_in_batch, and how many stored steps of the overlap window the pass ran on
-        self._past_undo: tuple[dict[str, Tensor], int] | None = None
-        self._past_nitems: Any = None
-        self._past_used = 0
-        self._wsam_pending: list[tuple[Tensor, Tensor]] = []  # decoupled WSAM: (param, a(g̃ − g) in true units)
-        self._attempt = 0
-        self._attempt_snapshot: tuple[dict[str, Any], dict[str, Any] | None] | None = None
-        self._pre_step_params: list[Tensor] = []
-        self._fsdp2 = False  # the model is sharded by FSDP2 (resolved with the parameters, after prepare)
-        self._llqr_shift: bool | None = None  # llqr_shift_labels, resolved at the first curvature batch
-        self.add_callback(_TrainAttempt(self))
 
-    # ------------------------------------------------------------------ attempts (train() and its retries)
+    # ------------------------------------------------------------------ the engine's state, as attributes
+
+    @property
+    def sam_state(self) -> SAMState:
+        """The SAM-family mode state of the current run (FSAM ḡ, VaSSO d, …)."""
+        return self.engine.state if self.engine is not None else SAMState()
+
+    @property
+    def preconditioner(self) -> Any:
+        """U: the learned LLQR preconditioner, or a fixed [`~hf_llqrsam.sam.Preconditioner`] set before `train()`."""
+        return self.engine.preconditioner if self.engine is not None else self._fixed_preconditioner
+
+    @preconditioner.setter
+    def preconditioner(self, value: Preconditioner | None) -> None:
+        self._fixed_preconditioner = value
+        if self.engine is not None and self.llqr_config is None:
+            self.engine.preconditioner = value
+
+    @property
+    def llqrsam_perturbed_pass(self) -> bool:
+        """True while a pass at θ + ε runs: a `compute_loss` that records metrics can skip them there."""
+        return self.engine is not None and self.engine.in_perturbed_pass
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """[`~transformers.Trainer.train`]; with `auto_find_batch_size`, SAM state and U are snapshot first, so an
-        out-of-memory retry starts from the same state as the failed attempt did."""
-        self._attempt = 0
-        self._attempt_snapshot = None
-        if self.llqrsam_enabled and self.args.auto_find_batch_size:
-            pre = None if self.preconditioner is None else self.preconditioner.state_dict()
-            self._attempt_snapshot = (self.sam_state.state_dict(), pre)
+        """[`~transformers.Trainer.train`] with a fresh SAM state and U (`model_init` may build a fresh model).
+
+        Settings are validated again here. Under `auto_find_batch_size`, an out-of-memory retry keeps the SAM state
+        and U as the failed attempt left them, as it keeps the weights; only the failed step is dropped.
+        """
+        self._configure()
+        self.engine = None
         return super().train(*args, **kwargs)
 
-    def _begin_attempt(self) -> None:
-        self._step = None
-        self._wsam_pending = []
-        self._llqrsam_metrics.drain()
-        if self._attempt > 0 and self._attempt_snapshot is not None:
-            sam, pre = self._attempt_snapshot
-            self.sam_state = SAMState()
-            self.sam_state.load_state_dict(sam, device=self.args.device)
-            if pre is None:
-                self.preconditioner = None
-            else:
-                self.preconditioner.load_state_dict(pre)
-        self._attempt += 1
+    def _hp_search_setup(self, trial: Any) -> None:
+        super()._hp_search_setup(trial)  # sets the trial's values on args: the configs follow them
+        self._configure()
 
     # ------------------------------------------------------------------ the loop override
 
@@ -186,72 +155,77 @@ class LLQRSAMTrainerMixin(_MixinBase):
     ) -> Tensor:
         if not self.llqrsam_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
-        if self._step is None:
-            self._step = self._begin_step(model)
-        st = self._step
+        engine = self._engine_ready()
+        st = engine.current or self._begin_step(engine, model)
         st.calls += 1
-        self._last_call_was_sam = st.is_sam
-        self._last_call_passes = 2 if st.is_sam else 1
+        engine.last_call_passes = 2 if st.kind == "two" else 1
         last = self.accelerator.sync_gradients
         try:
-            if not st.is_sam:
+            if st.kind == "one":
+                loss = self._one_pass_call(engine, st, model, inputs, num_items_in_batch, last)
+            elif st.kind != "two":
                 loss = super().training_step(model, inputs, num_items_in_batch)
-            elif self.mode_spec is not None and self.mode_spec.passes == "one":
-                loss = self._past_call(st, model, inputs, num_items_in_batch, last)
             elif self.sam_config.accumulation == "window":
-                loss = self._window_call(st, model, inputs, num_items_in_batch, last)
+                loss = self._window_call(engine, st, model, inputs, num_items_in_batch, last)
             else:
-                loss = self._micro_call(st, model, inputs, num_items_in_batch)
+                loss = self._micro_call(engine, st, model, inputs, num_items_in_batch)
             if last:
-                self._finish_step(st, model)
+                engine.descend()
         except BaseException:
-            # A failed call (e.g. out of memory) leaves nothing behind: the weights were restored by `_replay`,
-            # the BatchNorm statistics are put back here, and the next call starts a fresh step.
-            copy_into_(batchnorm_buffers(model), st.bn_at_begin)
-            self._undo_past_ascent()
-            self._step = None
+            engine.abort()  # nothing of a failed call (e.g. out of memory) is left behind
             raise
         if last:
-            self._step = None
+            engine.end()
         return loss
 
-    def _begin_step(self, model: nn.Module) -> StepState:
-        self._resolve_params()
-        if self._pending_state is not None:
-            self._load_llqrsam_state(*self._pending_state)
-            self._pending_state = None
-        self._maybe_refresh_preconditioner(model)
-        cfg, step = self.sam_config, self.state.global_step
-        # LookSAM's cadence: the two-pass step every looksam_interval-th step (sam_interval is 1 then)
-        period = cfg.looksam_interval if self.mode_spec is not None and self.mode_spec.passes == "cadence" else 1
-        period *= cfg.interval
-        is_sam = cfg.mode != "none" and step >= cfg.start_step and (step - cfg.start_step) % period == 0
-        self._past_undo, self._past_used, self._wsam_pending = None, 0, []
-        return StepState(step=step, is_sam=is_sam, bn_at_begin=[b.clone() for b in batchnorm_buffers(model)])
+    def _engine_ready(self) -> SAMEngine:
+        if self.engine is None:  # built after `accelerator.prepare` (FSDP2 swaps the parameters there)
+            sam = self.sam_config if self.mode_spec is not None else None
+            self.engine = SAMEngine(
+                unwrap(self.model), sam, llqr=self.llqr_config, preconditioner=self._fixed_preconditioner,
+                device=self.accelerator.device, agree=lambda flag: any_rank(flag, self.args.device),
+                u_in_perturbation=self.u_in_perturbation, u_on_update=self.u_on_update,
+            )  # fmt: skip
+        self.engine.scaler = self.accelerator.scaler
+        if self.optimizer is not None:
+            self.engine.attach(self._inner_optimizer())
+        return self.engine
 
-    def _past_call(self, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool) -> Tensor:
+    def _begin_step(self, engine: SAMEngine, model: nn.Module) -> StepState:
+        if self._pending_state is not None:
+            path, state = self._pending_state
+            self._pending_state = None
+            with _flag_names():
+                engine.load_state_dict(state, source=path)
+        with _flag_names():
+            self._maybe_refresh(engine, model)
+        return engine.begin(self.state.global_step)
+
+    def _rho(self, step: int) -> float:
+        cfg = self.sam_config
+        optimizer = self.optimizer
+        lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else self.args.learning_rate
+        return rho_at(cfg.rho_schedule, step, cfg.rho, cfg.rho_min, lr=lr, lr_max=self.args.learning_rate)
+
+    def _one_pass_call(
+        self, engine: SAMEngine, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool
+    ) -> Tensor:
         """past-FSAM: one pass at θ + ε on this micro-batch, ε built once per step from the state alone.
 
         The reference (`lqr_optimizer/_src/utils/sam_mode_handlers.py:_build_past_fsam_train_step`) runs no pass at
-        θ: ε = ρ·Cv/ν with v = g̃ₜ₋₁ − σḡ, g̃ₜ₋₁ the previous step's gradient at its perturbed point, on the previous
-        batch; this step's one pass gives g̃ₜ, the descent and the next g̃ₜ₋₁. With `past_fsam_overlap` f the last call
-        also runs the stored micro-batches of the K − 1 previous steps at θ + ε (the reference's overlapping batch
-        windows, `utils.py:prepare_dataloader`), and [`_finish_step`] averages over the K steps. θ is restored by copy
-        after every call.
+        θ. With `past_fsam_overlap` f the last call also runs the stored micro-batches of the K − 1 previous steps
+        at θ + ε (the reference's overlapping batch windows, `utils.py:prepare_dataloader`); the engine averages.
         """
         if st.calls == 1:
-            self._past_nitems = nitems
-            self._perturb_from_state(st)
+            st.num_items = nitems
+            engine.ascend(self._rho(st.step))
         st.inputs.append(inputs)
         passes: list[tuple[dict[str, Any], Any]] = [(inputs, nitems)]
         if last:
-            stored = self._past_window()
-            self._past_used = len(stored)
+            stored = engine.overlap_window()
+            st.extra_passes = len(stored)
             passes += [(mb, entry["num_items"]) for entry in stored for mb in entry["inputs"]]
-        params = [p for _, p in self._named_params or []]
-        pert = st.perturbation
-        backups = apply_perturbation_(params, pert.eps) if pert is not None else None
-        try:
+        with engine.perturbed(zero_grads=False):
             for j, (batch, n) in enumerate(passes):
                 # one pass: the Trainer's own sync context; with stored batches, sync only the very last backward
                 ctx = contextlib.nullcontext() if len(passes) == 1 else grad_sync(model, j == len(passes) - 1)
@@ -260,48 +234,12 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 if j == 0:
                     loss = loss_j
                     st.perturbed_loss += loss_j
-        finally:
-            if backups is not None:
-                restore_(params, backups)
-        self._last_call_passes = len(passes)
+        engine.last_call_passes = len(passes)
         return loss
 
-    def _past_window(self) -> list[dict[str, Any]]:
-        """The stored steps of past-FSAM's overlap window this step's pass runs on (at most K − 1, newest last)."""
-        keep = past_fsam_window(self.sam_config.past_fsam_overlap) - 1
-        return self.sam_state.batches[-keep:] if keep > 0 else []
-
-    def _perturb_from_state(self, st: StepState) -> None:
-        """past-FSAM's ε from the stored g̃ₜ₋₁ and ḡ (no pass 1); ḡ's update is undone if the step is skipped."""
-        cfg = self.sam_config
-        names = [n for n, _ in self._named_params or []]
-        params = [p for _, p in self._named_params or []]
-        g_last = self.sam_state.get("g_last", names, params)
-        self._past_undo = (dict(self.sam_state.buffers.get("gbar", {})), self.sam_state.ascents)
-        lr = float(cast(torch.optim.Optimizer, self.optimizer).param_groups[0]["lr"])
-        rho = rho_at(cfg.rho_schedule, st.step, cfg.rho, cfg.rho_min, lr=lr, lr_max=self.args.learning_rate)
-        pert = compute_perturbation(cfg, self.sam_state, names, params, g_last, rho, self._geometry())
-        st.perturbation = pert if pert.finite else None
-        if not pert.finite:
-            st.drop = True
-            self._record("sam/skipped_ascent", 1.0)
-            return
-        self._record("sam/perturbation_norm", pert.perturbation_norm)
-        self._record("sam/rho", rho)
-        self._record("sam/probe_norm", pert.probe_norm)
-
-    def _undo_past_ascent(self) -> None:
-        """Put ḡ and the ascent count back as they were before this step's past-FSAM ascent."""
-        if self._past_undo is not None:
-            gbar, ascents = self._past_undo
-            if gbar:
-                self.sam_state.buffers["gbar"] = gbar
-            else:
-                self.sam_state.buffers.pop("gbar", None)
-            self.sam_state.ascents = ascents
-            self._past_undo = None
-
-    def _window_call(self, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool) -> Tensor:
+    def _window_call(
+        self, engine: SAMEngine, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool
+    ) -> Tensor:
         """Pass 1 on this micro-batch; on the window's last call, one ε from the window gradient and the replays."""
         cfg = self.sam_config
         st.inputs.append(inputs)
@@ -313,245 +251,81 @@ class LLQRSAMTrainerMixin(_MixinBase):
             loss = super().training_step(model, inputs, nitems)
         st.clean_loss += loss
         if last:
-            self._perturb(st)
-            self._replay(st, model, st.inputs, st.rng, nitems, micro=False, bn_before=st.bn_at_begin)
+            engine.ascend(self._rho(st.step))
+            with engine.perturbed(bn_before=st.bn_at_begin):
+                self._replay(st, model, st.inputs, st.rng, nitems, micro=False)
         return loss
 
-    def _micro_call(self, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any) -> Tensor:
+    def _micro_call(
+        self, engine: SAMEngine, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any
+    ) -> Tensor:
         """One ε per micro-batch: pass 1 on its own gradient, then pass 2 accumulates onto the window's sum."""
         cfg = self.sam_config
-        grads = [p.grad for _, p in self._named_params or [] if p.grad is not None]
-        stash = {id(g): g.clone() for g in grads} if grads else None
-        if grads:
-            torch._foreach_zero_(grads)
-        bn_before = [b.clone() for b in batchnorm_buffers(model)] if cfg.bn_stats == "second" else None
+        stash = engine.stash_grads()
+        bn_before = [b.clone() for b in engine._bn] if cfg.bn_stats == "second" else None
         rng = [rng_state()] if cfg.same_dropout else []
         with grad_sync(model, cfg.scope == "global"):  # set before the forward (davda54/sam#78)
             loss = super().training_step(model, inputs, nitems)
         st.clean_loss += loss
-        self._perturb(st)
-        self._replay(st, model, [inputs], rng, nitems, micro=True, bn_before=bn_before, stash=stash)
+        engine.ascend(self._rho(st.step))
+        with engine.perturbed(stash=stash, bn_before=bn_before):
+            self._replay(st, model, [inputs], rng, nitems, micro=True)
         return loss
 
-    def _perturb(self, st: StepState) -> None:
-        """ε from the pass-1 gradient in `p.grad` (the mode's spec decides how); a non-finite ascent drops the step."""
-        cfg = self.sam_config
-        names, params, grads = self._live_grads()
-        lr = float(cast(torch.optim.Optimizer, self.optimizer).param_groups[0]["lr"])  # the live LR (public)
-        rho = rho_at(cfg.rho_schedule, st.step, cfg.rho, cfg.rho_min, lr=lr, lr_max=self.args.learning_rate)
-        pert = compute_perturbation(
-            cfg, self.sam_state, names, params, grads, rho, self._geometry(), self._grad_scale()
-        )
-        finite = pert.finite
-        if cfg.scope == "local":
-            finite = not any_rank(not finite, self.args.device)
-        st.perturbation = pert if finite else None
-        if not finite:
-            st.drop = True
-            self._record("sam/skipped_ascent", 1.0)
-            return
-        self._record("sam/grad_norm", pert.grad_norm)
-        self._record("sam/perturbation_norm", pert.perturbation_norm)
-        self._record("sam/rho", rho)
-        if self.mode_spec is not None and self.mode_spec.probe != "gradient":
-            self._record("sam/probe_norm", pert.probe_norm)
-
     def _replay(
-        self,
-        st: StepState,
-        model: nn.Module,
-        replays: list[dict[str, Any]],
-        rng: list[Any],
-        nitems: Any,
-        micro: bool,
-        bn_before: list[Tensor] | None,
-        stash: dict[int, Tensor] | None = None,
+        self, st: StepState, model: nn.Module, replays: list[dict[str, Any]], rng: list[Any], nitems: Any, micro: bool
     ) -> None:
-        """Pass 2 at θ + ε on `replays`, then the exact restore of θ (`docs/integration.md` §3.3–3.5).
+        """Pass 2 on `replays` (`docs/integration.md` §3.3–3.5), inside the engine's perturbed block.
 
         Window mode replays the whole window, synchronising only the last replay; micro mode runs one pass 2 under
-        the Trainer's own sync context, accumulating onto `stash` (earlier micro-batches' pass-2 sum, if any). A
-        skipped ascent still runs pass 2 at θ, so collectives stay aligned across ranks.
+        the Trainer's own sync context, except under FSDP2, where every pass 2 syncs: unsynced FSDP2 grads stay
+        unsharded, and the next micro-batch's forced pass-1 sync would reduce-scatter them together with its own
+        (`docs/integration.md` §7.4).
         """
-        cfg = self.sam_config
-        _, params, grads = self._live_grads()
-        stashed = stash or {}
-        restored = [g for g in grads if id(g) in stashed]
-        if restored:
-            copy_tensors_(restored, [stashed[id(g)] for g in restored])  # per tensor under FSDP2
-        zeroed = [g for g in grads if id(g) not in stashed]
-        if zeroed:
-            torch._foreach_zero_(zeroed)
-        pert = st.perturbation
-        backups = apply_perturbation_(params, pert.eps) if pert is not None else None
-        self.llqrsam_perturbed_pass = True
-        try:
-            with batchnorm_policy(batchnorm_buffers(model), cfg.bn_stats, bn_before), replayed_rng(cfg.same_dropout):
-                for j, inputs in enumerate(replays):
-                    if cfg.same_dropout:
-                        set_rng_state(rng[j])
-                    # Window replays: no sync until the last; micro: the Trainer's own context decides, except under
-                    # FSDP2, where every pass 2 syncs: unsynced FSDP2 grads stay unsharded, and the next micro-batch's
-                    # forced pass-1 sync would reduce-scatter them together with its own (`docs/integration.md` §7.4).
-                    if micro:
-                        ctx = grad_sync(model, True) if self._fsdp2 else contextlib.nullcontext()
-                    else:
-                        ctx = grad_sync(model, j == len(replays) - 1)
-                    with ctx:
-                        st.perturbed_loss += super().training_step(model, inputs, nitems)
-        finally:
-            self.llqrsam_perturbed_pass = False
-            if backups is not None:
-                restore_(params, backups)
-
-    def _finish_step(self, st: StepState, model: nn.Module) -> None:
-        """At the sync micro-batch: GSAM correction, P = U, finiteness guard and metrics; once per optimizer step.
-
-        A skipped step (non-finite ascent, or a non-finite descent gradient) leaves the weights and the BatchNorm
-        statistics exactly as they were before the step.
-        """
-        names, params, grads = self._live_grads()
-        pert = st.perturbation
-        spec = self.mode_spec
-        commit = self._mode_descent_(st, names, params, grads) if spec is not None else {}
-        descent_ok = spec is None or spec.llqr_descent
-        if self.preconditioner is not None and self.u_on_update and descent_ok:
-            self.preconditioner.apply_(names, grads)
-        nonfinite = not bool(torch.isfinite(total_norm(grads)))
-        if st.drop or nonfinite:
-            self._record("sam/skipped", 1.0)
-            copy_into_(batchnorm_buffers(model), st.bn_at_begin)
-            self._undo_past_ascent()
-            self._wsam_pending = []
-            scaler = self.accelerator.scaler
-            if scaler is not None and scaler.is_enabled():
-                # the scaler skips the step and backs off; under FSDP2 every rank marks its own (non-empty) shard
-                local = (cast(Any, g).to_local() if is_dtensor(g) else g for g in grads)
-                target = next((t for t in local if t.numel()), None)
-                if target is not None and not nonfinite:
-                    target.view(-1)[0] = float("inf")
+        for j, inputs in enumerate(replays):
+            if self.sam_config.same_dropout:
+                set_rng_state(rng[j])
+            if micro:
+                ctx = (
+                    grad_sync(model, True)
+                    if self.engine is not None and self.engine.sharded
+                    else contextlib.nullcontext()
+                )
             else:
-                for p in params:  # no scaler: no grads means the optimizer leaves these weights untouched
-                    p.grad = None
-        else:
-            for kind, tensors in commit.items():
-                self.sam_state.set(kind, names, tensors)
-        keep = past_fsam_window(self.sam_config.past_fsam_overlap) - 1 if spec is not None and st.is_sam else 0
-        if spec is not None and spec.passes == "one" and keep > 0:  # the overlap window advances by one step
-            self.sam_state.batches.append({"inputs": list(st.inputs), "num_items": self._past_nitems})
-            del self.sam_state.batches[:-keep]
-        if st.is_sam:
-            clean, perturbed = float(st.clean_loss), float(st.perturbed_loss)
-            self._record("sam/loss_perturbed", perturbed)
-            if pert is not None and spec is not None and spec.passes != "one":  # past-FSAM has no pass at θ
-                self._record("sam/sharpness", perturbed - clean)
-
-    def _mode_descent_(
-        self, st: StepState, names: list[str], params: list[nn.Parameter], grads: list[Tensor]
-    ) -> dict[str, list[Tensor]]:
-        """The mode's descent, in place on the window gradient, before P = U; returns the SAM state to commit when
-        the step is taken (past-FSAM's g̃ₜ₋₁, LookSAM's g_v), in true units.
-
-        GSAM: g̃ − α g⊥. LookSAM (Liu et al., CVPR 2022, Alg. 1): a full step keeps g̃ and stores g_v, the component of
-        g̃ orthogonal to g; the one-pass steps between become g + α‖g‖ g_v/‖g_v‖. WSAM (Yue et al., KDD 2023): g + a(g̃
-        − g), or, decoupled, g now and θ ← θ − lr·a(g̃ − g) after the optimizer step ([`_wsam_sharpness_step`]).
-        past-FSAM: with an overlap window, the mean over its K steps; g̃ is kept as the next step's g̃ₜ₋₁.
-        """
-        spec, cfg, pert = cast(Any, self.mode_spec), self.sam_config, st.perturbation
-        scale = self._grad_scale()
-        if spec.passes == "one":
-            if not st.is_sam:
-                return {}
-            if self._past_used:
-                torch._foreach_mul_(grads, 1.0 / (1 + self._past_used))
-            fp32 = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in grads]
-            return {"g_last": list(torch._foreach_div(fp32, scale))}
-        if spec.descent == "gsam" and pert is not None:
-            gsam_descent_(grads, pert.clean_grads, cfg.gsam_alpha)
-        elif spec.descent == "looksam":
-            if pert is not None:
-                return {"gv": list(torch._foreach_div(looksam_orthogonal(pert.clean_grads, grads), scale))}
-            if not st.is_sam and st.step >= cfg.start_step and self.sam_state.has("gv"):
-                looksam_reuse_(grads, self.sam_state.get("gv", names, grads), cfg.looksam_alpha)
-        elif spec.descent == "wsam" and pert is not None:
-            sharp = wsam_descent_(grads, pert.clean_grads, cfg.wsam_gamma, cfg.wsam_decouple)
-            if sharp:  # decoupled: applied by the optimizer's post-hook
-                self._wsam_pending = [(p, s.div_(scale)) for p, s in zip(params, sharp, strict=True)]
-        return {}
-
-    # ------------------------------------------------------------------ helpers
-
-    def _resolve_params(self) -> None:
-        # Resolved lazily, after `accelerator.prepare` (FSDP2 swaps params for DTensors there).
-        if self._named_params is None:
-            self._named_params = [(n, p) for n, p in unwrap(self.model).named_parameters() if p.requires_grad]
-            self._fsdp2 = is_fsdp2(self.model)
-
-    def _live_grads(self) -> tuple[list[str], list[nn.Parameter], list[Tensor]]:
-        names, params, grads = [], [], []
-        for n, p in self._named_params or []:
-            if p.grad is not None:
-                names.append(n)
-                params.append(p)
-                grads.append(p.grad)
-        return names, params, grads
-
-    def _grad_scale(self) -> float:
-        scaler = self.accelerator.scaler
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-    def _geometry(self) -> Any:
-        spec = self.mode_spec
-        if self.preconditioner is not None and self.u_in_perturbation and spec is not None and spec.llqr_geometry:
-            return self.preconditioner
-        return None
-
-    def _record(self, key: str, value: float) -> None:
-        self._llqrsam_metrics.record(key, value)
+                ctx = grad_sync(model, j == len(replays) - 1)
+            with ctx:
+                st.perturbed_loss += super().training_step(model, inputs, nitems)
 
     # ------------------------------------------------------------------ LLQR
 
-    def _maybe_refresh_preconditioner(self, model: nn.Module) -> None:
+    def _maybe_refresh(self, engine: SAMEngine, model: nn.Module) -> None:
         """Refresh U at global steps 0, E, 2E, … before `llqr_update_until` (`docs/algorithm.md` §5.4)."""
-        llqr = self.llqr_config
-        if llqr is None:
+        llqr, step = self.llqr_config, self.state.global_step
+        lr_at = self._scheduled_lr if llqr is not None and llqr.apply == "update" else None
+        pre = engine.learned
+        if llqr is None or pre is None or not engine.refresh_due(step, lr_at=lr_at):
             return
-        from .llqr import LLQRPreconditioner, make_update_probe
+        from .llqr import make_update_probe
 
-        module = unwrap(model)
-        if self.preconditioner is None:
-            self.preconditioner = LLQRPreconditioner(module, llqr, device=self.accelerator.device)
-        step = self.state.global_step
-        lr_at = self._scheduled_lr if llqr.apply == "update" else None
-        if not self.preconditioner.is_due(step, lr_at=lr_at) or self.preconditioner.last_update_step == step:
-            return
-        if self.preconditioner.num_updates == 0:
+        if pre.num_updates == 0:
             logger.info(f"LLQR: fitting U on {llqr.batch_size} curvature examples before step {step} (a pause).")
+        module, fsdp2 = unwrap(model), engine.sharded
         probe = None
         if llqr.apply == "update":
             probe = make_update_probe(self._inner_optimizer(), module)
-            if self._fsdp2:  # Δ_opt(g) from the sharded optimizer state, gathered for the inner loop
+            if fsdp2:  # Δ_opt(g) from the sharded optimizer state, gathered for the inner loop
                 probe = sharded_update_probe(probe, dict(module.named_parameters()))
-        batch = self._curvature_batch(step)
-        start = time.perf_counter()
         # FSDP2: the curvature runs on a hook-free unsharded view (through FSDP2's hooks every product is zero)
-        target = unsharded_view(module) if self._fsdp2 else module
-        metrics = self.preconditioner.update(
-            target, batch, step=step, extractor=self.llqr_logits_and_targets, update_probe=probe,
+        metrics = engine.refresh(
+            step, self._curvature_batch(step), model=unsharded_view(module) if fsdp2 else module,
+            broadcast=accelerate_broadcast, extractor=self.llqr_logits_and_targets, update_probe=probe,
             pad_token_id=_pad_token_id(module) if llqr.include_pad_rows else None, all_reduce=accelerate_all_reduce,
         )  # fmt: skip
-        del target
-        # identical U on every rank, free of floating-point drift (FSDP2 shards have one owner and are skipped)
-        self.preconditioner.broadcast_(0, broadcast=accelerate_broadcast)
-        seconds = time.perf_counter() - start
-        metrics["llqr/update_seconds"] = seconds
         logger.info(
-            f"LLQR refresh {self.preconditioner.num_updates} at step {step}: {seconds:.2f} s "
+            f"LLQR refresh {pre.num_updates} at step {step}: {metrics['llqr/update_seconds']:.2f} s "
             f"(J {metrics.get('llqr/objective_start', float('nan')):.4g} -> "
             f"{metrics.get('llqr/objective_end', float('nan')):.4g})"
         )
-        for key, value in metrics.items():
-            self._record(key, value)
 
     def llqr_logits_and_targets(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """`(logits[rows, C], targets[rows], row_mask[rows])` of the curvature batch (`docs/integration.md` §5.3).
@@ -620,55 +394,17 @@ class LLQRSAMTrainerMixin(_MixinBase):
         return cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        """The base optimizer; with `llqr_apply="update"`, step hooks rewrite θ ← θ_old + U(θ − θ_old).
-
-        The hooks sit on the torch optimizer itself, so they fire only on steps that really happen (not on steps the
-        fp16 scaler skips), and act on the full update: LR, momentum/Adam normalisation and weight decay included
-        (`docs/algorithm.md` §7.3).
-        """
+        """The base optimizer; `llqr_apply="update"` needs one whose dry-run update is known in closed form."""
         optimizer = super().create_optimizer(*args, **kwargs)
         llqr = self.llqr_config
-        if llqr is not None and llqr.apply == "update":
-            if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-                raise ValueError(
-                    f"Invalid llqr_apply='update' with optimizer {type(optimizer).__name__} (optim="
-                    f"{self.args.optim!r}): it needs the closed-form dry-run update of SGD, Adam or AdamW. Use "
-                    "--optim sgd, adamw_torch or adam, or llqr_apply='gradient'."
-                )
-            optimizer.register_step_pre_hook(self._snapshot_before_step)
-            optimizer.register_step_post_hook(self._precondition_update)
-        if self.sam_config.mode == "wsam" and self.sam_config.wsam_decouple:
-            optimizer.register_step_post_hook(self._wsam_sharpness_step)
+        closed_form = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+        if llqr is not None and llqr.apply == "update" and type(optimizer) not in closed_form:
+            raise ValueError(
+                f"Invalid llqr_apply='update' with optimizer {type(optimizer).__name__} (optim={self.args.optim!r}): "
+                "it needs the closed-form dry-run update of SGD, Adam or AdamW. Use --optim sgd, adamw_torch or adam, "
+                "or llqr_apply='gradient'."
+            )
         return optimizer
-
-    def _wsam_sharpness_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Decoupled WSAM, after the base optimizer stepped on g: θ ← θ − lr·a(g̃ − g), lr of the param's group.
-
-        `pytorch_optimizer.WSAM.second_step` (4.1.0, `decouple=True`) and the paper's Algorithm 1 (Yue et al., KDD
-        2023): the sharpness term takes a plain SGD step. A post-hook, so it runs only on steps the optimizer took.
-        """
-        if not self._wsam_pending:
-            return
-        lr = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
-        with torch.no_grad():
-            for p, sharp in self._wsam_pending:
-                if id(p) in lr:
-                    p.add_(sharp.to(p.dtype), alpha=-lr[id(p)])
-        self._wsam_pending = []
-
-    def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._pre_step_params = [p.detach().clone() for _, p in self._named_params or []]
-
-    def _precondition_update(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.preconditioner is None or self._named_params is None:
-            return
-        names = [n for n, _ in self._named_params]
-        params = [p.detach() for _, p in self._named_params]
-        with torch.no_grad():
-            delta = list(torch._foreach_sub(params, self._pre_step_params))
-            self.preconditioner.apply_(names, delta)
-            copy_tensors_(params, torch._foreach_add(self._pre_step_params, delta))
-        self._pre_step_params = []
 
     # ------------------------------------------------------------------ other Trainer overrides
 
@@ -676,103 +412,16 @@ class LLQRSAMTrainerMixin(_MixinBase):
         """Every pass is counted: two on SAM steps, one on LookSAM's reuse steps, one (plus the stored batches of the
         overlap window) on past-FSAM's (the Trainer calls this once per `training_step`)."""
         flops = super().floating_point_ops(*args, **kwargs)
-        return self._last_call_passes * flops if self.llqrsam_enabled else flops
+        engine = self.engine
+        return engine.last_call_passes * flops if self.llqrsam_enabled and engine is not None else flops
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Merge the `sam/*` and `llqr/*` metrics into training logs: counters summed, the rest averaged."""
-        if self._llqrsam_metrics and "loss" in logs:
-            logs.update(self._llqrsam_metrics.drain())
+        if self.engine is not None and self.engine.metrics and "loss" in logs:
+            logs.update(self.engine.metrics.drain())
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-
-    def _llqrsam_state_dict(self) -> dict[str, Any]:
-        return {
-            "sam": self.sam_state.state_dict(),
-            "llqr": self.preconditioner.state_dict() if self.preconditioner is not None else None,
-            "config": {"sam_mode": self.sam_config.mode, "llqr": self.llqr_config is not None},
-        }
-
-    def _load_llqrsam_state(self, path: str, state: dict[str, Any]) -> None:
-        """Materialise a checkpoint's SAM state and U (validated); warn about any part this run will not use.
-
-        An FSDP2 checkpoint's shards are read first, with DCP, into tensors like the live ones (a collective: this
-        runs on every rank at the first `training_step`); SAM buffers are then stored like their parameters.
-        """
-        from .sharded_state import has_placeholders, load_sharded
-
-        if self.llqr_config is not None and self.preconditioner is None and state["llqr"] is not None:
-            from .llqr import LLQRPreconditioner
-
-            self.preconditioner = LLQRPreconditioner(unwrap(self.model), self.llqr_config, self.accelerator.device)
-        if has_placeholders(state):
-            state = load_sharded(os.path.dirname(path), state, self._shard_template)
-        config = state["config"]
-        holds = describe_state(state)
-        mode = self.sam_config.mode
-        if config["sam_mode"] == mode:
-            kinds = set(self.mode_spec.state) if self.mode_spec is not None else set()
-            extra = set(state["sam"]["buffers"]) - kinds
-            if extra:
-                raise LLQRSAMStateError(
-                    f"Invalid {path}: SAM buffers {sorted(extra)} do not belong to sam_mode={mode!r} "
-                    f"(expected {sorted(kinds) or 'none'}). The file does not match this run; resume from a "
-                    "checkpoint of this run or delete the file."
-                )
-            try:
-                self.sam_state.load_state_dict(state["sam"], device=self.args.device)
-            except ValueError as err:
-                raise LLQRSAMStateError(f"{path}: {err}") from err
-            self._align_sam_buffers()
-        elif holds["sam"]:
-            logger.warning(
-                f"The checkpoint's SAM state was written with sam_mode={config['sam_mode']!r}; this run has "
-                f"sam_mode={mode!r}, so that state is not used and the SAM state starts fresh."
-            )
-        if state["llqr"] is None:
-            if self.llqr_config is not None:
-                logger.warning("The checkpoint holds no LLQR state: this run starts with U = I.")
-            return
-        if self.llqr_config is None:
-            logger.warning(
-                "The checkpoint holds a learned LLQR preconditioner U, but this run has llqr=False: U is not used."
-            )
-            return
-        from .llqr import LLQRPreconditioner
-
-        if self.preconditioner is None:
-            self.preconditioner = LLQRPreconditioner(unwrap(self.model), self.llqr_config, self.accelerator.device)
-        self.preconditioner.load_state_dict(state["llqr"], source=path)
-
-    def _shard_template(self, path: tuple[str, ...], size: torch.Size, dtype: torch.dtype) -> Tensor:
-        """The tensor a DCP shard of an FSDP2 checkpoint is read into (`hf_llqrsam/sharded_state.py`).
-
-        Like the live tensor it replaces (a tensor of U, or the parameter a SAM buffer belongs to): for a DTensor only
-        this rank's shard is read, whatever the world size that wrote it; otherwise a plain tensor of the saved size,
-        read whole (a DDP or one-process resume, or a tensor this run does not have, which validation then reports).
-        """
-        live: Tensor | None = None
-        if len(path) == 4 and path[:2] == ("llqr", "blocks") and self.preconditioner is not None:
-            names = self.preconditioner.names
-            if path[2] in names:
-                live = self.preconditioner.structure.blocks[names.index(path[2])].get(path[3])
-        elif len(path) == 4 and path[:2] == ("sam", "buffers"):
-            live = dict(self._named_params or []).get(path[3])
-        if live is not None and tuple(live.shape) == tuple(size):
-            return torch.empty_like(live, dtype=dtype)
-        return torch.empty(size, dtype=dtype, device=self.args.device)
-
-    def _align_sam_buffers(self) -> None:
-        """Store each loaded SAM buffer like its parameter: an FSDP2 shard for a DTensor parameter (a local slice of
-        a whole saved buffer), a whole tensor otherwise (a gathered shard)."""
-        from .llqr.sharding import full_tensor, shard_like
-
-        params = dict(self._named_params or [])
-        for store in self.sam_state.buffers.values():
-            for name, t in list(store.items()):
-                p = params.get(name)
-                if p is not None and is_dtensor(p) != is_dtensor(t):
-                    store[name] = shard_like(t, p) if is_dtensor(p) else full_tensor(t)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -786,11 +435,11 @@ class LLQRSAMTrainerMixin(_MixinBase):
         structure, entries, min, max, mean, RMS displacement from I, fraction at `llqr_min_diag` and the step of
         the last refresh ([`~hf_llqrsam.llqr.LLQRPreconditioner.u_summary`]).
         """
-        if not self.llqrsam_enabled:
+        if not self.llqrsam_enabled or self.engine is None:
             return
         from .sharded_state import save_sharded, split_dtensors
 
-        state, shards = split_dtensors(self._llqrsam_state_dict())
+        state, shards = split_dtensors(self.engine.state_dict())
         if shards:
             save_sharded(output_dir, shards)  # a collective
         summary = self.preconditioner.u_summary() if self.preconditioner is not None else None  # FSDP2: a collective
@@ -864,6 +513,19 @@ class LLQRSAMTrainerMixin(_MixinBase):
         if self.is_world_process_zero():
             with open(os.path.join(str(self.args.output_dir), "README.md"), "a", encoding="utf-8") as f:
                 f.write(method_card_section(self.args))
+
+
+@contextlib.contextmanager
+def _flag_names() -> Iterator[None]:
+    """Errors of the math and the engine name config fields (`LLQRConfig.inner_lr`); the Trainer's user sets flags
+    (`llqr_inner_lr`), so a `ValueError` that names a field is raised again naming the flag."""
+    try:
+        yield
+    except ValueError as err:
+        text = re.sub(r"\bLLQRConfig\.(\w+)", r"llqr_\1", str(err))
+        if text == str(err):
+            raise
+        raise type(err)(text) from err
 
 
 _TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])

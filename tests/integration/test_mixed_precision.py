@@ -64,7 +64,7 @@ def test_scaled_gradients_give_the_unscaled_step(tmp_path, mode, extra):
     scaler = _with_cpu_scaler(trainer)
     unscale_calls = []
     original_unscale = scaler.unscale_
-    scaler.unscale_ = lambda opt: (unscale_calls.append(trainer._step is None), original_unscale(opt))[1]
+    scaler.unscale_ = lambda opt: (unscale_calls.append(trainer.engine.current is None), original_unscale(opt))[1]
     trainer.train()
     # once per optimizer step, inside scaler.step(), never from within an optimizer step's training_step calls
     assert unscale_calls == [True, True, True]
