@@ -17,13 +17,20 @@ LLQR state is refused: its U cannot be checked against the run.
 [`validate_sam_state`] against the live parameters, before any step runs.
 """
 
+import json
+import logging
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.trainer import FSDP_MODEL_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils.peft_utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from .modes import MODES, SAM_MODE_NAMES
 
@@ -33,11 +40,15 @@ __all__ = [
     "SHARDED_FORMAT_VERSION",
     "STATE_FILE",
     "LLQRSAMStateError",
+    "checkpoint_problem",
     "describe_state",
+    "last_complete_checkpoint",
     "load_state",
     "save_state",
     "validate_sam_state",
 ]
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "llqrsam_state.pt"
 FORMAT_VERSION = 2
@@ -310,3 +321,109 @@ def _check_buffers(
                 raise _sam_refused(path, f"{where} has dtype {t.dtype}, not a floating dtype")
             if not bool(torch.isfinite(t).all()):
                 raise _sam_refused(path, f"{where} holds non-finite values, so every later ascent would be skipped")
+
+
+# ---------------------------------------------------------------------------------------------- complete checkpoints
+
+_WEIGHT_FILES = (
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    WEIGHTS_INDEX_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    f"{FSDP_MODEL_NAME}.bin",
+)
+_CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # as transformers' get_last_checkpoint
+
+
+def _has_weights(checkpoint: str) -> bool:
+    """The weights `Trainer._load_from_checkpoint` accepts: a weights, index or adapter file, an FSDP sharded folder
+    (`pytorch_model_fsdp_*`), one folder per adapter; or a DeepSpeed engine folder (`global_step*`)."""
+    if any(os.path.isfile(os.path.join(checkpoint, name)) for name in _WEIGHT_FILES):
+        return True
+    for name in os.listdir(checkpoint):
+        folder = os.path.join(checkpoint, name)
+        if not os.path.isdir(folder):
+            continue
+        if FSDP_MODEL_NAME in name or name.startswith("global_step"):
+            return True
+        if any(os.path.isfile(os.path.join(folder, f)) for f in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)):
+            return True
+    return False
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed from, or `None` when it is complete.
+
+    Complete means: `trainer_state.json` is there and parses (`Trainer._save_checkpoint` writes it last, so a save
+    killed before its end leaves none), the model or adapter weights are there, and a `llqrsam_state.pt`, if there is
+    one, loads ([`load_state`]).
+
+    Args:
+        checkpoint (`str`): the checkpoint folder.
+
+    Returns:
+        `str | None`: what is missing or broken, in a few words; `None` for a complete checkpoint.
+    """
+    trainer_state = os.path.join(checkpoint, TRAINER_STATE_NAME)  # written last by Trainer._save_checkpoint
+    if not os.path.isfile(trainer_state):
+        return f"no {TRAINER_STATE_NAME}: its save was interrupted"
+    try:
+        with open(trainer_state, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{TRAINER_STATE_NAME} cannot be read ({type(err).__name__}): its save was interrupted"
+    if not _has_weights(checkpoint):
+        return "no model or adapter weights"
+    try:
+        load_state(checkpoint)
+    except LLQRSAMStateError as err:
+        return f"{STATE_FILE} is unusable ({err})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir`, for resuming; `None` if there is none.
+
+    transformers' `get_last_checkpoint` returns the newest `checkpoint-N` folder whatever it holds, so a save killed
+    half-way (a `checkpoint-N` with weights but no `trainer_state.json`) would be chosen by every later resume and
+    fail each one. Here an incomplete folder ([`checkpoint_problem`]) is skipped, with one warning naming each skipped
+    folder and why; nothing is deleted.
+
+    Args:
+        output_dir (`str`): the run's output directory.
+
+    Returns:
+        `str | None`: the path of the newest complete checkpoint.
+
+    Example:
+
+    ```python
+    >>> from hf_llqrsam.checkpoint import last_complete_checkpoint
+    >>> trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))  # doctest: +SKIP
+    ```
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_DIR.match(name)
+        if match is not None and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(match.group(1)), name))
+    skipped = []
+    found = None
+    for _, name in sorted(steps, reverse=True):
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            found = path
+            break
+        skipped.append(f"{path} ({problem})")
+    if skipped:
+        logger.warning(
+            f"Skipping {len(skipped)} incomplete checkpoint(s), newest first: {'; '.join(skipped)}. "
+            + (f"Resuming from {found} instead." if found else "No complete checkpoint is left to resume from.")
+            + " Delete the incomplete folder(s) once you no longer need them."
+        )
+    return found

@@ -15,9 +15,10 @@ import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_llqrsam.args import cli_errors
+from hf_llqrsam.checkpoint import last_complete_checkpoint
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 FRESH_HELP = (
@@ -92,9 +93,11 @@ def checkpoint_steps(checkpoint: str) -> tuple[int, int]:
 
 
 def last_checkpoint(logger: logging.Logger, training_args: Any, fresh: bool = False) -> str | None:
-    """The newest checkpoint in `--output_dir` when training without an explicit `--resume_from_checkpoint`, said
-    at WARNING. With `fresh` (`--fresh`), the checkpoint-* folders there are deleted instead and None is returned:
-    a stale checkpoint-640 would otherwise outlive the new run's checkpoints and be resumed from later."""
+    """The newest complete checkpoint in `--output_dir` when training without an explicit `--resume_from_checkpoint`,
+    said at WARNING. A checkpoint whose save was interrupted (no `trainer_state.json`, no weights, an unusable
+    `llqrsam_state.pt`) is skipped with a warning naming it ([`~hf_llqrsam.checkpoint.last_complete_checkpoint`]).
+    With `fresh` (`--fresh`), the checkpoint-* folders there are deleted instead and None is returned: a stale
+    checkpoint-640 would otherwise outlive the new run's checkpoints and be resumed from later."""
     if fresh and training_args.resume_from_checkpoint is not None:
         raise ValueError("--fresh starts over and --resume_from_checkpoint resumes: pass one of them.")
     if not training_args.do_train or training_args.resume_from_checkpoint is not None:
@@ -113,7 +116,7 @@ def last_checkpoint(logger: logging.Logger, training_args: Any, fresh: bool = Fa
             for path in stale:
                 shutil.rmtree(path)
         return None
-    found = get_last_checkpoint(output_dir)
+    found = last_complete_checkpoint(output_dir)
     if found is not None and training_args.should_log:
         step, max_steps = checkpoint_steps(found)
         logger.warning(

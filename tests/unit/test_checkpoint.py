@@ -12,7 +12,9 @@ from hf_llqrsam.checkpoint import (
     FORMAT_VERSION,
     STATE_FILE,
     LLQRSAMStateError,
+    checkpoint_problem,
     describe_state,
+    last_complete_checkpoint,
     load_state,
     save_state,
     validate_sam_state,
@@ -356,3 +358,72 @@ def test_a_buffer_is_checked_against_the_global_shape_of_its_parameter(tmp_path)
         validate_sam_state(state, "f", mode="fsam", params=params)
     params = {name: torch.empty(p.shape, device="meta") for name, p in _model().named_parameters()}
     validate_sam_state(state, "f", mode="fsam", params=params)  # only the shape of the parameter is read
+
+
+# ---------------------------------------------------------------------------------------------- complete checkpoints
+
+
+def _checkpoint(out, step: int, *files: str, state: bytes | None = None) -> str:
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("{}" if name.endswith(".json") else "weights")
+    if state is not None:
+        (path / STATE_FILE).write_bytes(state)
+    return str(path)
+
+
+def test_last_complete_checkpoint_skips_incomplete_ones_naming_them(tmp_path, caplog):
+    good_state = tmp_path / "good"
+    good_state.mkdir()
+    save_state(str(good_state), _state(llqr=False))
+    state_bytes = (good_state / STATE_FILE).read_bytes()
+    out = tmp_path / "out"
+    complete = _checkpoint(out, 3, "trainer_state.json", "model.safetensors", state=state_bytes)
+    _checkpoint(out, 10, "trainer_state.json", "model.safetensors", state=b"")  # state file cut at 0 bytes
+    _checkpoint(out, 8, "model.safetensors", "optimizer.pt")  # killed before trainer_state.json
+    _checkpoint(out, 9, "trainer_state.json")  # no weights
+    _checkpoint(out, 7, "model.safetensors")
+    (out / "checkpoint-7" / "trainer_state.json").write_text('{"global_step": 7, "log_hi')  # a cut JSON
+    _checkpoint(out, 2, "trainer_state.json", "model.safetensors")
+    (out / "checkpoint-11").write_text("not a folder")
+    (out / "checkpoint-final").mkdir()
+    with caplog.at_level("WARNING", logger="hf_llqrsam.checkpoint"):
+        assert last_complete_checkpoint(str(out)) == complete
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "hf_llqrsam.checkpoint"]
+    order = [message.index(os.path.join(str(out), f"checkpoint-{n} (")) for n in (10, 9, 8, 7)]
+    assert order == sorted(order), message  # newest first, each named with its reason
+    assert "llqrsam_state.pt is unusable" in message and "no model or adapter weights" in message
+    assert "no trainer_state.json: its save was interrupted" in message and "JSONDecodeError" in message
+    assert f"Resuming from {complete} instead" in message
+    assert os.path.isdir(out / "checkpoint-8")  # nothing is deleted
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        ["model.safetensors"],
+        ["pytorch_model.bin"],
+        ["model.safetensors.index.json"],
+        ["adapter_model.safetensors"],
+        ["adapter_model.bin"],
+        ["pytorch_model_fsdp_0/__0_0.distcp"],  # FSDP SHARDED_STATE_DICT
+        ["pytorch_model_fsdp.bin"],
+        ["my_adapter/adapter_model.safetensors"],  # several PEFT adapters, one folder each
+        ["global_step4/mp_rank_00_model_states.pt"],  # a DeepSpeed engine checkpoint
+    ],
+)
+def test_what_counts_as_weights(tmp_path, caplog, weights):
+    complete = _checkpoint(tmp_path, 4, "trainer_state.json", *weights)
+    assert checkpoint_problem(complete) is None
+    assert last_complete_checkpoint(str(tmp_path)) == complete and not caplog.records
+
+
+def test_no_complete_checkpoint(tmp_path, caplog):
+    assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+    assert last_complete_checkpoint(str(tmp_path)) is None and not caplog.records
+    _checkpoint(tmp_path, 5, "model.safetensors")
+    with caplog.at_level("WARNING", logger="hf_llqrsam.checkpoint"):
+        assert last_complete_checkpoint(str(tmp_path)) is None
+    assert "No complete checkpoint is left" in caplog.text and "checkpoint-5 (no trainer_state.json" in caplog.text
