@@ -35,6 +35,7 @@ stays anchored at step 0: after a milestone the next refresh is the next multipl
 """
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 from .config import LLQRConfig
@@ -43,7 +44,9 @@ __all__ = [
     "check_schedules",
     "ema_decay_at",
     "inner_lr_at",
+    "on_refresh_grid",
     "parse_milestones",
+    "refresh_due",
     "scheduled_value",
     "update_interval_at",
 ]
@@ -92,16 +95,21 @@ def ema_decay_at(config: LLQRConfig, step: int) -> float:
     )
 
 
-def parse_milestones(text: str | None) -> Milestones:
+def parse_milestones(text: str | None, field: str = "LLQRConfig.update_interval_milestones") -> Milestones:
     """`"k₁:E₁,k₂:E₂,…"` as `((k₁, E₁), (k₂, E₂), …)`; `None` or an empty string gives `()`.
 
+    Args:
+        text (`str`, *optional*): the milestones.
+        field (`str`, *optional*, defaults to `"LLQRConfig.update_interval_milestones"`): what to call `text` in
+            messages (the argument layer passes its flag's name).
+
     Raises:
-        `ValueError`: naming `llqr_update_interval_milestones`, for a malformed pair, a step < 1, an interval < 1 or
-            steps that do not strictly increase.
+        `ValueError`: naming `field`, for a malformed pair, a step < 1, an interval < 1 or steps that do not
+            strictly increase.
     """
     if text is None or not text.strip():
         return ()
-    where = f"Invalid llqr_update_interval_milestones={text!r}"
+    where = f"Invalid {field}={text!r}"
     out: list[tuple[int, int]] = []
     for item in text.split(","):
         parts = item.strip().split(":")
@@ -110,7 +118,7 @@ def parse_milestones(text: str | None) -> Milestones:
         step, interval = int(parts[0]), int(parts[1])
         if step < 1 or interval < 1:
             raise ValueError(
-                f"{where}: in {item.strip()!r} the step must be >= 1 (llqr_update_interval covers step 0) and the "
+                f"{where}: in {item.strip()!r} the step must be >= 1 (the base interval covers step 0) and the "
                 "interval >= 1."
             )
         if out and step <= out[-1][0]:
@@ -133,14 +141,68 @@ def check_schedules(config: LLQRConfig) -> Milestones:
     """Check the schedule settings of `config` and return the parsed milestones.
 
     Raises:
-        `ValueError`: a `cosine` / `warmup` schedule without its length, or malformed milestones.
+        `ValueError`: naming the `LLQRConfig` field: a `cosine` / `warmup` schedule without its length, or malformed
+            milestones.
     """
     for name in ("inner_lr", "ema"):
         schedule = getattr(config, f"{name}_schedule")
         steps = getattr(config, f"{name}_schedule_steps")
         if schedule != "constant" and (steps is None or steps < 1):
             raise ValueError(
-                f"Invalid llqr_{name}_schedule_steps={steps!r} with llqr_{name}_schedule={schedule!r}: the "
-                f"{schedule} schedule needs its length in optimizer steps (>= 1)."
+                f"Invalid LLQRConfig.{name}_schedule_steps={steps!r} with LLQRConfig.{name}_schedule={schedule!r}: "
+                f"the {schedule} schedule needs its length in optimizer steps (>= 1)."
             )
     return parse_milestones(config.update_interval_milestones)
+
+
+def on_refresh_grid(config: LLQRConfig, milestones: Milestones, step: int) -> bool:
+    """k mod E(k) = 0 and k < `update_until`: the refresh grid 0, E, 2E, … (`docs/algorithm.md` §5.4).
+
+    Args:
+        config (`LLQRConfig`): reads `update_interval` and `update_until`.
+        milestones (`Milestones`): `config.update_interval_milestones`, parsed ([`check_schedules`]).
+        step (`int`): the optimizer step k.
+    """
+    until = config.update_until
+    return step % update_interval_at(config.update_interval, milestones, step) == 0 and (until is None or step < until)
+
+
+def refresh_due(
+    config: LLQRConfig,
+    milestones: Milestones,
+    step: int,
+    last_update_step: int | None,
+    lr_at: Callable[[int], float] | None = None,
+) -> bool:
+    """Whether a refresh runs before optimizer step `step`: k on the grid ([`on_refresh_grid`]), once per k (§5.4).
+
+    A pure function of k, the config, the schedule `lr_at` and the step of the last refresh, so resume needs no
+    state beyond `last_update_step`. The reference's cadence is `step % precond_up_sched(step) == 0`
+    (github.com/SimonDufLab/LLQR, d2c62b3, `run.py:main`).
+
+    With `apply="update"` and `lr_at` (k ↦ the base optimizer's learning rate at step k, from the LR schedule) a
+    refresh needs an informative probe Δ_opt(g), which is zero at a zero learning rate: a grid step whose LR is 0
+    (a warm-up that starts at 0) is deferred to the first later step with LR > 0, and the grid itself is unchanged
+    (the refreshes after it stay at E, 2E, …). So k is due when LR(k) > 0 and, walking back from k, a grid step is
+    met before any earlier step with LR > 0. In `gradient` mode, or without `lr_at`, `lr_at` is not read.
+
+    Args:
+        config (`LLQRConfig`): reads `update_interval`, `update_until` and `apply`.
+        milestones (`Milestones`): the parsed `update_interval_milestones` ([`check_schedules`]).
+        step (`int`): the optimizer step k.
+        last_update_step (`int`, *optional*): the step of the last refresh (run or skipped); never due twice.
+        lr_at (`Callable[[int], float]`, *optional*): the base optimizer's learning rate at a step.
+    """
+    if step == last_update_step:
+        return False
+    if config.apply != "update" or lr_at is None:
+        return on_refresh_grid(config, milestones, step)
+    until = config.update_until
+    if (until is not None and step >= until) or not lr_at(step) > 0:
+        return False
+    for k in range(step, -1, -1):  # usually two look-ups: LR(k) > 0 and LR(k − 1) > 0 end it off the grid
+        if k < step and lr_at(k) > 0:
+            return False  # a step with LR > 0 after the last grid step: that step had the refresh
+        if on_refresh_grid(config, milestones, k):
+            return True
+    return False

@@ -90,8 +90,14 @@ def test_milestones_parse_and_interval():
         ("20:3,10:7", "must strictly increase"),
         ("10:3,10:7", "must strictly increase"),
     ]:
-        with pytest.raises(ValueError, match=rf"Invalid llqr_update_interval_milestones='{bad}'.*{match}"):
+        with pytest.raises(ValueError, match=rf"Invalid LLQRConfig\.update_interval_milestones='{bad}'.*{match}"):
             parse_milestones(bad)
+
+
+def test_milestone_errors_name_the_field_the_caller_gives():
+    """The math names the `LLQRConfig` field; the argument layer passes its flag instead."""
+    with pytest.raises(ValueError, match=r"^Invalid llqr_update_interval_milestones='5': '5' is not"):
+        parse_milestones("5", field="llqr_update_interval_milestones")
 
 
 def test_refresh_grid_with_milestones_is_anchored_at_zero():
@@ -107,11 +113,15 @@ def test_refresh_grid_with_milestones_is_anchored_at_zero():
 
 
 def test_check_schedules_rejects_a_schedule_without_length():
-    with pytest.raises(ValueError, match=r"llqr_ema_schedule_steps=None with llqr_ema_schedule='cosine'"):
+    with pytest.raises(
+        ValueError, match=r"LLQRConfig\.ema_schedule_steps=None with LLQRConfig\.ema_schedule='cosine'"
+    ):
         check_schedules(LLQRConfig(ema_schedule="cosine"))
-    with pytest.raises(ValueError, match=r"llqr_inner_lr_schedule_steps=0 with llqr_inner_lr_schedule='warmup'"):
+    with pytest.raises(
+        ValueError, match=r"LLQRConfig\.inner_lr_schedule_steps=0 with LLQRConfig\.inner_lr_schedule='warmup'"
+    ):
         LLQRPreconditioner(TanhNet((2, 2)), LLQRConfig(inner_lr_schedule="warmup", inner_lr_schedule_steps=0))
-    with pytest.raises(ValueError, match="llqr_update_interval_milestones"):
+    with pytest.raises(ValueError, match=r"LLQRConfig\.update_interval_milestones='5'"):
         LLQRPreconditioner(TanhNet((2, 2)), LLQRConfig(update_interval_milestones="5"))
     assert check_schedules(LLQRConfig(update_interval_milestones="5:2")) == ((5, 2),)
 
