@@ -1,11 +1,13 @@
 """LLQR: the learned, block-structured inverse preconditioner U of arXiv 2605.04230, in pure torch.
 
-Modules: `config` (LLQRConfig), `curvature` (g and G·v), `layout` (tensor views, clip groups), `structures` (the
-parameterisations of U) and `structures_ext` (the reference's constrained Kronecker ones), `fit` (surrogate
-U-gradient, inner loop), `solvers` (the inner solvers: momentum, sgd, adam, nonlinear CG), `schedules` (inner LR, EMA
-decay and refresh interval as functions of the step), `preconditioner` (LLQRPreconditioner), `diagnostics` (how far
-U moved from I, its share at the `min_diag` floor) and `update_probe` (the optimizer's dry-run update for
-`llqr_apply="update"`).
+Modules, from the bottom up (each imports only modules above it in this list; `tests/unit/test_llqr_layering.py`):
+`config` (LLQRConfig), `sharding` (DTensor helpers), `layout` (tensor views, clip groups), `schedules` (inner LR,
+EMA decay, refresh interval and cadence as functions of the step), `curvature` (g and G·v), `structures` (the
+parameterisations of U), `structures_ext` (the reference's constrained Kronecker ones), `registry` (structure by
+name), `solvers` (the inner solvers: momentum, sgd, adam, nonlinear CG), `fit` (surrogate U-gradient, inner loop),
+`diagnostics` (how far U moved from I, its share at the `min_diag` floor), `state` (U's tensors, counters, FSDP2
+placement, fingerprint), `apply` (the operator U·t), `refresh` (one refresh of U), `update_probe` (the optimizer's
+dry-run update for `apply="update"`) and `preconditioner` (LLQRPreconditioner, their composition).
 """
 
 from .config import LLQRConfig

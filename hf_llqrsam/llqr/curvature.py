@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .config import LLQRConfig
 from .layout import trainable_parameters
 
 __all__ = ["Extractor", "curvature_context", "curvature_problem", "logits_and_targets"]
@@ -201,17 +202,10 @@ def _all_reduce_(tensors: list[Tensor], all_reduce: Callable[[Tensor], Tensor] |
 def curvature_problem(
     model: nn.Module,
     batch: Mapping[str, Any],
-    divergence: str = "ngd",
-    damping: float = 0.0,
-    ngd_scaling: str = "sum",
-    label_smoothing: float = 0.0,
-    renyi_alpha: float = 0.5,
-    include_pad_rows: bool = False,
-    shift_labels: bool = False,
+    config: LLQRConfig | None = None,
     *,
-    chunk_size: int | None = None,
+    shift_labels: bool = False,
     extractor: Extractor | None = None,
-    sharded: bool = False,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
     pad_token_id: int | None = None,
     diagnostics: dict[str, Tensor] | None = None,
@@ -219,28 +213,26 @@ def curvature_problem(
     """Build g = ∇ℓ and v ↦ (G_D + λI)·v on the curvature batch, once per LLQR update (`docs/algorithm.md` §4).
 
     The graph of the forward pass is retained, so each product costs two or three backward passes and no
-    forward (unless `chunk_size` is set).
+    forward (unless `config.chunk_size` is set).
 
     Args:
         model (`nn.Module`): the unwrapped eager model; only its `requires_grad` parameters are θ.
         batch (`Mapping[str, Any]`): model inputs plus `labels` (−100 = ignored).
-        divergence (`str`, *optional*, defaults to `"ngd"`): `ngd`, `newton`, `renyi` or `reverse_kl`.
-        damping (`float`, *optional*, defaults to `0.0`): λ.
-        ngd_scaling (`str`, *optional*, defaults to `"sum"`): `sum` (reference) or `mean`, for `ngd` only.
-        label_smoothing (`float`, *optional*, defaults to `0.0`): ε_ls of the training loss (not in the Fisher).
-        renyi_alpha (`float`, *optional*, defaults to `0.5`): α of `renyi`.
-        include_pad_rows (`bool`, *optional*, defaults to `False`): count `-100` rows in N and in the Fisher (the
-            reference). Their targets are `pad_token_id` when given, else they add nothing to the loss numerator.
-        shift_labels (`bool`, *optional*, defaults to `False`): causal-LM shift in the default extractor.
-        chunk_size (`int`, *optional*): recompute the forward per chunk of this many examples on every product
-            instead of retaining the whole graph (exact; `docs/algorithm.md` §4.5).
+        config (`LLQRConfig`, *optional*, defaults to `LLQRConfig()`): reads `divergence` (`ngd`, `newton`, `renyi`
+            or `reverse_kl`), `damping` (λ), `ngd_scaling` (`sum`, the reference, or `mean`; `ngd` only),
+            `renyi_alpha` (α of `renyi`), `label_smoothing` (ε_ls of the training loss, not in the Fisher),
+            `include_pad_rows` (count `-100` rows in N and in the Fisher, as the reference; their targets are
+            `pad_token_id` when given, else they add nothing to the loss numerator), `chunk_size` (recompute the
+            forward per chunk of this many examples on every product instead of retaining the whole graph; exact,
+            `docs/algorithm.md` §4.5) and `curvature_sharding` (`sharded`: the batch is this process's shard, and N,
+            g and every product are all-reduced when a process group is initialised, `docs/algorithm.md` §5.6).
+        shift_labels (`bool`, *optional*, defaults to `False`): causal-LM shift in the default extractor (the resolved
+            value of `config.shift_labels`, which the caller decides from the model).
         extractor (`Callable`, *optional*): `(model, batch) -> (logits, targets, row_mask)`; defaults to
             [`logits_and_targets`]. It runs inside the fp32/eval/MATH context.
-        sharded (`bool`, *optional*, defaults to `False`): the batch is this process's shard; all-reduce N, g and
-            every product (`llqr_curvature_sharding="sharded"`, `docs/algorithm.md` §5.6).
-        all_reduce (`Callable`, *optional*): with `sharded`, the sum over ranks `t ↦ Σ_ranks t` (returning the
-            result, in place or not); the trainer passes Accelerate's `reduce`, this module never imports it. Defaults
-            to `torch.distributed.all_reduce`.
+        all_reduce (`Callable`, *optional*): with `curvature_sharding="sharded"`, the sum over ranks `t ↦ Σ_ranks t`
+            (returning the result, in place or not); the trainer passes Accelerate's `reduce`, this module never
+            imports it. Defaults to `torch.distributed.all_reduce`.
         pad_token_id (`int`, *optional*): target of pad rows with `include_pad_rows` (ignored without it).
         diagnostics (`dict`, *optional*): filled with 0-dim long tensors (no host sync), summed over chunks and
             processes: `"rows"`, every row of the batch, and `"nonfinite_rows"`, rows whose loss term is NaN/±Inf
@@ -249,18 +241,24 @@ def curvature_problem(
 
     Returns:
         `tuple[dict, Callable]`: g as {canonical name: tensor} and the function v ↦ (G_D + λI)·v on such dicts.
+
+    Raises:
+        `ValueError`: naming `LLQRConfig.divergence` or `LLQRConfig.ngd_scaling` and the allowed values.
     """
-    match divergence:
+    cfg = config if config is not None else LLQRConfig()
+    match cfg.divergence:
         case "newton":
             newton = True
         case "ngd" | "renyi" | "reverse_kl":
             newton = False
         case _:
             raise ValueError(
-                f"Invalid llqr_divergence={divergence!r}. Must be 'ngd', 'newton', 'renyi' or 'reverse_kl'."
+                f"Invalid LLQRConfig.divergence={cfg.divergence!r}. Must be 'ngd', 'newton', 'renyi' or 'reverse_kl'."
             )
-    if ngd_scaling not in ("sum", "mean"):
-        raise ValueError(f"Invalid llqr_ngd_scaling={ngd_scaling!r}. Must be 'sum' or 'mean'.")
+    if cfg.ngd_scaling not in ("sum", "mean"):
+        raise ValueError(f"Invalid LLQRConfig.ngd_scaling={cfg.ngd_scaling!r}. Must be 'sum' or 'mean'.")
+    sharded = cfg.curvature_sharding == "sharded" and dist.is_available() and dist.is_initialized()
+    damping, chunk_size = cfg.damping, cfg.chunk_size
     named = trainable_parameters(model)
     names = [n for n, _ in named]
     params = [p for _, p in named]
@@ -271,8 +269,8 @@ def curvature_problem(
         params=params,
         extractor=extract,
         newton=newton,
-        label_smoothing=label_smoothing,
-        include_pad_rows=include_pad_rows,
+        label_smoothing=cfg.label_smoothing,
+        include_pad_rows=cfg.include_pad_rows,
         pad_token_id=pad_token_id,
     )
     chunks = None if chunk_size is None else _split(batch, chunk_size)
@@ -298,12 +296,12 @@ def curvature_problem(
     n_rows = max(int(count), 1)
     g_list = torch._foreach_div(g_sum, float(n_rows))
 
-    match divergence:
+    match cfg.divergence:
         case "newton":
             scale = 1.0 / n_rows  # Hessian of the mean loss
         case "renyi":
-            scale = renyi_alpha / n_rows
-        case "ngd" if ngd_scaling == "mean":
+            scale = cfg.renyi_alpha / n_rows
+        case "ngd" if cfg.ngd_scaling == "mean":
             scale = 1.0 / n_rows
         case _:
             scale = 1.0  # ngd/sum and reverse_kl: Σ_r J_rᵀ F_r J_r (reference)

@@ -10,12 +10,12 @@ The reference computes the same quantity with a control-adjoint sweep and an ana
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .config import CGBeta, InnerSolver
+from .solvers import FitStats, fit_cg, make_optimizer
 from .structures import Structure
 
 __all__ = [
@@ -132,28 +132,6 @@ def clip_by_groups_(tensors: Sequence[Tensor], group_of: Tensor, clip_norm: floa
     return sq.sum().sqrt(), (factor < 1.0).any()
 
 
-@dataclass
-class FitStats:
-    """Inner-loop summaries, logged as `llqr/*` (`docs/integration.md` §11).
-
-    Args:
-        objective_start (`float`): J at the first inner step (NaN when there are none).
-        objective_end (`float`): J at the last inner step, before its SGD step (NaN when there are none).
-        ugrad_norm (`float`): mean over inner steps of the sanitised, unclipped U-gradient norm.
-        clip_fraction (`float`): share of inner steps where at least one group was clipped.
-        nonfinite_ugrad (`int`): non-finite U-gradient entries replaced, summed over inner steps.
-        stopped (`bool`, *optional*, defaults to `False`): the loop stopped before its first step because J at the
-            first inner step was not finite (only with `stop_if_nonfinite=True`); V is then untouched.
-    """
-
-    objective_start: float
-    objective_end: float
-    ugrad_norm: float
-    clip_fraction: float
-    nonfinite_ugrad: int
-    stopped: bool = False
-
-
 def fit_structure(
     structure: Structure,
     g: Sequence[Tensor],
@@ -187,8 +165,6 @@ def fit_structure(
         solver (`str`, *optional*, defaults to `"momentum"`): `momentum`, `sgd`, `adam` or `cg`.
         cg_beta (`str`, *optional*, defaults to `"reference"`): the β rule of `cg` (see [`~solvers.fit_cg`]).
     """
-    from .solvers import fit_cg, make_optimizer  # solvers imports FitStats from here
-
     params = structure.parameters()
     for p in params:
         p.requires_grad_(True)

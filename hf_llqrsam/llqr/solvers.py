@@ -26,16 +26,13 @@ optax's zoom strong-Wolfe line search), and the internal strong-Wolfe search of 
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .config import CGBeta, InnerSolver
-
-if TYPE_CHECKING:
-    from .fit import FitStats
-    from .structures import Structure
+from .structures import Structure
 
 __all__ = [
     "ADAM_BETAS",
@@ -45,6 +42,7 @@ __all__ = [
     "CG_MAX_BACKTRACKING_STEPS",
     "CG_MAX_STEP",
     "CG_SLOPE_RTOL",
+    "FitStats",
     "fit_cg",
     "make_optimizer",
 ]
@@ -62,6 +60,28 @@ CG_MAX_STEP = 1.0
 _CG_TINY = 1e-30
 
 
+@dataclass
+class FitStats:
+    """Inner-loop summaries of every solver, logged as `llqr/*` (`docs/integration.md` §11).
+
+    Args:
+        objective_start (`float`): J at the first inner step (NaN when there are none).
+        objective_end (`float`): J at the last inner step, before its SGD step (NaN when there are none).
+        ugrad_norm (`float`): mean over inner steps of the sanitised, unclipped U-gradient norm.
+        clip_fraction (`float`): share of inner steps where at least one group was clipped.
+        nonfinite_ugrad (`int`): non-finite U-gradient entries replaced, summed over inner steps.
+        stopped (`bool`, *optional*, defaults to `False`): the loop stopped before its first step because J at the
+            first inner step was not finite (only with `stop_if_nonfinite=True`); V is then untouched.
+    """
+
+    objective_start: float
+    objective_end: float
+    ugrad_norm: float
+    clip_fraction: float
+    nonfinite_ugrad: int
+    stopped: bool = False
+
+
 def make_optimizer(solver: InnerSolver, params: list[Tensor], lr: float, momentum: float) -> torch.optim.Optimizer:
     """A fresh torch optimizer for the gradient solvers `momentum`, `sgd` and `adam` (see the module table)."""
     match solver:
@@ -71,7 +91,7 @@ def make_optimizer(solver: InnerSolver, params: list[Tensor], lr: float, momentu
             return torch.optim.SGD(params, lr=lr, momentum=0.0, foreach=True)
         case "adam":
             return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
-    raise ValueError(f"Invalid llqr_inner_solver={solver!r} for a gradient solver: 'momentum', 'sgd' or 'adam'.")
+    raise ValueError(f"Invalid LLQRConfig.inner_solver={solver!r} for a gradient solver: 'momentum', 'sgd' or 'adam'.")
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
@@ -79,12 +99,12 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 
 
 def fit_cg(
-    structure: "Structure",
+    structure: Structure,
     value_and_grad: Callable[[], tuple[Tensor, list[Tensor], int]],
     steps: int,
     stop_if_nonfinite: bool = False,
     beta: CGBeta = "reference",
-) -> "FitStats":
+) -> FitStats:
     """`steps` nonlinear-CG steps on V = `structure` in place (the reference's `cg_back_pr+`).
 
     The reference's `lqr_optimizer/_src/utils/precond_optimizers.py:nonlinear_cg` (method `pr+`, `enforce_descent`,
@@ -120,8 +140,6 @@ def fit_cg(
             the start is not finite.
         beta (`str`, *optional*, defaults to `"reference"`): see above.
     """
-    from .fit import FitStats
-
     params = structure.parameters()
     if steps == 0:
         return FitStats(float("nan"), float("nan"), float("nan"), 0.0, 0)

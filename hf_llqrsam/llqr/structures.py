@@ -39,7 +39,6 @@ __all__ = [
     "ScalarStructure",
     "SepEKFACStructure",
     "Structure",
-    "make_structure",
 ]
 
 Block = dict[str, Tensor]
@@ -239,7 +238,7 @@ class Structure:
                 got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
                 raise LLQRStateError(
                     f"LLQR block {name!r} in {source} has tensors {got}, expected {sorted(blk)} "
-                    f"(llqr_structure={self.kind!r}). " + remedy
+                    f"(LLQRConfig.structure={self.kind!r}). " + remedy
                 )
             for k, t in blk.items():
                 key = f"blocks[{name!r}][{k!r}]"
@@ -252,7 +251,7 @@ class Structure:
                     raise LLQRStateError(
                         f"Invalid LLQR state in {source}: {key} differs from {first[0]}, but both are the one shared "
                         f"{self.kind} value of a clip group in this run; the file was written with other "
-                        "llqr_clip_groups or another model. " + remedy
+                        "LLQRConfig.clip_groups or another model. " + remedy
                     )
                 staged.append((t, value))
         for t, value in staged:
@@ -285,10 +284,10 @@ class Structure:
             if bool(low.any()):
                 first = tuple(int(i) for i in low.nonzero()[0].tolist())
                 raise LLQRStateError(
-                    f"{where} has {int(low.sum())} entries below llqr_min_diag={min_value:g} (the first at index "
-                    f"{first} = {value[first].item():g}). The positivity clamp is on, and a saved {self.kind} U is "
-                    "always clamped, so the file is corrupt or was written with llqr_allow_inversion=True or a "
-                    "smaller llqr_min_diag: resume with those settings. Otherwise: " + remedy
+                    f"{where} has {int(low.sum())} entries below LLQRConfig.min_diag={min_value:g} (the first at "
+                    f"index {first} = {value[first].item():g}). The positivity clamp is on, and a saved {self.kind} U "
+                    "is always clamped, so the file is corrupt or was written with LLQRConfig.allow_inversion=True or "
+                    "a smaller LLQRConfig.min_diag: resume with those settings. Otherwise: " + remedy
                 )
 
 
@@ -423,33 +422,3 @@ class SepEKFACStructure(_KroneckerStructure):
         q_a, q_g = block["Q_A"], block["Q_G"]
         y = _left(q_a, block["a"][:, None] * _left(q_a, x, transpose=True))
         return _right(_right(y, q_g) * block["b"][None, :], q_g, transpose=True)
-
-
-def make_structure(
-    kind: str,
-    layouts: Sequence[TensorLayout],
-    groups: Sequence[Sequence[int]],
-    identity_scaling: float = 1.0,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Structure:
-    """The identity structure of `kind` (`llqr_structure`) over `layouts`."""
-    match kind:
-        case "diagonal":
-            cls: type[Structure] = DiagonalStructure
-        case "scalar":
-            cls = ScalarStructure
-        case "kfac":
-            cls = KFACStructure
-        case "ekfac":
-            cls = EKFACStructure
-        case "sep_ekfac":
-            cls = SepEKFACStructure
-        case _:
-            from .structures_ext import EXTENDED  # the reference's constrained Kronecker structures
-
-            if kind not in EXTENDED:
-                allowed = ", ".join(repr(k) for k in ("diagonal", "scalar", "kfac", "ekfac", "sep_ekfac", *EXTENDED))
-                raise ValueError(f"Invalid llqr_structure={kind!r}. Must be one of {allowed}.")
-            cls = EXTENDED[kind]
-    return cls(layouts, groups, identity_scaling, dtype, device)

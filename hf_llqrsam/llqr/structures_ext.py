@@ -195,4 +195,4 @@ EXTENDED: dict[str, type[Structure]] = {
     cls.kind: cls
     for cls in (PSDEKFACStructure, PSDSepEKFACStructure, DiagKFACStructure, SymKFACStructure, PSDSymKFACStructure)
 }
-"""`llqr_structure` value → class, for [`~hf_llqrsam.llqr.structures.make_structure`]."""
+"""`LLQRConfig.structure` value → class, for [`~hf_llqrsam.llqr.registry.make_structure`]."""

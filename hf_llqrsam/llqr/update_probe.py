@@ -82,7 +82,7 @@ def optimizer_update(
             rule = _sgd
         case _:
             raise ValueError(
-                f"Invalid optimizer {type(optimizer).__name__} for llqr_apply='update': the dry-run update is "
+                f"Invalid optimizer {type(optimizer).__name__} for LLQRConfig.apply='update': the dry-run update is "
                 "implemented for torch.optim.SGD, Adam and AdamW only."
             )
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}

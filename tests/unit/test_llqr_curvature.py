@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_llqrsam.llqr import DiagonalStructure, curvature_problem, logits_and_targets
+from hf_llqrsam.llqr import DiagonalStructure, LLQRConfig, curvature_problem, logits_and_targets
 from hf_llqrsam.llqr.fit import surrogate_gradient
 from hf_llqrsam.llqr.layout import clip_groups, tensor_layouts
 from tests.oracles.dense_llqr import (
@@ -46,7 +46,7 @@ def _dense(gv, model) -> torch.Tensor:
 
 
 def _problem(model, x, y, **kw):
-    g, gv = curvature_problem(model, {"x": x, "labels": y}, **kw)
+    g, gv = curvature_problem(model, {"x": x, "labels": y}, LLQRConfig(**kw))
     return flatten(g.values()), gv
 
 
@@ -135,7 +135,7 @@ def test_include_pad_rows_counts_every_row():
     g_valid, _ = dense_curvature(model, x, y, "ngd")
     torch.testing.assert_close(g_impl, g_valid * int((y != -100).sum()) / N_ROWS, rtol=1e-12, atol=1e-14)
     # with a pad target id, pad rows "predict pad" (the reference's analytic CE path)
-    g_pad, _ = curvature_problem(model, {"x": x, "labels": y}, include_pad_rows=True, pad_token_id=1)
+    g_pad, _ = curvature_problem(model, {"x": x, "labels": y}, LLQRConfig(include_pad_rows=True), pad_token_id=1)
     y_pad = torch.where(y == -100, torch.ones_like(y), y)
     g_ref, _ = dense_curvature(model, x, y_pad, "ngd")
     torch.testing.assert_close(flatten(g_pad.values()), g_ref, rtol=1e-12, atol=1e-14)
@@ -216,8 +216,8 @@ def test_frozen_and_tied_parameters():
 
 def test_invalid_divergence_raises():
     model, x, y = _setup()
-    with pytest.raises(ValueError, match="llqr_divergence"):
-        curvature_problem(model, {"x": x, "labels": y}, divergence="gauss_newton")
+    with pytest.raises(ValueError, match=r"LLQRConfig\.divergence='gauss_newton'"):
+        curvature_problem(model, {"x": x, "labels": y}, LLQRConfig(divergence="gauss_newton"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
@@ -228,9 +228,9 @@ def test_diagnostics_count_rows_with_a_nonfinite_loss(chunk_size):
     x[4, 0] = float("nan")
     x[5, 0] = float("nan")  # a pad row (not counted in N) still poisons g
     diagnostics: dict = {}
-    g, _ = curvature_problem(model, {"x": x, "labels": y}, chunk_size=chunk_size, diagnostics=diagnostics)
+    g, _ = curvature_problem(model, {"x": x, "labels": y}, LLQRConfig(chunk_size=chunk_size), diagnostics=diagnostics)
     assert int(diagnostics["rows"]) == N_ROWS and int(diagnostics["nonfinite_rows"]) == 2
     assert all(not torch.isfinite(t).any() for t in g.values())
     clean: dict = {}
-    curvature_problem(model, {"x": x[:4], "labels": y[:4]}, chunk_size=chunk_size, diagnostics=clean)
+    curvature_problem(model, {"x": x[:4], "labels": y[:4]}, LLQRConfig(chunk_size=chunk_size), diagnostics=clean)
     assert int(clean["rows"]) == 4 and int(clean["nonfinite_rows"]) == 0

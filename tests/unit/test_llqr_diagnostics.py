@@ -13,7 +13,7 @@ from hf_llqrsam.llqr.diagnostics import block_summary, u_diagnostics
 from tests.oracles.dense_llqr import TanhNet
 
 MIN_DIAG = 1e-3
-LOGGER = "hf_llqrsam.llqr.preconditioner"
+LOGGER = "hf_llqrsam.llqr.refresh"
 
 
 def _data(seed: int = 1, n: int = 8):
@@ -56,7 +56,7 @@ def test_diagonal_metrics_equal_a_direct_computation(caplog):
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert "layers.1.bias 66.7%" in message and "layers.0.weight" not in message
-    for flag in ("llqr_inner_lr", "llqr_ema_decay", "llqr_min_diag"):
+    for flag in ("LLQRConfig.inner_lr", "LLQRConfig.ema_decay", "LLQRConfig.min_diag"):
         assert flag in message
 
     caplog.clear()

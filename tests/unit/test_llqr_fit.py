@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from hf_llqrsam.llqr import DiagonalStructure, ScalarStructure, curvature_problem
+from hf_llqrsam.llqr import DiagonalStructure, LLQRConfig, ScalarStructure, curvature_problem
 from hf_llqrsam.llqr.fit import clip_by_groups_, count_nonfinite, fit_structure, group_index, sanitize_
 from hf_llqrsam.llqr.layout import clip_groups, tensor_layouts
 from tests.oracles.dense_llqr import TanhNet, dense_curvature, flatten, unflatten
@@ -17,7 +17,7 @@ def _problem(seed: int = 5, sizes=(3, 2, 3)):
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(7, sizes[0], generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (7,), generator=gen)
-    g_dict, gv_dict = curvature_problem(model, {"x": x, "labels": y}, divergence="ngd", damping=DAMPING)
+    g_dict, gv_dict = curvature_problem(model, {"x": x, "labels": y}, LLQRConfig(divergence="ngd", damping=DAMPING))
     names = list(g_dict)
     g = list(g_dict.values())
     gv = lambda v: list(gv_dict(dict(zip(names, v, strict=True))).values())  # noqa: E731

@@ -169,7 +169,7 @@ def _dot(a, b) -> float:
 def test_curvature_products_match_finite_differences(which, divergence):
     model = tiny_vit(torch.float64) if which == "vit" else tiny_marian(torch.float64)
     batch = vit_batch(4, torch.float64) if which == "vit" else marian_batch()
-    g, gv = curvature_problem(model, batch, divergence=divergence)
+    g, gv = curvature_problem(model, batch, LLQRConfig(divergence=divergence))
     names = list(g)
     gen = torch.Generator().manual_seed(0)
     shapes = {n: p.shape for n, p in model.named_parameters() if n in g}
@@ -252,8 +252,8 @@ def test_u_stays_finite_and_positive(structure, divergence, regime, seed):
 def test_chunked_problem_on_vit_is_exact(divergence):
     model = tiny_vit(torch.float64)
     batch = vit_batch(5, torch.float64)
-    g, gv = curvature_problem(model, batch, divergence=divergence)
-    g_c, gv_c = curvature_problem(model, batch, divergence=divergence, chunk_size=2)
+    g, gv = curvature_problem(model, batch, LLQRConfig(divergence=divergence))
+    g_c, gv_c = curvature_problem(model, batch, LLQRConfig(divergence=divergence, chunk_size=2))
     v = {n: torch.randn_like(t) for n, t in g.items()}
     out, out_c = gv(v), gv_c(v)
     for n in g:

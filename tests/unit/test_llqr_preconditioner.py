@@ -340,7 +340,7 @@ def test_state_dict_round_trip_with_weights_only(tmp_path):
     assert _equal(_u(pre), _u(fresh))
     assert fresh.num_updates == 1 and fresh.last_update_step == 7
     assert all(t.dtype == torch.float32 for blk in state["blocks"].values() for t in blk.values())
-    with pytest.raises(ValueError, match="llqr_structure"):
+    with pytest.raises(ValueError, match=r"LLQRConfig\.structure='sep_ekfac'"):
         LLQRPreconditioner(model, LLQRConfig(structure="ekfac")).load_state_dict(state)
     other = TanhNet((3, 4, 4, 3), dtype=torch.float32)
     with pytest.raises(ValueError, match="does not match"):
@@ -434,8 +434,9 @@ def test_resume_with_another_identity_scaling_is_refused(structure):
     _assert_refused_and_untouched(
         fresh,
         _saved(pre),
-        "Invalid resume: /run/checkpoint-3/llqrsam_state.pt was written with llqr_identity_scaling=2.0 but this run "
-        "has llqr_identity_scaling=1.0; U would silently change meaning. Resume with llqr_identity_scaling=2.0",
+        "Invalid resume: /run/checkpoint-3/llqrsam_state.pt was written with LLQRConfig.identity_scaling=2.0 but this "
+        "run has LLQRConfig.identity_scaling=1.0; U would silently change meaning. Resume with "
+        "LLQRConfig.identity_scaling=2.0",
     )
     same = LLQRPreconditioner(model, LLQRConfig(structure=structure, identity_scaling=2.0))
     same.load_state_dict(_saved(pre))
@@ -450,7 +451,9 @@ def test_scalar_resume_with_other_clip_groups_is_refused():
     assert len({float(t) for t in pre.structure.parameters()}) == 4  # 4 distinct per-tensor values
     fresh = LLQRPreconditioner(model, LLQRConfig(structure="scalar", clip_groups="module"))
     _assert_refused_and_untouched(
-        fresh, _saved(pre), "written with llqr_clip_groups='tensor' but this run has llqr_clip_groups='module'"
+        fresh,
+        _saved(pre),
+        "written with LLQRConfig.clip_groups='tensor' but this run has LLQRConfig.clip_groups='module'",
     )
 
 
@@ -467,7 +470,7 @@ def test_resume_with_another_structure_or_model_is_refused_with_the_differing_na
     _assert_refused_and_untouched(
         LLQRPreconditioner(model, LLQRConfig(structure="ekfac")),
         _saved(pre),
-        "written with llqr_structure='sep_ekfac' but this run has llqr_structure='ekfac'",
+        "written with LLQRConfig.structure='sep_ekfac' but this run has LLQRConfig.structure='ekfac'",
     )
     wider = TanhNet((3, 5, 3), dtype=torch.float32)  # same names, other shapes
     msg = _assert_refused_and_untouched(
@@ -495,7 +498,7 @@ def test_resume_validates_the_saved_values(value):
     model, pre = _trained(LLQRConfig())
     state = _saved(pre)
     state["blocks"]["layers.1.weight"]["d"][0, 1] = value
-    what = "non-finite" if not torch.isfinite(torch.tensor(value)) else "below llqr_min_diag=1e-08"
+    what = "non-finite" if not torch.isfinite(torch.tensor(value)) else "below LLQRConfig.min_diag=1e-08"
     _assert_refused_and_untouched(
         LLQRPreconditioner(model, LLQRConfig()), state, "blocks['layers.1.weight']['d']", what
     )
@@ -538,7 +541,7 @@ def test_nonfinite_curvature_batch_skips_the_refresh_and_keeps_u(caplog, warm_st
     _random_u(pre)
     pre.num_updates = 4
     before = copy.deepcopy(pre.state_dict())
-    caplog.set_level(logging.WARNING, logger="hf_llqrsam.llqr.preconditioner")
+    caplog.set_level(logging.WARNING, logger="hf_llqrsam.llqr.refresh")
     metrics = pre.update(model, bad, step=10)
     assert metrics["llqr/skipped_refresh"] == 1.0 and metrics["llqr/updates"] == 4.0
     assert "llqr/objective_start" not in metrics and "llqr/update_seconds" in metrics

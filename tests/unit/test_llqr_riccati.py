@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_llqrsam.llqr import curvature_problem
+from hf_llqrsam.llqr import LLQRConfig, curvature_problem
 from tests.oracles.dense_llqr import TanhNet, dense_curvature, flatten, unflatten
 from tests.oracles.riccati import riccati_step
 
@@ -12,7 +12,7 @@ DAMPING = 0.3
 
 
 def _dense_problem(model, batch, **kw):
-    g, gv = curvature_problem(model, batch, **kw)
+    g, gv = curvature_problem(model, batch, LLQRConfig(**kw))
     names, params = list(g), list(model.parameters())
     n = sum(p.numel() for p in params)
     cols = []

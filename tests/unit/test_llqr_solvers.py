@@ -9,8 +9,8 @@ import torch
 from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner
 from hf_llqrsam.llqr.fit import fit_structure
 from hf_llqrsam.llqr.layout import clip_groups, tensor_layouts
+from hf_llqrsam.llqr.registry import make_structure
 from hf_llqrsam.llqr.solvers import make_optimizer
-from hf_llqrsam.llqr.structures import make_structure
 from tests.oracles.dense_llqr import (
     TanhNet,
     block_diag,
@@ -229,7 +229,7 @@ def test_gradient_solvers_are_fresh_torch_optimizers_with_optax_defaults():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.0
     mom = make_optimizer("momentum", p, 0.1, 0.7)
     assert mom.defaults["momentum"] == 0.7 and mom.defaults["dampening"] == 0.0 and not mom.defaults["nesterov"]
-    with pytest.raises(ValueError, match="llqr_inner_solver='cg'"):
+    with pytest.raises(ValueError, match="LLQRConfig.inner_solver='cg'"):
         make_optimizer("cg", p, 0.1, 0.9)
 
 
@@ -243,7 +243,7 @@ def test_default_solver_is_todays_momentum_loop():
     v = make_structure("diagonal", layouts, clip_groups(layouts, "module"), dtype=torch.float64)
     from hf_llqrsam.llqr import curvature_problem
 
-    g_dict, gv_dict = curvature_problem(model, batch, divergence="ngd")
+    g_dict, gv_dict = curvature_problem(model, batch, LLQRConfig(divergence="ngd"))
     names = list(g_dict)
     params = v.parameters()
     for p in params:

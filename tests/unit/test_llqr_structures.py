@@ -7,7 +7,7 @@ from torch import nn
 from hf_llqrsam.llqr import DiagonalStructure, LLQRStateError, ScalarStructure
 from hf_llqrsam.llqr.fit import surrogate_gradient
 from hf_llqrsam.llqr.layout import clip_groups, fallback_names, from_matrix, tensor_layouts, to_matrix
-from hf_llqrsam.llqr.structures import make_structure
+from hf_llqrsam.llqr.registry import make_structure
 from tests.oracles.dense_llqr import (
     block_diag,
     dense_objective,
@@ -333,10 +333,10 @@ def test_load_rejects_entries_below_min_diag_unless_inversion_allowed(kind):
         state["fc.bias"][next(iter(state["fc.bias"]))].fill_(value)  # for scalar: the fc group's c, in both blocks
         if kind == "scalar":
             state["fc.weight"]["c"].fill_(value)
-        with pytest.raises(LLQRStateError, match=r"below llqr_min_diag=1e-08") as err:
+        with pytest.raises(LLQRStateError, match=r"below LLQRConfig\.min_diag=1e-08") as err:
             target.load_state_dict(state, min_value=1e-8)
         first = "fc.weight" if kind == "scalar" else "fc.bias"  # scalar: the shared c, met first in fc.weight
-        assert f"blocks[{first!r}]" in str(err.value) and "llqr_allow_inversion" in str(err.value)
+        assert f"blocks[{first!r}]" in str(err.value) and "LLQRConfig.allow_inversion" in str(err.value)
         assert _loaded_equals(target, identity)
         target.load_state_dict(state, min_value=None)  # llqr_allow_inversion: any finite value
         assert any(bool((t == value).any()) for t in target.parameters())
@@ -382,7 +382,7 @@ def test_scalar_load_rejects_different_values_for_one_shared_group_value():
             t.fill_(1.0 + i)
     _, per_module = _make("scalar", mode="module")
     before = [t.clone() for t in per_module.parameters()]
-    with pytest.raises(LLQRStateError, match="llqr_clip_groups") as err:
+    with pytest.raises(LLQRStateError, match=r"LLQRConfig\.clip_groups") as err:
         per_module.load_state_dict(per_tensor.state_dict())
     assert "blocks['fc.bias']['c'] differs from blocks['fc.weight']['c']" in str(err.value)
     assert _loaded_equals(per_module, before)

@@ -9,7 +9,7 @@ from torch import nn
 from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner
 from hf_llqrsam.llqr.fit import surrogate_gradient
 from hf_llqrsam.llqr.layout import clip_groups, tensor_layouts
-from hf_llqrsam.llqr.structures import make_structure
+from hf_llqrsam.llqr.registry import make_structure
 from tests.oracles.dense_llqr import (
     PSD_EPS,
     TanhNet,
@@ -297,5 +297,7 @@ def test_state_round_trip_and_a_refresh_lowers_j(kind):
 
 
 def test_unknown_structure_names_every_value():
-    with pytest.raises(ValueError, match=r"llqr_structure='sym-kfac'.*'sep_ekfac', 'psd_ekfac'.*'psd_sym_kfac'"):
+    with pytest.raises(
+        ValueError, match=r"LLQRConfig\.structure='sym-kfac'.*'sep_ekfac', 'psd_ekfac'.*'psd_sym_kfac'"
+    ):
         _make("sym-kfac")

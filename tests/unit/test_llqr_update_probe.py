@@ -55,7 +55,7 @@ def test_dry_run_matches_a_real_step_and_mutates_nothing(name, warm_steps):
 
 def test_unsupported_optimizer_raises():
     model = TanhNet((2, 2))
-    with pytest.raises(ValueError, match="llqr_apply='update'"):
+    with pytest.raises(ValueError, match=r"LLQRConfig\.apply='update'"):
         optimizer_update(torch.optim.RMSprop(model.parameters()), dict(model.named_parameters()), _grads(model, 0))
 
 
