@@ -38,6 +38,7 @@ from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
 from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
+from hf_llqrsam.card import complete_model_card
 from hf_llqrsam.compat import launch_errors_exit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -264,6 +265,10 @@ def build_model(
             tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name, **hub_kwargs)
     except OSError as err:
         raise SystemExit(f"error: could not load --model_name_or_path {path!r}: {err}") from None
+    if model_args.model_name_or_path is None:
+        # The base model that the card and peft's adapter_config.json name: the Hub repository whose GGUF this is, not
+        # the site-packages folder it was read from.
+        model.name_or_path = model.config._name_or_path = SHIPPED_MODEL_ID
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels mask the padding, so the pad id itself is never learned
     if model_args.use_lora:
@@ -513,6 +518,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=tags, **kwargs)
     trainer.create_model_card(tags=tags, **kwargs)
+    if trainer.is_world_process_zero():  # base model or "trained from scratch", test metrics, the optimizer's args
+        complete_model_card(training_args.output_dir, training_args)
     return results
 
 

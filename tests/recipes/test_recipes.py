@@ -107,6 +107,13 @@ def test_image_embedded_digits_writes_results_and_card(image, tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "hf-llqrsam" in card and "image-classification" in card
     assert "adamw_torch_fused (no SAM)" in card and "- sam_mode: none" in card
+    # a ViT built from its config: "trained from scratch", not an empty Hub link; the test metrics are reported
+    assert (
+        "This model was trained from scratch on the sklearn digits dataset." in card and "huggingface.co/)" not in card
+    )
+    assert (
+        f"- test_accuracy: {round(saved['test_accuracy'], 4)}\n" in card and "- optimizer: torch.optim.AdamW(" in card
+    )
 
 
 def test_image_sam_mode_sam_runs_and_names_the_method(image, tmp_path):
@@ -221,6 +228,7 @@ def test_translation_embedded_phrases_writes_results_and_tokenizer(translation, 
     assert tokenizer.decode(tokenizer("3. März 2021")["input_ids"], skip_special_tokens=True) == "3. März 2021"
     card = (tmp_path / "README.md").read_text()
     assert "hf-llqrsam" in card and "translation" in card and "- sam_mode: none" in card
+    assert "This model was trained from scratch" in card and f"- test_bleu: {round(saved['test_bleu'], 4)}\n" in card
 
 
 def test_translation_number_phrase_splits_are_disjoint():
