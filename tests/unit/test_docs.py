@@ -457,3 +457,25 @@ def test_readme_quickstart_runs(tmp_path):
     assert result["eval_accuracy"] > 0.4
     assert "LLQR refresh 1 at step 0" in proc.stderr  # the logging lines of the quickstart show the refresh
     assert (tmp_path / "runs" / "quickstart").is_dir()
+
+
+def test_griffe_extension_reads_hf_docstrings_as_google_style():
+    spec = importlib.util.spec_from_file_location("griffe_hf", DOCS / "griffe_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (
+        "Mirrors [`~hf_llqrsam.args.LLQRSAMFields`] and [`transformers.Trainer`], not [text](url).\n\n"
+        "Args:\n"
+        '    mode (`str`, *optional*, defaults to `"sam"`):\n'
+        "        the mode.\n"
+        "    names, params (`list[str]`, *optional*):\n"
+        "        both.\n"
+    )
+    assert module.rewrite(text) == (
+        "Mirrors `LLQRSAMFields` and `transformers.Trainer`, not [text](url).\n\n"
+        "Args:\n"
+        "    mode (str):\n"
+        "        the mode.\n"
+        "    names, params (list[str]):\n"
+        "        both.\n"
+    )
