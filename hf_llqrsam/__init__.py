@@ -19,6 +19,8 @@ _EXPORTS = {
     "LLQRSAMSeq2SeqTrainingArguments": "args",
     "LLQRSAMTrainingArguments": "args",
     "LLQRSAMFields": "args",
+    "SAM": "api",
+    "SAMEngine": "engine",
     "SAMConfig": "config",
     "LLQRConfig": "llqr",
     "LLQRPreconditioner": "llqr",
@@ -47,7 +49,9 @@ __all__ = [
     "MODES",
     "ModeSpec",
     "Preconditioner",
+    "SAM",
     "SAMConfig",
+    "SAMEngine",
     "SAMState",
     "compute_perturbation",
     "curvature_problem",
@@ -55,8 +59,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .api import SAM
     from .args import LLQRSAMFields, LLQRSAMSeq2SeqTrainingArguments, LLQRSAMTrainingArguments
     from .config import SAMConfig
+    from .engine import SAMEngine
     from .llqr import LLQRConfig, LLQRPreconditioner, curvature_problem
     from .modes import MODES, ModeSpec
     from .sam import IdentityPreconditioner, Preconditioner, SAMState, compute_perturbation

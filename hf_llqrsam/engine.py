@@ -147,6 +147,10 @@ class SAMEngine:
         pre = self.preconditioner
         return pre if isinstance(pre, LLQRPreconditioner) else None
 
+    def batchnorm_snapshot(self) -> list[Tensor]:
+        """Copies of the model's BatchNorm running statistics."""
+        return [b.clone() for b in self._bn]
+
     def grad_scale(self) -> float:
         """The loss scale S the gradients carry (1 without an enabled scaler)."""
         scaler = self.scaler
@@ -223,12 +227,12 @@ class SAMEngine:
 
     # ------------------------------------------------------------------ one step
 
-    def begin(self, step: int) -> StepState:
-        """Start optimizer step `step`: its kind, and the BatchNorm snapshot a skipped step is restored to."""
+    def begin(self, step: int, bn_at_begin: list[Tensor] | None = None) -> StepState:
+        """Start optimizer step `step`: its kind, and the BatchNorm snapshot a skipped step is restored to (taken
+        now, or `bn_at_begin` when the driver took it before the step's first forward)."""
         self._post = []
-        self.current = StepState(
-            step=step, kind=step_kind(self.config, step), bn_at_begin=[b.clone() for b in self._bn]
-        )
+        bn = bn_at_begin if bn_at_begin is not None else self.batchnorm_snapshot()
+        self.current = StepState(step=step, kind=step_kind(self.config, step), bn_at_begin=bn)
         return self.current
 
     def ascend(self, rho: float) -> bool:

@@ -262,7 +262,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         """One ε per micro-batch: pass 1 on its own gradient, then pass 2 accumulates onto the window's sum."""
         cfg = self.sam_config
         stash = engine.stash_grads()
-        bn_before = [b.clone() for b in engine._bn] if cfg.bn_stats == "second" else None
+        bn_before = engine.batchnorm_snapshot() if cfg.bn_stats == "second" else None
         rng = [rng_state()] if cfg.same_dropout else []
         with grad_sync(model, cfg.scope == "global"):  # set before the forward (davda54/sam#78)
             loss = super().training_step(model, inputs, nitems)

@@ -66,15 +66,15 @@ def test_update_mode_first_refresh_waits_for_lr_above_zero(tmp_path):
         trainer = LLQRSAMTrainer(model=tiny_vit(), args=make_args(tmp_path / apply, llqr_apply=apply, **common),
                                  train_dataset=image_dataset(24))  # fmt: skip
         seen: list[int] = []
-        real = LLQRSAMTrainer._maybe_refresh_preconditioner
+        real = LLQRSAMTrainer._maybe_refresh
 
-        def spy(self, model, _seen=seen, _real=real):
-            before = None if self.preconditioner is None else self.preconditioner.num_updates
-            _real(self, model)
-            if self.preconditioner.num_updates != (before or 0):
+        def spy(self, engine, model, _seen=seen, _real=real):
+            before = engine.learned.num_updates
+            _real(self, engine, model)
+            if engine.learned.num_updates != before:
                 _seen.append(self.state.global_step)
 
-        trainer._maybe_refresh_preconditioner = spy.__get__(trainer)
+        trainer._maybe_refresh = spy.__get__(trainer)
         trainer.train()
         steps[apply] = seen
     assert steps["update"] == [1, 2, 4]
