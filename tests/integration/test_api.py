@@ -347,3 +347,17 @@ def test_perturbed_refuses_a_one_pass_step_and_names_step():
 def test_top_level_names():
     assert hf_llqrsam.SAM is SAM and hf_llqrsam.SAMEngine.__module__ == "hf_llqrsam.engine"
     assert LLQRSAMTrainer is hf_llqrsam.LLQRSAMTrainer
+
+
+@pytest.mark.distributed
+def test_api_under_ddp_equals_one_process_on_the_union_batch(tmp_path):
+    """2 gloo processes, each on half of every batch of 4, against one process on the whole batch."""
+    from tests.utils import run_torchrun
+
+    modes = ["sam", "fsam", "gsam", "looksam", "past_fsam", "wsam"]
+    run_torchrun("tests/distributed/workers/api_ddp.py", str(tmp_path), ",".join(modes))
+    for mode in modes:
+        ref = tiny_vit()
+        run_api(ref, image_dataset(16), mode, **MODE_ARGS.get(mode, {}))
+        got = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
+        assert max_abs_diff(got, params_of(ref)) < TOL, mode
