@@ -4,6 +4,7 @@ flag."""
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,7 +110,8 @@ def validate_launch(args: Any) -> None:
 def validate_setup_args(args: Any) -> None:
     """Reject, from the arguments alone, the setups SAM/LLQR cannot run on. A no-op when both are off.
 
-    Covers the rows of the README's support matrix that the arguments decide: DeepSpeed, LOMO/AdaLOMO, layerwise
+    Also warns about plain SGD under SAM ([`warn_sgd_without_momentum`]). Covers the rows of the README's support
+    matrix that the arguments decide: DeepSpeed, LOMO/AdaLOMO, layerwise
     optimizers, `ddp_static_graph`, `parallelism_config` (TP/CP), FSDP on CPU, FSDP1, and under FSDP2 local scope
     and Kronecker U ([`validate_fsdp2`]). The model- and data-level rows are checked by [`validate_setup_model`].
 
@@ -119,6 +121,7 @@ def validate_setup_args(args: Any) -> None:
     if not llqrsam_active(args):
         return
     validate_deepspeed_args(args)
+    warn_sgd_without_momentum(args)
     optim = str(getattr(args.optim, "value", args.optim))
     if optim in ("lomo", "adalomo"):
         raise ValueError(
@@ -153,6 +156,31 @@ def validate_setup_args(args: Any) -> None:
             f"Invalid fsdp_config version=1 with sam_mode/llqr: FSDP1 is not supported. Use version 2. {_SEE}"
         )
     validate_fsdp2(args, "with fsdp")
+
+
+def warn_sgd_without_momentum(args: Any) -> None:
+    """Warn when `optim="sgd"` runs with zero momentum under a SAM mode: transformers' `sgd` is `torch.optim.SGD` with
+    its default `momentum=0` unless `optim_args` says otherwise, while the SAM paper trains with SGD and momentum
+    0.9 (Foret et al. 2021, §3.1 and Appendix C). The run is allowed (plain SGD is a valid choice); the warning
+    names the flag that adds momentum. `optim_args` is read as the Trainer reads it
+    ([`~transformers.Trainer.get_optimizer_cls_and_kwargs`]).
+
+    Python shows a warning once per place it is raised from, so a process that builds several argument objects
+    sees it once.
+    """
+    if args.sam_mode == "none" or str(getattr(args.optim, "value", args.optim)) != "sgd":
+        return
+    from transformers import Trainer
+
+    _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if float(kwargs.get("momentum", 0.0)) == 0.0:
+        warnings.warn(
+            f"optim='sgd' with sam_mode={args.sam_mode!r} runs torch.optim.SGD with momentum=0 (its default): SAM is "
+            'usually trained with momentum 0.9. Pass --optim_args "momentum=0.9" (optim_args="momentum=0.9") to '
+            "use it.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def validate_fsdp_plugin(args: Any, plugin: Any) -> None:

@@ -101,3 +101,28 @@ def test_torchrun_without_use_cpu_prints_one_line_from_rank_0(tmp_path):
     assert out.count("Traceback (most recent call last)") == out.count("errors.ChildFailedError:") == 1, out
     assert "LaunchError" not in out and 'run_image_classification.py", line' not in out, out
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing trained or saved
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warns"),
+    [
+        ({"optim": "sgd", "sam_mode": "sam"}, True),
+        ({"optim": "sgd", "sam_mode": "sam", "optim_args": "momentum=0.0,nesterov=False"}, True),
+        ({"optim": "sgd", "sam_mode": "sam", "optim_args": "momentum=0.9"}, False),
+        ({"optim": "sgd", "sam_mode": "none"}, False),
+        ({"optim": "sgd", "sam_mode": "none", "llqr": True}, False),
+        ({"optim": "adamw_torch", "sam_mode": "sam"}, False),
+    ],
+)
+def test_sgd_without_momentum_under_sam_warns_once_naming_optim_args(tmp_path, overrides, warns):
+    """The Trainer's SGD gets momentum only from optim_args; two argument objects built at one place: one warning."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter: once per place raised from
+        for _ in range(2):
+            args = make_args(tmp_path, **overrides)
+    messages = [str(w.message) for w in caught if "momentum=0" in str(w.message)]
+    assert len(messages) == int(warns), messages
+    if warns:
+        assert '--optim_args "momentum=0.9"' in messages[0] and f"sam_mode={args.sam_mode!r}" in messages[0]
