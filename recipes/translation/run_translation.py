@@ -63,6 +63,7 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2; Marian starts decodi
 # Defaults of this recipe that differ from `Seq2SeqTrainingArguments` (tuned for the embedded number-phrase run).
 # Config files and command-line flags override them.
 RECIPE_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/translation",  # git-ignored; one per recipe, so no recipe resumes another's run
     "do_train": True,
     "do_eval": True,
     "do_predict": True,

@@ -94,6 +94,16 @@ def _bleu_of_predictions(output_dir: Path, references: list[str]) -> float:
     return sacrebleu.corpus_bleu(predictions, [references]).score
 
 
+def test_each_recipe_has_its_own_git_ignored_default_output_dir(image, translation):
+    """Two recipes run without --output_dir (e.g. the README's CPU DDP launches) must not share transformers'
+    default `trainer_output/`: the second would silently resume the first's checkpoints and train nothing."""
+    pytest.importorskip("peft")
+    causal_lm = _load(RECIPES / "causal_lm" / "run_causal_lm.py")
+    dirs = [module.parse_args([])[-1].output_dir for module in (image, translation, causal_lm)]
+    assert dirs == ["runs/image_classification", "runs/translation", "runs/causal_lm"]
+    assert "runs/" in (REPO / ".gitignore").read_text().splitlines()
+
+
 # --- image classification ------------------------------------------------------------------------------------
 
 
