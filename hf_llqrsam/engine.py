@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import LLQRSAMStateError, describe_state
+from .checkpoint import LLQRSAMStateError, describe_state, validate_sam_state
 from .config import SAMConfig, past_fsam_window
 from .llqr import LLQRConfig, LLQRPreconditioner
 from .modes import MODES, ModeSpec
@@ -459,6 +459,7 @@ class SAMEngine:
         if has_placeholders(state):
             state = load_sharded(os.path.dirname(source), dict(state), self._shard_template)
         mode = self.config.mode if self.config is not None else "none"
+        validate_sam_state(state, source, mode=mode, params=dict(self.named_params))
         saved_mode = state["config"]["sam_mode"]
         if saved_mode == mode:
             kinds = set(self.spec.state) if self.spec is not None else set()

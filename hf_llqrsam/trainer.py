@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from .args import LLQRSAMFields, LLQRSAMTrainingArguments
+from .args import LLQRSAMFields, LLQRSAMTrainingArguments, validate_llqrsam_args
 from .card import method_card_section
-from .checkpoint import STATE_FILE, load_state, save_state
+from .checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state
 from .compat import llqrsam_active, validate_fsdp_plugin, validate_launch, validate_setup_model
 from .data import curvature_indices
 from .distributed import (
@@ -92,7 +92,9 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._configure()
 
     def _configure(self) -> None:
-        """(Re)build the typed configs from `args`: at construction, at each `train()`, after a trial's settings."""
+        """(Re)validate `args` and (re)build the typed configs: at construction, at each `train()`, and after a
+        `hyperparameter_search` trial set its values, so a field changed after construction is refused too."""
+        validate_llqrsam_args(self.args, warn=False)
         if self.model is not None:
             validate_setup_model(self.args, self.model, self.train_dataset)
         self.llqrsam_enabled = llqrsam_active(self.args)
@@ -134,15 +136,21 @@ class LLQRSAMTrainerMixin(_MixinBase):
         """True while a pass at θ + ε runs: a `compute_loss` that records metrics can skip them there."""
         return self.engine is not None and self.engine.in_perturbed_pass
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """[`~transformers.Trainer.train`] with a fresh SAM state and U (`model_init` may build a fresh model).
 
-        Settings are validated again here. Under `auto_find_batch_size`, an out-of-memory retry keeps the SAM state
-        and U as the failed attempt left them, as it keeps the weights; only the failed step is dropped.
+        Settings are validated again here. `resume_from_checkpoint=True` resumes from the newest *complete*
+        checkpoint ([`~hf_llqrsam.checkpoint.last_complete_checkpoint`]: a save killed half-way is skipped, with a
+        warning naming it). Under `auto_find_batch_size`, an out-of-memory retry keeps the SAM state and U as the
+        failed attempt left them, as it keeps the weights; only the failed step is dropped.
         """
         self._configure()
         self.engine = None
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(str(self.args.output_dir))
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _hp_search_setup(self, trial: Any) -> None:
         super()._hp_search_setup(trial)  # sets the trial's values on args: the configs follow them
