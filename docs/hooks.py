@@ -65,7 +65,17 @@ def flags_table() -> str:
     from hf_llqrsam import args
 
     render = getattr(args, "flags_markdown", None)
-    return render() if callable(render) else flags_from_fields()
+    return rewrite_xrefs(render() if callable(render) else flags_from_fields())
+
+
+def rewrite_xrefs(text: str) -> str:
+    """HF-style cross-references in help texts as code spans, the way `griffe_hf` reads them in the docstrings."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("griffe_hf", ROOT / "docs" / "griffe_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.rewrite(text)
 
 
 def api_page() -> str:
