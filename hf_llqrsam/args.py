@@ -25,6 +25,7 @@ import math
 import numbers
 import os
 import sys
+import textwrap
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -71,6 +72,7 @@ __all__ = [
     "LLQRSAMSeq2SeqTrainingArguments",
     "LLQRSAMTrainingArguments",
     "cli_errors",
+    "flags_markdown",
     "ignored_flags",
     "parse_args",
     "validate_llqrsam_args",
@@ -84,293 +86,409 @@ SAM_MODES: tuple[str, ...] = SAM_MODE_NAMES
 
 @dataclass(kw_only=True)
 class LLQRSAMFields:
-    """The hf_llqrsam fields, mixed into both argument classes.
+    # No docstring here: __doc__ is generated from the fields' `help` below (`_fields_docstring`), the one source of
+    # every flag's description, which the CLI `--help` and the docs' flag page (`flags_markdown`) read as well.
 
-    > Parameters that control SAM
-
-    sam_mode (`str`, *optional*, defaults to `"none"`):
-        One of `none`, `sam`, `asam`, `fsam`, `fisher_sam`, `gsam`, `vasso`, `infosam`, `past_fsam`, `looksam`,
-        `wsam`. `none` with `llqr` off is the stock [`~transformers.Trainer`] path, bit for bit.
-    sam_rho (`float`, *optional*, defaults to `0.1`):
-        Perturbation radius ρ; ε = ρ·Cv/√(ν² + sam_eps). Must be > 0 when `sam_mode` is not `none`.
-    sam_rho_schedule (`str`, *optional*, defaults to `"constant"`):
-        `constant`, `iwslt14_cosine_ramp` (the reference's opt-in ramp) or `lr_proportional` (GSAM).
-    sam_rho_min (`float`, *optional*, defaults to `0.0`):
-        Lower end of the `lr_proportional` schedule (>= 0, <= `sam_rho`).
-    sam_start_step (`int`, *optional*, defaults to `0`):
-        Optimizer steps before this one are plain (one-pass) steps.
-    sam_interval (`int`, *optional*, defaults to `1`):
-        Run SAM on every k-th step after `sam_start_step`; the other steps are plain.
-    sam_norm (`str`, *optional*, defaults to `"euclidean"`):
-        Normaliser ν: `euclidean` ‖Cv‖₂ or `matrix` √(vᵀCv) (the reference's `norm_mode` `euclidean`,
-        `matrix_norm`), or the same per layer, `layer_euclidean` / `layer_matrix` (`layer_euclidean`,
-        `layer_matrix_norm`): ε_l = ρ (Cv)_l / (ν_l √L) over the L modules that own parameters
-        ([`~hf_llqrsam.sam.layer_groups`]). Modes with their own normaliser need `euclidean`.
-    sam_eps (`float`, *optional*, defaults to `1e-12`):
-        Added to ν² inside the square root (> 0).
-    sam_accumulation (`str`, *optional*, defaults to `"window"`):
-        `window`: one ε from the whole accumulated batch (reference semantics). `micro`: one ε per micro-batch
-        (modes that need the window gradient are window-only).
-    sam_scope (`str`, *optional*, defaults to `"global"`):
-        `global`: ε from the all-reduced gradient. `local`: ε from each rank's own gradient (m-sharpness).
-    sam_bn_stats (`str`, *optional*, defaults to `"second"`):
-        Which pass leaves its BatchNorm running statistics: `second` (the reference) or `first`.
-    sam_same_dropout (`bool`, *optional*, defaults to `False`):
-        Replay pass 1's dropout masks in pass 2.
-
-    > Parameters of the individual SAM modes
-
-    asam_eta (`float`, *optional*, defaults to `0.01`):
-        ASAM's T = |θ| + η (>= 0).
-    fsam_beta (`float`, *optional*, defaults to `0.9`):
-        FSAM's EMA decay of the clean gradient ḡ, in [0, 1).
-    fsam_sigma (`float`, *optional*, defaults to `1.0`):
-        FSAM's probe v = g − σ ḡ.
-    fsam_init (`str`, *optional*, defaults to `"zero"`):
-        FSAM's initial ḡ: `zero` (reference) or `first_grad` (official F-SAM code).
-    fisher_sam_form (`str`, *optional*, defaults to `"reference"`):
-        `reference` C = 1/(g² + η) or `paper` C = 1/(1 + η g²).
-    fisher_sam_eta (`float`, *optional*):
-        Fisher-SAM's η (> 0); `None` means 0.1 for the reference form and 1.0 for the paper form.
-    gsam_alpha (`float`, *optional*, defaults to `0.4`):
-        GSAM's descent d = g̃ − α g⊥ (>= 0).
-    vasso_theta (`float`, *optional*, defaults to `0.4`):
-        VaSSO's d_t = (1 − θ) d_{t−1} + θ g_t, θ in (0, 1].
-    infosam_alpha (`float`, *optional*, defaults to `0.9`):
-        infoSAM's gradient EMA decay, in [0, 1) (our choice).
-    infosam_damping (`float`, *optional*, defaults to `1e-8`):
-        Floor δ of infoSAM's noise estimate b (> 0).
-    infosam_variance (`str`, *optional*, defaults to `"instant"`):
-        infoSAM's noise estimate: `instant` b = (m − g)² (the prototype) or `ema`.
-    fsam_ema (`str`, *optional*, defaults to `"precond_grad"`):
-        FSAM's and past-FSAM's reference `perturb_mode` (`lqr_optimizer/_src/utils/utils.py:
-        make_perturbation_from_vector`, `update_gbar`). `precond_grad` (default; today's behaviour) is
-        `ema_precond_grad`, the paper's LLQR-on FSAM sweep: ḡ is the EMA of the raw clean gradient and C = U when
-        `--llqr` with `llqr_in_perturbation`. `grad` is `ema_grad`: the same EMA with U kept out of ε, so with `--llqr`
-        it needs `--no_llqr_in_perturbation` (without U in ε the two are the same). `direction` is `ema_direction`:
-        ḡ is renormalised to unit norm after every update and C v is made unit-norm before ν.
-    past_fsam_overlap (`float`, *optional*, defaults to `0.0`):
-        past-FSAM's `batch_overlap_fraction` f, 1 − 1/K for an integer K (0, 0.5, 2/3, 0.75, ...): the one pass runs
-        on the last K fresh batches (this step's and those of the K − 1 steps before, kept in the SAM state), so
-        consecutive windows share a fraction f, as the reference's windows of K chunks that advance one chunk per
-        step. `per_device_train_batch_size` is the reference's fresh chunk, `batch_size`·(1 − f). Single process.
-    looksam_interval (`int`, *optional*, defaults to `5`):
-        LookSAM's k (>= 1): the full two-pass SAM step on every k-th step after `sam_start_step`, one pass between.
-    looksam_alpha (`float`, *optional*, defaults to `0.7`):
-        LookSAM's α (>= 0): the one-pass steps descend along g + α (‖g‖/‖g_v‖) g_v.
-    wsam_gamma (`float`, *optional*, defaults to `0.9`):
-        WSAM's γ, in [0, 1): the loss L + γ/(1 − γ)·(L(θ + ε) − L), as in `pytorch_optimizer.WSAM`.
-    wsam_decouple (`bool`, *optional*, defaults to `True`):
-        WSAM's sharpness term γ/(1 − γ)(g̃ − g) as its own SGD step after the base optimizer stepped on g (the paper's
-        Algorithm 1, `pytorch_optimizer`'s `decouple=True`), or (False) added to the gradient.
-
-    > Parameters that control LLQR (arXiv 2605.04230)
-
-    llqr (`bool`, *optional*, defaults to `False`):
-        Learn the inverse preconditioner U (`use_preconditioner`). With `sam_mode="sam"` this is LLQR+SAM.
-    llqr_in_perturbation (`bool`, *optional*, defaults to `True`):
-        Use C = U in the perturbation. Only modes whose geometry is the preconditioner (`sam`, `fsam`) admit it; pass
-        `--no_llqr_in_perturbation` with the others (ASAM).
-    llqr_on_update (`bool`, *optional*, defaults to `True`):
-        Use P = U on the descent gradient (required with `sam_mode="none"` and with `llqr_apply="update"`).
-    llqr_apply (`str`, *optional*, defaults to `"gradient"`):
-        `gradient`: U·g̃ replaces the gradient. `update`: U on the base optimizer's update (`precond_on_update`;
-        SGD/Adam/AdamW only); its first refresh waits for the first step whose learning rate is > 0.
-    llqr_update_probe_scale (`str`, *optional*, defaults to `"gradient_norm"`):
-        `llqr_apply="update"` only: the scale of the refresh's probe Δ_opt(g). `gradient_norm` (ours) rescales it to
-        ‖g‖, so that U learns at the gradient mode's scale whatever the learning rate; `none` keeps the raw update, as
-        the reference's `precond_on_update` does (its size is the LR, so with AdamW U barely moves).
-    llqr_divergence (`str`, *optional*, defaults to `"ngd"`):
-        Curvature G: `ngd` (Fisher/GGN), `newton` (exact Hessian), `renyi` (α·GGN) or `reverse_kl`.
-    llqr_ngd_scaling (`str`, *optional*, defaults to `"sum"`):
-        `sum`: G = Σ_rows JᵀFJ (the reference) or `mean`: the textbook GGN_mean. Used by `ngd` only.
-    llqr_renyi_alpha (`float`, *optional*, defaults to `0.5`):
-        The Rényi order α (> 0, != 1). Used by `renyi` only.
-    llqr_structure (`str`, *optional*, defaults to `"diagonal"`):
-        Structure of U: `diagonal`, `scalar`, `kfac`, `ekfac`, `sep_ekfac`, or the reference's constrained
-        `psd_ekfac`, `psd_sep_ekfac`, `diag_kfac`, `sym_kfac`, `psd_sym_kfac` ([`~hf_llqrsam.llqr.structures_ext`]).
-    llqr_update_interval (`int`, *optional*, defaults to `1000`):
-        Refresh U every E optimizer steps (>= 1).
-    llqr_update_interval_milestones (`str`, *optional*):
-        Piecewise-constant E, `"k1:E1,k2:E2"`: E = E_i from step k_i on (strictly increasing k_i >= 1, E_i >= 1),
-        refreshes where k % E(k) == 0 (the reference's `piecewise_constant` `precond_update_scheduler`).
-    llqr_update_until (`int`, *optional*):
-        No refresh at or after this step (>= 1; 0 would leave U = I for the whole run); `None` never stops.
-    llqr_batch_size (`int`, *optional*, defaults to `64`):
-        Examples in the curvature batch (>= 1).
-    llqr_inner_steps (`int`, *optional*, defaults to `50`):
-        Inner solver steps T per refresh (>= 0).
-    llqr_inner_solver (`str`, *optional*, defaults to `"momentum"`):
-        The reference's `precond_solver`: `momentum` (heavy ball), `sgd`, `adam` (optax defaults) or `cg` (its
-        `cg_back_pr+`: PR+ nonlinear CG with Armijo backtracking, no clip, no learning rate).
-    llqr_cg_beta (`str`, *optional*, defaults to `"reference"`):
-        `cg` only: `reference` keeps the reference's β bookkeeping (β = 0 every step: steepest descent with the line
-        search); `polak_ribiere` the textbook PR+ between consecutive iterates.
-    llqr_inner_lr (`float`, *optional*, defaults to `1e-3`):
-        Inner-loop learning rate (> 0); not used by `cg`.
-    llqr_inner_lr_schedule (`str`, *optional*, defaults to `"constant"`):
-        Schedule of the inner LR over the optimizer step: `constant`, `cosine` (from `llqr_inner_lr` at step 0 to
-        `llqr_inner_lr_schedule_value` at step `llqr_inner_lr_schedule_steps`, then held) or `warmup` (linear from
-        the value to `llqr_inner_lr`).
-    llqr_inner_lr_schedule_value (`float`, *optional*, defaults to `0.0`):
-        The LR schedule's other end (>= 0): cosine's final value, warmup's value at step 0.
-    llqr_inner_lr_schedule_steps (`int`, *optional*):
-        The LR schedule's length in optimizer steps (>= 1); required by `cosine` and `warmup`.
-    llqr_inner_momentum (`float`, *optional*, defaults to `0.9`):
-        Inner-loop momentum, in [0, 1); `momentum` only.
-    llqr_clip_norm (`float`, *optional*, defaults to `5.0`):
-        Per-group clip of the U-gradient (> 0).
-    llqr_clip_groups (`str`, *optional*, defaults to `"module"`):
-        Clip groups: `module` (one per leaf module) or `tensor`.
-    llqr_ema_decay (`float`, *optional*, defaults to `0.95`):
-        β of the EMA merge U ← βU + (1 − β)V, in [0, 1].
-    llqr_ema_schedule (`str`, *optional*, defaults to `"constant"`):
-        Schedule of β over the optimizer step, as `llqr_inner_lr_schedule` (the reference's `ema_scheduler`). The
-        IWSLT variant (cosine from 0.8 to 0.925 over 133 epochs) is `--llqr_ema_decay 0.8 --llqr_ema_schedule cosine
-        --llqr_ema_schedule_value 0.925 --llqr_ema_schedule_steps <133 × steps per epoch>`.
-    llqr_ema_schedule_value (`float`, *optional*, defaults to `0.0`):
-        The β schedule's other end, in [0, 1]: cosine's final value, warmup's value at step 0.
-    llqr_ema_schedule_steps (`int`, *optional*):
-        The β schedule's length in optimizer steps (>= 1); required by `cosine` and `warmup`.
-    llqr_warm_start (`bool`, *optional*, defaults to `True`):
-        Start the inner loop from the current U (else from the identity).
-    llqr_damping (`float`, *optional*, defaults to `0.0`):
-        Damping λ of G + λI (>= 0).
-    llqr_min_diag (`float`, *optional*, defaults to `1e-8`):
-        Positivity clamp of diagonal/scalar U (> 0).
-    llqr_allow_inversion (`bool`, *optional*, defaults to `False`):
-        Skip the positivity clamp.
-    llqr_identity_scaling (`float`, *optional*, defaults to `1.0`):
-        Store s·U and divide by s when applying (> 0).
-    llqr_include_pad_rows (`bool`, *optional*, defaults to `False`):
-        Count padding target rows in the curvature problem, as the reference does.
-    llqr_shift_labels (`str`, *optional*, defaults to `"auto"`):
-        Pair the logits at position t with the label at t + 1 in the curvature problem, as a causal LM's loss does.
-        `auto` decides from the model, looking through PEFT / `torch.compile` / DDP wrappers: decoder-only causal
-        LMs shift; encoder–decoder and classification models do not; a model it cannot place raises a `ValueError`
-        at the first LLQR refresh. `true` / `false` force it.
-    llqr_curvature_sharding (`str`, *optional*, defaults to `"replicated"`):
-        Multi-process: `replicated` (every rank runs the same refresh) or `sharded` (1/W of the batch per rank).
-    llqr_chunk_size (`int`, *optional*):
-        Recompute the curvature batch in chunks of this many examples (>= 1); `None`: one chunk.
-    """
-
-    sam_mode: SAMMode = field(default="none", metadata={"help": "SAM variant; `none` with llqr off is stock."})
-    sam_rho: float = field(default=0.1, metadata={"help": "Perturbation radius rho (> 0 when sam_mode != none)."})
-    sam_rho_schedule: RhoSchedule = field(default="constant", metadata={"help": "Schedule of rho over the step."})
-    sam_rho_min: float = field(default=0.0, metadata={"help": "Lower rho of the lr_proportional schedule."})
-    sam_start_step: int = field(default=0, metadata={"help": "Plain steps before this optimizer step."})
-    sam_interval: int = field(default=1, metadata={"help": "Run SAM every k-th step after sam_start_step."})
-    sam_norm: Norm = field(
-        default="euclidean", metadata={"help": "Normaliser of C v: euclidean ||Cv|| or matrix sqrt(v^T C v)."}
+    sam_mode: SAMMode = field(
+        default="none",
+        metadata={
+            "help": (
+                "The SAM variant: `none`, or one of the modes of the SAM family template (`docs/algorithm.md` "
+                "§8.2). `none` with `llqr` off is the stock [`~transformers.Trainer`] path, bit for bit."
+            )
+        },
     )
-    sam_eps: float = field(default=1e-12, metadata={"help": "Added to the squared normaliser (> 0)."})
+    sam_rho: float = field(
+        default=0.1,
+        metadata={
+            "help": "Perturbation radius ρ; ε = ρ·Cv/√(ν² + sam_eps). Must be > 0 when `sam_mode` is not `none`."
+        },
+    )
+    sam_rho_schedule: RhoSchedule = field(
+        default="constant",
+        metadata={
+            "help": "`constant`, `iwslt14_cosine_ramp` (the reference's opt-in ramp) or `lr_proportional` (GSAM)."
+        },
+    )
+    sam_rho_min: float = field(
+        default=0.0,
+        metadata={"help": "Lower end of the `lr_proportional` schedule (>= 0, <= `sam_rho`)."},
+    )
+    sam_start_step: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps before this one are plain (one-pass) steps."},
+    )
+    sam_interval: int = field(
+        default=1,
+        metadata={"help": "Run SAM on every k-th step after `sam_start_step`; the other steps are plain."},
+    )
+    sam_norm: Norm = field(
+        default="euclidean",
+        metadata={
+            "help": (
+                "Normaliser ν: `euclidean` ‖Cv‖₂ or `matrix` √(vᵀCv) (the reference's `norm_mode` `euclidean`, "
+                "`matrix_norm`), or the same per layer, `layer_euclidean` / `layer_matrix` (`layer_euclidean`, "
+                "`layer_matrix_norm`): ε_l = ρ (Cv)_l / (ν_l √L) over the L modules that own parameters "
+                "([`~hf_llqrsam.sam.layer_groups`]). Modes with their own normaliser need `euclidean`."
+            )
+        },
+    )
+    sam_eps: float = field(
+        default=1e-12,
+        metadata={"help": "Added to ν² inside the square root (> 0)."},
+    )
     sam_accumulation: Accumulation = field(
-        default="window", metadata={"help": "One perturbation per accumulation window or per micro-batch."}
+        default="window",
+        metadata={
+            "help": (
+                "`window`: one ε from the whole accumulated batch (reference semantics). `micro`: one ε per "
+                "micro-batch (modes that need the window gradient are window-only)."
+            )
+        },
     )
     sam_scope: Scope = field(
-        default="global", metadata={"help": "Perturb along the all-reduced (global) or rank-local gradient."}
+        default="global",
+        metadata={
+            "help": (
+                "`global`: ε from the all-reduced gradient. `local`: ε from each rank's own gradient (m-sharpness)."
+            )
+        },
     )
     sam_bn_stats: BNStats = field(
-        default="second", metadata={"help": "Which pass leaves its BatchNorm running statistics."}
+        default="second",
+        metadata={"help": "Which pass leaves its BatchNorm running statistics: `second` (the reference) or `first`."},
     )
-    sam_same_dropout: bool = field(default=False, metadata={"help": "Replay pass-1 dropout masks in pass 2."})
+    sam_same_dropout: bool = field(
+        default=False,
+        metadata={"help": "Replay pass 1's dropout masks in pass 2."},
+    )
 
-    asam_eta: float = field(default=0.01, metadata={"help": "ASAM: T = |theta| + eta (>= 0)."})
-    fsam_beta: float = field(default=0.9, metadata={"help": "FSAM: EMA decay of the clean gradient, in [0, 1)."})
-    fsam_sigma: float = field(default=1.0, metadata={"help": "FSAM: probe v = g - sigma * gbar."})
-    fsam_init: FSAMInit = field(default="zero", metadata={"help": "FSAM: initial gbar."})
-    fisher_sam_form: FisherSAMForm = field(default="reference", metadata={"help": "Fisher-SAM parameterisation."})
-    fisher_sam_eta: float | None = field(
-        default=None, metadata={"help": "Fisher-SAM eta (None: 0.1 reference form, 1.0 paper form)."}
+    asam_eta: float = field(
+        default=0.01,
+        metadata={"help": "ASAM's T = |θ| + η (>= 0)."},
     )
-    gsam_alpha: float = field(default=0.4, metadata={"help": "GSAM: descent g_tilde - alpha * g_perp (>= 0)."})
-    vasso_theta: float = field(default=0.4, metadata={"help": "VaSSO: d = (1 - theta) d + theta g, in (0, 1]."})
-    infosam_alpha: float = field(default=0.9, metadata={"help": "infoSAM: gradient EMA decay, in [0, 1)."})
-    infosam_damping: float = field(default=1e-8, metadata={"help": "infoSAM: floor added to the noise estimate."})
+    fsam_beta: float = field(
+        default=0.9,
+        metadata={"help": "FSAM's EMA decay of the clean gradient ḡ, in [0, 1)."},
+    )
+    fsam_sigma: float = field(
+        default=1.0,
+        metadata={"help": "FSAM's probe v = g − σ ḡ."},
+    )
+    fsam_init: FSAMInit = field(
+        default="zero",
+        metadata={"help": "FSAM's initial ḡ: `zero` (reference) or `first_grad` (official F-SAM code)."},
+    )
+    fisher_sam_form: FisherSAMForm = field(
+        default="reference",
+        metadata={"help": "`reference` C = 1/(g² + η) or `paper` C = 1/(1 + η g²)."},
+    )
+    fisher_sam_eta: float | None = field(
+        default=None,
+        metadata={"help": "Fisher-SAM's η (> 0); `None` means 0.1 for the reference form and 1.0 for the paper form."},
+    )
+    gsam_alpha: float = field(
+        default=0.4,
+        metadata={"help": "GSAM's descent d = g̃ − α g⊥ (>= 0)."},
+    )
+    vasso_theta: float = field(
+        default=0.4,
+        metadata={"help": "VaSSO's d_t = (1 − θ) d_{t−1} + θ g_t, θ in (0, 1]."},
+    )
+    infosam_alpha: float = field(
+        default=0.9,
+        metadata={"help": "infoSAM's gradient EMA decay, in [0, 1) (our choice)."},
+    )
+    infosam_damping: float = field(
+        default=1e-08,
+        metadata={"help": "Floor δ of infoSAM's noise estimate b (> 0)."},
+    )
     infosam_variance: InfoSAMVariance = field(
-        default="instant", metadata={"help": "infoSAM noise estimate: instant (m - g)^2 or an EMA of it."}
+        default="instant",
+        metadata={"help": "infoSAM's noise estimate: `instant` b = (m − g)² (the prototype) or `ema`."},
     )
     fsam_ema: FSAMEma = field(
-        default="precond_grad", metadata={"help": "FSAM/past-FSAM: the reference's perturb_mode (ema_<value>)."}
+        default="precond_grad",
+        metadata={
+            "help": (
+                "FSAM's and past-FSAM's reference `perturb_mode` (`lqr_optimizer/_src/utils/utils.py: "
+                "make_perturbation_from_vector`, `update_gbar`). `precond_grad` (default; today's behaviour) is "
+                "`ema_precond_grad`, the paper's LLQR-on FSAM sweep: ḡ is the EMA of the raw clean gradient and "
+                "C = U when `--llqr` with `llqr_in_perturbation`. `grad` is `ema_grad`: the same EMA with U kept "
+                "out of ε, so with `--llqr` it needs `--no_llqr_in_perturbation` (without U in ε the two are the "
+                "same). `direction` is `ema_direction`: ḡ is renormalised to unit norm after every update and C "
+                "v is made unit-norm before ν."
+            )
+        },
     )
     past_fsam_overlap: float = field(
-        default=0.0, metadata={"help": "past-FSAM: batch overlap fraction, 1 - 1/K for an integer K."}
+        default=0.0,
+        metadata={
+            "help": (
+                "past-FSAM's `batch_overlap_fraction` f, 1 − 1/K for an integer K (0, 0.5, 2/3, 0.75, ...): the "
+                "one pass runs on the last K fresh batches (this step's and those of the K − 1 steps before, "
+                "kept in the SAM state), so consecutive windows share a fraction f, as the reference's windows "
+                "of K chunks that advance one chunk per step. `per_device_train_batch_size` is the reference's "
+                "fresh chunk, `batch_size`·(1 − f). Single process."
+            )
+        },
     )
-    looksam_interval: int = field(default=5, metadata={"help": "LookSAM: full SAM step every k steps (>= 1)."})
-    looksam_alpha: float = field(default=0.7, metadata={"help": "LookSAM: weight of the reused g_v (>= 0)."})
-    wsam_gamma: float = field(default=0.9, metadata={"help": "WSAM: sharpness weight gamma / (1 - gamma), [0, 1)."})
+    looksam_interval: int = field(
+        default=5,
+        metadata={
+            "help": (
+                "LookSAM's k (>= 1): the full two-pass SAM step on every k-th step after `sam_start_step`, one "
+                "pass between."
+            )
+        },
+    )
+    looksam_alpha: float = field(
+        default=0.7,
+        metadata={"help": "LookSAM's α (>= 0): the one-pass steps descend along g + α (‖g‖/‖g_v‖) g_v."},
+    )
+    wsam_gamma: float = field(
+        default=0.9,
+        metadata={
+            "help": "WSAM's γ, in [0, 1): the loss L + γ/(1 − γ)·(L(θ + ε) − L), as in `pytorch_optimizer.WSAM`."
+        },
+    )
     wsam_decouple: bool = field(
-        default=True, metadata={"help": "WSAM: sharpness as a separate SGD step after the base optimizer's."}
+        default=True,
+        metadata={
+            "help": (
+                "WSAM's sharpness term γ/(1 − γ)(g̃ − g) as its own SGD step after the base optimizer stepped on "
+                "g (the paper's Algorithm 1, `pytorch_optimizer`'s `decouple=True`), or (False) added to the "
+                "gradient."
+            )
+        },
     )
 
-    llqr: bool = field(default=False, metadata={"help": "Learn the LLQR inverse preconditioner U."})
-    llqr_in_perturbation: bool = field(default=True, metadata={"help": "Use C = U in the perturbation."})
-    llqr_on_update: bool = field(default=True, metadata={"help": "Use P = U on the descent gradient."})
+    llqr: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                'Learn the inverse preconditioner U (`use_preconditioner`). With `sam_mode="sam"` this is LLQR+SAM.'
+            )
+        },
+    )
+    llqr_in_perturbation: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Use C = U in the perturbation. Only modes whose geometry is the preconditioner (`sam`, `fsam`) "
+                "admit it; pass `--no_llqr_in_perturbation` with the others (ASAM)."
+            )
+        },
+    )
+    llqr_on_update: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                'Use P = U on the descent gradient (required with `sam_mode="none"` and with `llqr_apply="update"`).'
+            )
+        },
+    )
     llqr_apply: Apply = field(
-        default="gradient", metadata={"help": "Precondition the gradient, or the base optimizer's update."}
+        default="gradient",
+        metadata={
+            "help": (
+                "`gradient`: U·g̃ replaces the gradient. `update`: U on the base optimizer's update "
+                "(`precond_on_update`; SGD/Adam/AdamW only); its first refresh waits for the first step whose "
+                "learning rate is > 0."
+            )
+        },
     )
     llqr_update_probe_scale: UpdateProbeScale = field(
         default="gradient_norm",
-        metadata={"help": "llqr_apply='update': probe rescaled to the gradient's norm (ours) or raw (reference)."},
+        metadata={
+            "help": (
+                '`llqr_apply="update"` only: the scale of the refresh\'s probe Δ_opt(g). `gradient_norm` (ours) '
+                "rescales it to ‖g‖, so that U learns at the gradient mode's scale whatever the learning rate; "
+                "`none` keeps the raw update, as the reference's `precond_on_update` does (its size is the LR, "
+                "so with AdamW U barely moves)."
+            )
+        },
     )
-    llqr_divergence: Divergence = field(default="ngd", metadata={"help": "Curvature G of the quadratic model."})
+    llqr_divergence: Divergence = field(
+        default="ngd",
+        metadata={
+            "help": "Curvature G: `ngd` (Fisher/GGN), `newton` (exact Hessian), `renyi` (α·GGN) or `reverse_kl`."
+        },
+    )
     llqr_ngd_scaling: NGDScaling = field(
-        default="sum", metadata={"help": "NGD Fisher summed over rows (reference) or averaged."}
+        default="sum",
+        metadata={
+            "help": "`sum`: G = Σ_rows JᵀFJ (the reference) or `mean`: the textbook GGN_mean. Used by `ngd` only."
+        },
     )
-    llqr_renyi_alpha: float = field(default=0.5, metadata={"help": "Order of the renyi divergence (> 0, != 1)."})
-    llqr_structure: Structure = field(default="diagonal", metadata={"help": "Block structure of U."})
-    llqr_update_interval: int = field(default=1000, metadata={"help": "Refresh U every E optimizer steps."})
+    llqr_renyi_alpha: float = field(
+        default=0.5,
+        metadata={"help": "The Rényi order α (> 0, != 1). Used by `renyi` only."},
+    )
+    llqr_structure: Structure = field(
+        default="diagonal",
+        metadata={
+            "help": (
+                "Structure of U: `diagonal`, `scalar`, `kfac`, `ekfac`, `sep_ekfac`, or the reference's "
+                "constrained `psd_ekfac`, `psd_sep_ekfac`, `diag_kfac`, `sym_kfac`, `psd_sym_kfac` "
+                "([`~hf_llqrsam.llqr.structures_ext`])."
+            )
+        },
+    )
+    llqr_update_interval: int = field(
+        default=1000,
+        metadata={"help": "Refresh U every E optimizer steps (>= 1)."},
+    )
     llqr_update_interval_milestones: str | None = field(
-        default=None, metadata={"help": "Piecewise-constant E: 'k1:E1,k2:E2' (E_i from step k_i on)."}
+        default=None,
+        metadata={
+            "help": (
+                'Piecewise-constant E, `"k1:E1,k2:E2"`: E = E_i from step k_i on (strictly increasing k_i >= 1, '
+                "E_i >= 1), refreshes where k mod E(k) = 0 (the reference's `piecewise_constant` "
+                "`precond_update_scheduler`)."
+            )
+        },
     )
-    llqr_update_until: int | None = field(default=None, metadata={"help": "No refresh at or after this step."})
-    llqr_batch_size: int = field(default=64, metadata={"help": "Examples in the curvature batch."})
-    llqr_inner_steps: int = field(default=50, metadata={"help": "Inner solver steps per refresh."})
+    llqr_update_until: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "No refresh at or after this step (>= 1; 0 would leave U = I for the whole run); `None` never stops."
+            )
+        },
+    )
+    llqr_batch_size: int = field(
+        default=64,
+        metadata={"help": "Examples in the curvature batch (>= 1)."},
+    )
+    llqr_inner_steps: int = field(
+        default=50,
+        metadata={"help": "Inner solver steps T per refresh (>= 0)."},
+    )
     llqr_inner_solver: InnerSolver = field(
-        default="momentum", metadata={"help": "Inner solver: momentum, sgd, adam or cg (the reference's)."}
+        default="momentum",
+        metadata={
+            "help": (
+                "The reference's `precond_solver`: `momentum` (heavy ball), `sgd`, `adam` (optax defaults) or "
+                "`cg` (its `cg_back_pr+`: PR+ nonlinear CG with Armijo backtracking, no clip, no learning rate)."
+            )
+        },
     )
     llqr_cg_beta: CGBeta = field(
-        default="reference", metadata={"help": "cg: the reference's beta (0: steepest descent) or polak_ribiere."}
+        default="reference",
+        metadata={
+            "help": (
+                "`cg` only: `reference` keeps the reference's β bookkeeping (β = 0 every step: steepest descent "
+                "with the line search); `polak_ribiere` the textbook PR+ between consecutive iterates."
+            )
+        },
     )
-    llqr_inner_lr: float = field(default=1e-3, metadata={"help": "Inner-loop learning rate (> 0)."})
+    llqr_inner_lr: float = field(
+        default=0.001,
+        metadata={"help": "Inner-loop learning rate (> 0); not used by `cg`."},
+    )
     llqr_inner_lr_schedule: Schedule = field(
-        default="constant", metadata={"help": "Inner-LR schedule over the optimizer step."}
+        default="constant",
+        metadata={
+            "help": (
+                "Schedule of the inner LR over the optimizer step: `constant`, `cosine` (from `llqr_inner_lr` at "
+                "step 0 to `llqr_inner_lr_schedule_value` at step `llqr_inner_lr_schedule_steps`, then held) or "
+                "`warmup` (linear from the value to `llqr_inner_lr`)."
+            )
+        },
     )
     llqr_inner_lr_schedule_value: float = field(
-        default=0.0, metadata={"help": "Inner-LR schedule's other end: cosine's last, warmup's first value."}
+        default=0.0,
+        metadata={"help": "The LR schedule's other end (>= 0): cosine's final value, warmup's value at step 0."},
     )
     llqr_inner_lr_schedule_steps: int | None = field(
-        default=None, metadata={"help": "Inner-LR schedule's length in optimizer steps."}
+        default=None,
+        metadata={"help": "The LR schedule's length in optimizer steps (>= 1); required by `cosine` and `warmup`."},
     )
-    llqr_inner_momentum: float = field(default=0.9, metadata={"help": "Inner-loop momentum, in [0, 1)."})
-    llqr_clip_norm: float = field(default=5.0, metadata={"help": "Per-group clip of the U-gradient (> 0)."})
+    llqr_inner_momentum: float = field(
+        default=0.9,
+        metadata={"help": "Inner-loop momentum, in [0, 1); `momentum` only."},
+    )
+    llqr_clip_norm: float = field(
+        default=5.0,
+        metadata={"help": "Per-group clip of the U-gradient (> 0)."},
+    )
     llqr_clip_groups: ClipGroups = field(
-        default="module", metadata={"help": "Clip groups: one per leaf module or one per tensor."}
+        default="module",
+        metadata={"help": "Clip groups: `module` (one per leaf module) or `tensor`."},
     )
-    llqr_ema_decay: float = field(default=0.95, metadata={"help": "EMA merge U = b U_old + (1 - b) V, in [0, 1]."})
-    llqr_ema_schedule: Schedule = field(default="constant", metadata={"help": "EMA-decay schedule over the step."})
+    llqr_ema_decay: float = field(
+        default=0.95,
+        metadata={"help": "β of the EMA merge U ← βU + (1 − β)V, in [0, 1]."},
+    )
+    llqr_ema_schedule: Schedule = field(
+        default="constant",
+        metadata={
+            "help": (
+                "Schedule of β over the optimizer step, as `llqr_inner_lr_schedule` (the reference's "
+                "`ema_scheduler`). The IWSLT variant (cosine from 0.8 to 0.925 over 133 epochs) is "
+                "`--llqr_ema_decay 0.8 --llqr_ema_schedule cosine --llqr_ema_schedule_value 0.925 "
+                "--llqr_ema_schedule_steps <133 × steps per epoch>`."
+            )
+        },
+    )
     llqr_ema_schedule_value: float = field(
-        default=0.0, metadata={"help": "EMA schedule's other end: cosine's last, warmup's first value."}
+        default=0.0,
+        metadata={"help": "The β schedule's other end, in [0, 1]: cosine's final value, warmup's value at step 0."},
     )
     llqr_ema_schedule_steps: int | None = field(
-        default=None, metadata={"help": "EMA schedule's length in optimizer steps."}
+        default=None,
+        metadata={"help": "The β schedule's length in optimizer steps (>= 1); required by `cosine` and `warmup`."},
     )
-    llqr_warm_start: bool = field(default=True, metadata={"help": "Start the inner loop from the current U."})
-    llqr_damping: float = field(default=0.0, metadata={"help": "Damping lambda of G + lambda I (>= 0)."})
-    llqr_min_diag: float = field(default=1e-8, metadata={"help": "Positivity clamp of diagonal/scalar U (> 0)."})
-    llqr_allow_inversion: bool = field(default=False, metadata={"help": "Skip the positivity clamp."})
-    llqr_identity_scaling: float = field(default=1.0, metadata={"help": "Store s U and divide by s (> 0)."})
+    llqr_warm_start: bool = field(
+        default=True,
+        metadata={"help": "Start the inner loop from the current U (else from the identity)."},
+    )
+    llqr_damping: float = field(
+        default=0.0,
+        metadata={"help": "Damping λ of G + λI (>= 0)."},
+    )
+    llqr_min_diag: float = field(
+        default=1e-08,
+        metadata={"help": "Positivity clamp of diagonal/scalar U (> 0)."},
+    )
+    llqr_allow_inversion: bool = field(
+        default=False,
+        metadata={"help": "Skip the positivity clamp."},
+    )
+    llqr_identity_scaling: float = field(
+        default=1.0,
+        metadata={"help": "Store s·U and divide by s when applying (> 0)."},
+    )
     llqr_include_pad_rows: bool = field(
-        default=False, metadata={"help": "Count pad rows in the curvature problem, as the reference does."}
+        default=False,
+        metadata={"help": "Count padding target rows in the curvature problem, as the reference does."},
     )
     llqr_shift_labels: ShiftLabels = field(
-        default="auto", metadata={"help": "Causal-LM label shift in the curvature problem (auto: from the model)."}
+        default="auto",
+        metadata={
+            "help": (
+                "Pair the logits at position t with the label at t + 1 in the curvature problem, as a causal "
+                "LM's loss does. `auto` decides from the model, looking through PEFT / `torch.compile` / DDP "
+                "wrappers: decoder-only causal LMs shift; encoder–decoder and classification models do not; a "
+                "model it cannot place raises a `ValueError` at the first LLQR refresh. `true` / `false` force "
+                "it."
+            )
+        },
     )
     llqr_curvature_sharding: CurvatureSharding = field(
-        default="replicated", metadata={"help": "Multi-process: same curvature batch everywhere, or sharded."}
+        default="replicated",
+        metadata={
+            "help": (
+                "Multi-process: `replicated` (every rank runs the same refresh) or `sharded` (1/W of the batch "
+                "per rank)."
+            )
+        },
     )
-    llqr_chunk_size: int | None = field(default=None, metadata={"help": "Recompute the curvature batch in chunks."})
+    llqr_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Recompute the curvature batch in chunks of this many examples (>= 1); `None`: one chunk."},
+    )
 
     llqr_unsupported: ClassVar[str | None] = None
     """`"<trainer>: <why>"` where this argument class refuses `llqr=True` (a trainer without LLQR: DPO), or `None`."""
@@ -568,6 +686,81 @@ _RANGES: dict[str, _Rule] = {
     "llqr_chunk_size": (lambda x: x >= 1, ">= 1 (or None)"),
 }
 _UNBOUNDED: frozenset[str] = frozenset({"sam_rho", "fsam_sigma"})  # finite is enough (sam_rho: see above)
+
+# ---------------------------------------------------------------------------------------------- the flag reference
+
+# The one source of every flag's description is its field's `metadata["help"]`: the CLI `--help` (HfArgumentParser),
+# the class docstring below and the docs' flag page ([`flags_markdown`]) all read it.
+_SECTIONS: dict[str, str] = {  # the first field of each group -> the group's title
+    "sam_mode": "Parameters that control SAM",
+    "asam_eta": "Parameters of the individual SAM modes",
+    "llqr": "Parameters that control LLQR (arXiv 2605.04230)",
+}
+
+
+def _type_name(hint: Any) -> str:
+    """The docstring type of an annotation: `str` for a Literal, `X` for `X | None`."""
+    if get_origin(hint) is Literal:
+        return "str"
+    if get_origin(hint) in (Union, types.UnionType):
+        return _type_name(next(a for a in get_args(hint) if a is not type(None)))
+    return str(hint.__name__)
+
+
+def _default_text(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _fields_docstring() -> str:
+    """The [`LLQRSAMFields`] docstring, HF style (`name (`type`, *optional*, defaults to `x`):` + the help)."""
+    hints = get_type_hints(LLQRSAMFields)
+    lines = [
+        "The hf_llqrsam fields, mixed into both argument classes; each is keyword-only, so positional arguments mean",
+        "what they mean on the stock class.",
+        "",
+        "Args:",
+    ]
+    for f in fields(LLQRSAMFields):
+        if f.name in _SECTIONS:
+            lines += [f"    > {_SECTIONS[f.name]}", ""]
+        default = "" if f.default is None else f", defaults to `{_default_text(f.default)}`"
+        lines.append(f"    {f.name} (`{_type_name(hints[f.name])}`, *optional*{default}):")
+        lines += textwrap.wrap(
+            f.metadata["help"],
+            width=111,
+            initial_indent="        ",
+            subsequent_indent="        ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines) + "\n"
+
+
+LLQRSAMFields.__doc__ = _fields_docstring()
+
+
+def flags_markdown() -> str:
+    """Every hf_llqrsam flag as Markdown, for the documentation's flag reference: per group, one line per flag with
+    its type, default, allowed values (from its annotation and range rule) and help, read from the fields.
+
+    Returns:
+        `str`: Markdown, a `## <group>` heading per group and a bullet per flag.
+    """
+    hints = get_type_hints(LLQRSAMFields)
+    lines: list[str] = []
+    for f in fields(LLQRSAMFields):
+        if f.name in _SECTIONS:
+            lines += ["", f"## {_SECTIONS[f.name]}", ""] if lines else [f"## {_SECTIONS[f.name]}", ""]
+        allowed = _TYPE_RULES[f.name][1]
+        if f.name in _RANGES:
+            allowed += f"; {_RANGES[f.name][1]}"
+        if hints[f.name] is bool and f.default is True:
+            allowed += f"; `--no_{f.name}` sets False"
+        lines.append(
+            f"- **`--{f.name}`** (`{_type_name(hints[f.name])}`, default `{_default_text(f.default)}`; "
+            f"{allowed}): {f.metadata['help']}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _fail(message: str) -> NoReturn:

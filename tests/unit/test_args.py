@@ -1,5 +1,6 @@
 """The flags: native to HfArgumentParser, serialisable, and every bad value rejected naming the flag."""
 
+import ast
 import dataclasses
 import inspect
 import json
@@ -14,7 +15,7 @@ import torch
 from transformers import HfArgumentParser
 
 from hf_llqrsam import LLQRSAMSeq2SeqTrainingArguments, LLQRSAMTrainer, LLQRSAMTrainingArguments
-from hf_llqrsam.args import SAM_MODES, LLQRSAMFields
+from hf_llqrsam.args import SAM_MODES, LLQRSAMFields, flags_markdown
 from hf_llqrsam.compat import validate_setup_args
 from hf_llqrsam.config import SAMConfig
 from hf_llqrsam.llqr.config import LLQRConfig
@@ -402,6 +403,33 @@ def test_docstring_lists_every_field():
     missing = [f.name for f in dataclasses.fields(LLQRSAMFields) if f"    {f.name} (`" not in doc]
     assert not missing
     assert all(f.metadata.get("help") for f in dataclasses.fields(LLQRSAMFields))
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_help_docstring_and_flag_reference_read_the_one_source(monkeypatch):
+    """Issue 18: a flag's description lives in its field's `metadata["help"]` only; the CLI `--help`, the class
+    docstring and the docs' flag page (`flags_markdown`) all carry it, word for word."""
+    monkeypatch.setenv("COLUMNS", "100000")  # argparse wraps help at the terminal width (and may split at hyphens)
+    cli = _flat(HfArgumentParser(LLQRSAMTrainingArguments).format_help())
+    doc, markdown = _flat(LLQRSAMFields.__doc__ or ""), _flat(flags_markdown())
+    hints = typing.get_type_hints(LLQRSAMFields)
+    for f in dataclasses.fields(LLQRSAMFields):
+        text = _flat(f.metadata["help"])
+        assert f"--{f.name} " in cli and text in cli, f.name
+        shown = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default)
+        default = "" if f.default is None else f", defaults to `{shown}`"
+        assert f"{f.name} (`" in doc and f"*optional*{default}): {text}" in doc, f.name
+        assert f"- **`--{f.name}`** (" in markdown and f"): {text}" in markdown, f.name
+        if typing.get_origin(hints[f.name]) is typing.Literal:  # the page lists the allowed values
+            line = next(x for x in flags_markdown().splitlines() if x.startswith(f"- **`--{f.name}`**"))
+            assert all(repr(v) in line for v in typing.get_args(hints[f.name])), f.name
+    # the hand-written copy is gone: the class has no docstring literal, its __doc__ is generated
+    tree = ast.parse(Path(inspect.getsourcefile(LLQRSAMFields)).read_text())
+    (cls,) = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "LLQRSAMFields"]
+    assert ast.get_docstring(cls) is None
 
 
 def test_configs_stay_pure():
