@@ -480,3 +480,29 @@ def test_griffe_extension_reads_hf_docstrings_as_google_style():
         "    names, params (list[str]):\n"
         "        both.\n"
     )
+
+
+def test_parity_page_maps_every_flag_and_names_only_real_flags_and_values():
+    """Every hf_llqrsam field has a row on the reference-parity page, and every name in its "our flag" column is a
+    field or one of the values a field accepts (a renamed flag or value fails here)."""
+    import typing
+    from dataclasses import fields
+
+    from hf_llqrsam.args import LLQRSAMFields
+
+    hints = typing.get_type_hints(LLQRSAMFields)
+    names = {f.name for f in fields(LLQRSAMFields)}
+    values = {
+        str(v)
+        for f in fields(LLQRSAMFields)
+        for arg in (hints[f.name], *typing.get_args(hints[f.name]))
+        if typing.get_origin(arg) is typing.Literal
+        for v in typing.get_args(arg)
+    }
+    ours = set()
+    for line in _page("reference/parity.md").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and not set(cells[0]) <= {"-"}:
+            ours |= set(re.findall(r"`([a-z_0-9]+)`", cells[1]))
+    assert names <= ours, f"flags without a parity row: {sorted(names - ours)}"
+    assert ours <= names | values, f"not a flag nor a value: {sorted(ours - names - values)}"
