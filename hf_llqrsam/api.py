@@ -48,8 +48,8 @@ class SAM:
             Its parameters with `requires_grad` are perturbed.
         optimizer (`torch.optim.Optimizer`): the base optimizer, stepped by you (or by [`step`]) on the descent
             gradient the block leaves in `p.grad`.
-        mode (`str`, *optional*, defaults to `"sam"`): one of `hf_llqrsam.modes.SAM_MODE_NAMES` (`none` with `llqr`
-            is LLQR alone, through [`step`]).
+        mode (`str`, *optional*, defaults to `"sam"`): one of `hf_llqrsam.modes.SAM_MODE_NAMES`. `none` takes plain
+            steps through [`step`] (the same loop as a baseline; with `llqr` or a fixed U, U on the descent).
         rho (`float`, *optional*, defaults to `0.05`): the radius ρ.
         llqr (`LLQRConfig`, *optional*): learn U with LLQR (LLQR+SAM with `mode="sam"`); needs `curvature_batch`.
         curvature_batch (`Callable[[int], Mapping]`, *optional*): `step -> batch` of model inputs plus `labels`, called
@@ -60,6 +60,8 @@ class SAM:
         config (`SAMConfig`, *optional*): every SAM setting at once, instead of `mode`, `rho` and `options`.
         extractor (`Callable`, *optional*): `(model, batch) -> (logits, targets, row_mask)` for the curvature, for
             heads the default ([`~hf_llqrsam.llqr.logits_and_targets`]) does not know.
+        u_in_perturbation / u_on_update (`bool`, *optional*): whether U enters the perturbation C and the descent P;
+            by default from `llqr` (`in_perturbation`; `on_update` with `apply="gradient"`), and both for a fixed U.
         options: other [`~hf_llqrsam.config.SAMConfig`] fields (`fsam_beta=0.9`, `norm="matrix"`, `bn_stats`, …).
 
     BatchNorm: the statistics before a step's pass 1 are taken at the end of the step before it (at construction for
@@ -83,6 +85,8 @@ class SAM:
         preconditioner: Preconditioner | None = None,
         config: SAMConfig | None = None,
         extractor: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
+        u_in_perturbation: bool | None = None,
+        u_on_update: bool | None = None,
         **options: Any,
     ) -> None:
         if config is None:
@@ -106,6 +110,8 @@ class SAM:
             preconditioner=preconditioner,
             device=next(model.parameters()).device,
             agree=lambda flag: any_rank(flag, next(model.parameters()).device),
+            u_in_perturbation=u_in_perturbation,
+            u_on_update=u_on_update,
         )
         self.engine.scaler = scaler
         self.engine.attach(getattr(optimizer, "optimizer", optimizer))  # Accelerate's wrapper: the torch optimizer
@@ -274,8 +280,6 @@ def _validate(config: SAMConfig, llqr: LLQRConfig | None, curvature_batch: Any) 
     plus what the plain API does not support. Raises a `ValueError` naming the field."""
     if config.mode not in SAM_MODE_NAMES:
         raise ValueError(f"Invalid mode={config.mode!r}. Must be one of {', '.join(SAM_MODE_NAMES)}.")
-    if config.mode == "none" and llqr is None:
-        raise ValueError("Invalid mode='none' without llqr: nothing to do (use the optimizer alone).")
     if config.accumulation != "window":
         raise ValueError(
             f"Invalid accumulation={config.accumulation!r} for SAM(...): the plain API builds one ε per optimizer "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_llqrsam import LLQRConfig, LLQRPreconditioner, Preconditioner, SAMConfig, SAMState, compute_perturbation
+from hf_llqrsam import SAM, LLQRConfig, LLQRPreconditioner, Preconditioner, SAMConfig
 from hf_llqrsam.llqr.schedules import parse_milestones
 
 A, B, DEPTH, CENTER, WIDTH = 5.0, 0.2, 0.08, 2.0, 0.1
@@ -117,33 +117,47 @@ def run(
     keep_every: int = 1,
     refresh: "LearnedU | None" = None,
 ) -> dict:
-    """One seed, step by step through `hf_llqrsam.compute_perturbation` (the trainer's function): the reference.
+    """One seed, step by step through the public API [`hf_llqrsam.SAM`] (the library's SAM step): the reference.
 
-    Plain updates θ ← θ − η P g̃ (no momentum) from `start`; stops in the box |x|, |y| < 0.05 when `stop`. With
-    `refresh`, U is re-learned on its schedule before the step, from the average geometry at θ. [`run_seeds`] is the
-    same computation for many seeds at once, and a test proves the two equal.
+    θ is the one parameter of a module, the gradient comes from the analytic surface plus this seed's noise (pass 1
+    and pass 2 draw their own), and plain SGD at η takes θ ← θ − η P g̃ from `start`; stops in the box |x|, |y| < 0.05
+    when `stop`. With `refresh`, U is re-learned on its schedule before the step, from the average geometry at θ.
+    [`run_seeds`] is the same computation for many seeds at once, and a test proves the two equal.
     """
     noise = draw_noise(seed, max_steps, noise_variance)
-    theta = torch.tensor(start, dtype=torch.float64)
-    cfg, state = SAMConfig(mode="sam", rho=RHO), SAMState()
-    geometry = u if method.u_in_perturbation else None
-    eta = ETA * method.lr_scale
+    point = _Theta()
+    with torch.no_grad():
+        point.theta.copy_(torch.tensor(start, dtype=torch.float64))
+    optimizer = _GradientDescent([point.theta], lr=ETA * method.lr_scale)
+    sam = SAM(
+        point,
+        optimizer,
+        "sam" if method.sam else "none",
+        RHO,
+        preconditioner=u,
+        u_in_perturbation=method.u_in_perturbation,
+        u_on_update=method.u_on_update,
+    )
     path, max_radius, steps, escaped = 0.0, 0.0, 0, False
-    trajectory = [theta.tolist()]
+    trajectory = [start]
     for steps in range(1, max_steps + 1):  # noqa: B007  (steps is read after the loop)
+        theta = point.theta.detach().clone()
         if refresh is not None:
             refresh.maybe_update(steps - 1, theta)
-        g = grad(theta) + noise[steps - 1, 0]
-        if method.sam:
-            eps = compute_perturbation(cfg, state, NAMES, [theta], [g], RHO, geometry).eps[0]
-            g = grad(theta + eps) + noise[steps - 1, 1]
-        step = eta * (u.apply(NAMES, [g])[0] if method.u_on_update else g)
-        theta = theta - step
+        passes = iter(noise[steps - 1])
+
+        def closure(passes=passes) -> torch.Tensor:  # the surface's gradient at the (perturbed) point, plus noise
+            point.theta.grad = grad(point.theta.detach()) + next(passes)
+            return torch.zeros(())
+
+        sam.step(closure)
+        step = theta - point.theta.detach()
         path += float(step.norm())
-        max_radius = max(max_radius, float(theta.norm()))
+        max_radius = max(max_radius, float(point.theta.detach().norm()))
         if steps % keep_every == 0:
-            trajectory.append(theta.tolist())
-        if stop and abs(float(theta[0])) < STOP_BOX and abs(float(theta[1])) < STOP_BOX:
+            trajectory.append(point.theta.tolist())
+        x, y = point.theta.tolist()
+        if stop and abs(x) < STOP_BOX and abs(y) < STOP_BOX:
             escaped = True
             break
     return {
@@ -151,7 +165,7 @@ def run(
         "steps": steps,
         "path_length": path,
         "max_radius": max_radius,
-        "final": theta.tolist(),
+        "final": point.theta.tolist(),
         "trajectory": trajectory,
     }
 
@@ -262,7 +276,23 @@ def run_seeds(
     return run_batch(rows, u_diag, max_steps, keep_every)
 
 
+class _GradientDescent(torch.optim.Optimizer):
+    """θ ← θ − η·g, rounded as the batched runs compute it (`torch.optim.SGD` fuses η·g into the add)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(group["lr"] * p.grad)
+
+
 class _Theta(torch.nn.Module):
+    """The toy's θ as the one parameter of a module (what [`hf_llqrsam.SAM`] and U are built for)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))

@@ -328,7 +328,6 @@ def test_api_load_state_dict_refuses_another_runs_state():
         ({"accumulation": "micro"}, "accumulation='micro'"),
         ({"bogus": 1}, "Invalid SAM option"),
         ({"llqr": LLQR_CONFIG}, "curvature_batch"),
-        ({"mode": "none"}, "mode='none' without llqr"),
     ],
 )
 def test_api_bad_arguments_are_refused_naming_the_field(kwargs, needle):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("peft")
 
-import hf_llqrsam.trainer as trainer_module
+import hf_llqrsam.engine as engine_module
 from hf_llqrsam import LLQRSAMTrainer
 from hf_llqrsam.checkpoint import STATE_FILE
 from tests.lm_utils import lm_dataset, lora, tiny_gpt2
@@ -68,14 +68,14 @@ def test_sam_and_llqr_act_on_the_adapter_only(tmp_path, monkeypatch, case):
     by_id = {id(p): n for n, p in model.named_parameters()}
 
     perturbed: list[list[str]] = []
-    apply = trainer_module.apply_perturbation_
+    apply = engine_module.apply_perturbation_
 
     def record(params, eps):
         nonzero = [by_id[id(p)] for p, e in zip(params, eps, strict=True) if bool(e.abs().sum() > 0)]
         perturbed.append(nonzero)
         return apply(params, eps)
 
-    monkeypatch.setattr(trainer_module, "apply_perturbation_", record)
+    monkeypatch.setattr(engine_module, "apply_perturbation_", record)
     before = _trainable(model)
     trainer = LLQRSAMTrainer(model=model, args=_args(tmp_path, save_strategy="no"), train_dataset=make_data())
     trainer.train()

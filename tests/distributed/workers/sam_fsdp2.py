@@ -27,7 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers.distributed import DistributedConfig
 
-import hf_llqrsam.trainer as trainer_module
+import hf_llqrsam.engine as engine_module
 from hf_llqrsam import LLQRSAMTrainer
 from hf_llqrsam.distributed import unsharded_view
 from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner, curvature_problem
@@ -123,7 +123,7 @@ class Memory:
 
     def __init__(self) -> None:
         self.peak = {"backup": 0, "eps": 0}
-        original = trainer_module.apply_perturbation_
+        original = engine_module.apply_perturbation_
 
         def wrapped(params: Any, eps: Any) -> Any:
             backups = original(params, eps)
@@ -131,7 +131,7 @@ class Memory:
             self.peak["eps"] = max(self.peak["eps"], _local_bytes(eps))
             return backups
 
-        trainer_module.apply_perturbation_ = wrapped
+        engine_module.apply_perturbation_ = wrapped
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
