@@ -194,7 +194,6 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 README = ROOT / "README.md"
-DESIGN_DOCS = {DOCS / f"{name}.md" for name in KNOWN_DOCS} | {DOCS / "design.md"}
 
 
 def _hooks():
@@ -336,7 +335,7 @@ _LAUNCHERS = ("python", "python3", "torchrun", "accelerate", "bash")
 
 def command_pages() -> list[Path]:
     pages = [README, *sorted((ROOT / "recipes").glob("**/README.md"))]
-    return pages + sorted(p for p in DOCS.rglob("*.md") if p not in DESIGN_DOCS)
+    return pages + sorted(DOCS.rglob("*.md"))
 
 
 def commands(text: str) -> list[list[str]]:
