@@ -5,8 +5,8 @@
   checkpoints on disk, a real SIGKILL of a training process.
 - The stock contract, each check with the stock class and ours in modes none and sam: callback lists, `args=None`,
   `training_step` outside `train()`, `model_init` and a second `train()`, dict and tuple model outputs,
-  `evaluate`/`predict`, checkpoint files, `Seq2SeqTrainer` generation, `hyperparameter_search` over `sam_rho`.
-  (Positional construction: `tests/unit/test_args.py`; TRL SFT/DPO: `tests/integration/test_trl.py`.)
+  `evaluate`/`predict`, checkpoint files, `Seq2SeqTrainer` generation, `hyperparameter_search` over `sam_rho`, TRL
+  SFT with packing and with a completion-only loss, TRL DPO. (Positional construction: `tests/unit/test_args.py`.)
 """
 
 import dataclasses
@@ -382,3 +382,77 @@ def test_hyperparameter_search_tunes_sam_rho(tmp_path):
     plain = trainer_for(tmp_path / "plain", sam_rho=rho)
     plain.train()
     assert plain.evaluate()["eval_loss"] == pytest.approx(best.objective, rel=1e-6)
+
+
+# TRL 1.16 sets and calls gradient_checkpointing names transformers 5 deprecates (an error under pyproject's filter)
+TRL_WARNINGS = pytest.mark.filterwarnings("ignore:`[a-z_]*gradient_checkpointing[a-z_]*` is deprecated:FutureWarning")
+
+
+def _trl_run(tmp_path, stock: bool, mode: str, kind: str):
+    """One TRL run, stock or ours: SFT with packing, SFT with a completion-only loss, or DPO; 3 steps."""
+    trl = pytest.importorskip("trl")
+    from hf_llqrsam.integrations import trl as ours_trl
+    from tests.lm_utils import tiny_gpt2
+    from tests.utils import WORDS, tiny_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+
+    def words(k: int) -> str:
+        return " ".join(WORDS[i] for i in torch.randint(0, 20, (k,), generator=g).tolist())
+
+    common = dict(
+        report_to="none",
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        max_length=16,
+    )
+    ours_kwargs = {} if stock else {"sam_mode": mode, "sam_rho": 0.05}
+    out = str(tmp_path / ("stock" if stock else "ours"))
+    extra, extra_model = {}, {}
+    if kind == "dpo":
+        extra_model = {"ref_model": tiny_gpt2()}  # the same initial weights as the policy
+        rows = {k: [words(3) for _ in range(12)] for k in ("prompt", "chosen", "rejected")}
+        config_cls = trl.DPOConfig if stock else ours_trl.LLQRSAMDPOConfig
+        trainer_cls = trl.DPOTrainer if stock else ours_trl.LLQRSAMDPOTrainer
+    else:
+        if kind == "packing":
+            rows = {"text": [words(int(torch.randint(2, 7, (1,), generator=g))) for _ in range(24)]}
+            extra = {"packing": True}
+        else:
+            rows = {"prompt": [words(3) for _ in range(16)], "completion": [words(2) for _ in range(16)]}
+            extra = {"completion_only_loss": True}
+        config_cls = trl.SFTConfig if stock else ours_trl.LLQRSAMSFTConfig
+        trainer_cls = trl.SFTTrainer if stock else ours_trl.LLQRSAMSFTTrainer
+    trainer = trainer_cls(
+        model=tiny_gpt2(),
+        **extra_model,
+        args=config_cls(out, **common, **extra, **ours_kwargs),
+        train_dataset=datasets.Dataset.from_dict(rows),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    return trainer, set(os.listdir(os.path.join(out, "checkpoint-3")))
+
+
+@TRL_WARNINGS
+@pytest.mark.parametrize("mode", MODES_CHECKED)
+@pytest.mark.parametrize("kind", ["packing", "completion_only", "dpo"])
+def test_trl_agrees_with_stock(tmp_path, mode, kind):
+    """TRL SFT with packing, with a completion-only loss, and DPO: under none the weights equal the stock trainer's
+    bit for bit; under sam the same logged TRL keys and checkpoint files (plus our state file)."""
+    stock, stock_files = _trl_run(tmp_path, True, mode, kind)
+    ours, ours_files = _trl_run(tmp_path, False, mode, kind)
+    assert ours.state.global_step == stock.state.global_step == 3
+    assert ours_files == stock_files | ({STATE_FILE} if mode != "none" else set())
+    keys_stock = set().union(*(h.keys() for h in stock.state.log_history))
+    keys_ours = set().union(*(h.keys() for h in ours.state.log_history))
+    assert keys_stock <= keys_ours and all(k.startswith("sam/") for k in keys_ours - keys_stock)
+    same = _same(params_of(stock.model), params_of(ours.model))
+    assert same if mode == "none" else not same
