@@ -1,4 +1,5 @@
-"""recipes/benchmarks/bench_label_noise.py: its plain loop against LLQRSAMTrainer (the oracle), and a smoke run."""
+"""recipes/benchmarks/bench_label_noise.py and its modules (recipes/benchmarks/label_noise/): the plain loop against
+LLQRSAMTrainer (the oracle), and a smoke run."""
 
 import json
 import os
@@ -8,8 +9,10 @@ import datasets
 import pytest
 import torch
 
+from hf_llqrsam import LLQRConfig, LLQRPreconditioner
 from hf_llqrsam.data import curvature_indices
 from recipes.benchmarks import bench_label_noise as bench
+from recipes.benchmarks.label_noise import data, loop, protocol, report
 from tests.utils import SequentialTrainer, make_args, max_abs_diff, params_of
 
 TOL = 1e-6
@@ -20,26 +23,26 @@ def _data(n: int = 16, d: int = 6, classes: int = 3) -> tuple[torch.Tensor, torc
     return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def _mlp(seed: int = 0) -> bench.MLP:
+def _mlp(seed: int = 0) -> data.MLP:
     torch.manual_seed(seed)
-    return bench.MLP(6, 3, width=8)
+    return data.MLP(6, 3, width=8)
 
 
 CASES = [
-    ("sam", {"sam_mode": "sam"}, bench.Method("sam"), None),
-    ("llqr_sam", {"sam_mode": "sam", "llqr": True}, bench.Method("sam", llqr=True), {}),
+    ("sam", {"sam_mode": "sam"}, protocol.Method("sam"), None),
+    ("llqr_sam", {"sam_mode": "sam", "llqr": True}, protocol.Method("sam", llqr=True), {}),
     (
         "llqr_sam_fast",
         {"sam_mode": "sam", "llqr": True, "llqr_inner_lr": 0.05, "llqr_ema_decay": 0.5},
-        bench.Method("sam", llqr=True),
+        protocol.Method("sam", llqr=True),
         {"inner_lr": 0.05, "ema_decay": 0.5},
     ),
-    ("llqr_fsam", {"sam_mode": "fsam", "llqr": True}, bench.Method("fsam", llqr=True), {}),
-    ("looksam", {"sam_mode": "looksam", "looksam_interval": 2}, bench.Method("looksam"), None),
-    ("wsam", {"sam_mode": "wsam"}, bench.Method("wsam"), None),
-    ("wsam_coupled", {"sam_mode": "wsam", "wsam_decouple": False}, bench.Method("wsam"), None),
-    ("past_fsam", {"sam_mode": "past_fsam"}, bench.Method("past_fsam"), None),
-    ("llqr_past_fsam", {"sam_mode": "past_fsam", "llqr": True}, bench.Method("past_fsam", llqr=True), {}),
+    ("llqr_fsam", {"sam_mode": "fsam", "llqr": True}, protocol.Method("fsam", llqr=True), {}),
+    ("looksam", {"sam_mode": "looksam", "looksam_interval": 2}, protocol.Method("looksam"), None),
+    ("wsam", {"sam_mode": "wsam"}, protocol.Method("wsam"), None),
+    ("wsam_coupled", {"sam_mode": "wsam", "wsam_decouple": False}, protocol.Method("wsam"), None),
+    ("past_fsam", {"sam_mode": "past_fsam"}, protocol.Method("past_fsam"), None),
+    ("llqr_past_fsam", {"sam_mode": "past_fsam", "llqr": True}, protocol.Method("past_fsam", llqr=True), {}),
 ]
 
 
@@ -70,10 +73,10 @@ def test_loop_equals_trainer(tmp_path, name, trainer_kw, method, llqr_kw):
     assert max_abs_diff(params_of(ours), params_of(_mlp())) == 0
     cfg = None
     if llqr_kw is not None:
-        cfg = bench.LLQRConfig(update_interval=1, batch_size=8, inner_steps=5, **llqr_kw)
+        cfg = LLQRConfig(update_interval=1, batch_size=8, inner_steps=5, **llqr_kw)
     batches = [torch.arange(i * bs, (i + 1) * bs) for i in range(steps)]
     optimizer = torch.optim.SGD(list(ours.parameters()), lr=lr)
-    info = bench.train(
+    info = loop.train(
         ours,
         method,
         optimizer,
@@ -99,16 +102,16 @@ def test_loop_equals_trainer(tmp_path, name, trainer_kw, method, llqr_kw):
 
 def test_noise_draw_fixed_and_recorded():
     torch.manual_seed(0)
-    a = bench.load_task("digits", 0.4)
-    bench.load_task.cache_clear()
+    a = data.load_task("digits", 0.4)
+    data.load_task.cache_clear()
     torch.manual_seed(1)  # the training seed does not enter the noise draw
-    b = bench.load_task("digits", 0.4)
+    b = data.load_task("digits", 0.4)
     assert a is not b and torch.equal(a.y_train, b.y_train) and a.record == b.record
-    assert a.record["noise_seed"] == bench.NOISE_SEED
+    assert a.record["noise_seed"] == data.NOISE_SEED
     assert a.record["flipped"] == round(0.4 * len(a.y_train))
     assert float((a.y_train != a.y_train_clean).double().mean()) == pytest.approx(0.4, abs=1e-3)  # all flipped
-    assert torch.equal(a.y_val, bench.load_task("digits", 0.0).y_val)  # val and test clean, the split fixed
-    assert torch.equal(bench.load_task("digits", 0.0).y_train, a.y_train_clean)
+    assert torch.equal(a.y_val, data.load_task("digits", 0.0).y_val)  # val and test clean, the split fixed
+    assert torch.equal(data.load_task("digits", 0.0).y_train, a.y_train_clean)
 
 
 def test_smoke(tmp_path):
@@ -117,11 +120,11 @@ def test_smoke(tmp_path):
         ["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100", "--seeds", "0", "1"]
     )
     with open(os.path.join(out, "label_noise.json")) as f:
-        data = json.load(f)
-    rec = data["meta"]["data"]["digits|0.4"]
-    assert rec["noise_seed"] == bench.NOISE_SEED and rec["flipped"] == 431 and rec["sizes"]["train"] == 1078
-    assert rec["noisy_labels_sha"] == bench.load_task("digits", 0.4).record["noisy_labels_sha"]
-    assert len(data["runs"]) == 2 + 2 + 2  # sam: 2 grid points x 1 tuning seed, then base and sam on seeds 0, 1
+        saved = json.load(f)
+    rec = saved["meta"]["data"]["digits|0.4"]
+    assert rec["noise_seed"] == data.NOISE_SEED and rec["flipped"] == 431 and rec["sizes"]["train"] == 1078
+    assert rec["noisy_labels_sha"] == data.load_task("digits", 0.4).record["noisy_labels_sha"]
+    assert len(saved["runs"]) == 2 + 2 + 2  # sam: 2 grid points x 1 tuning seed, then base and sam on seeds 0, 1
     rows = summary["digits|0.4|sgd"]
     assert set(rows) == {"base", "sam"} and len(rows["sam"]["test"]) == 2
     assert len(rows["base"]["diff_vs_sam"]) == 3
@@ -133,7 +136,7 @@ def test_smoke(tmp_path):
         ["--output_dir", out, "--protocol", "smoke", "--epochs", "1", "--tuning_seeds", "100", "--seeds", "0", "1"]
     )
     with open(os.path.join(out, "label_noise.json")) as f:
-        assert json.load(f)["runs"] == data["runs"]
+        assert json.load(f)["runs"] == saved["runs"]
     # another output dir merging this one's runs runs nothing itself, and a disagreeing run is refused
     other = str(tmp_path / "other")
     bench.main(
@@ -155,11 +158,11 @@ def test_smoke(tmp_path):
         ]
     )
     with open(os.path.join(other, "label_noise.json")) as f:
-        assert json.load(f)["runs"] == data["runs"]
-    key = next(iter(data["runs"]))
-    data["runs"][key]["test_acc"] += 0.5
+        assert json.load(f)["runs"] == saved["runs"]
+    key = next(iter(saved["runs"]))
+    saved["runs"][key]["test_acc"] += 0.5
     with open(os.path.join(out, "label_noise.json"), "w") as f:
-        json.dump(data, f)
+        json.dump(saved, f)
     with pytest.raises(ValueError, match="disagrees"):
         bench.main(
             ["--output_dir", other, "--merge_from", out, "--protocol", "smoke", "--epochs", "1", "--report_only"]
@@ -168,11 +171,11 @@ def test_smoke(tmp_path):
 
 def test_llqr_alone_tunes_its_inner_lr():
     """LLQR alone's tuned value is its inner lr (no ρ); the other arms keep theirs."""
-    cell = bench.Cell("digits", 0.4, "sgd", ("llqr",))
-    assert bench.grid_for(cell, "llqr", 0) == bench.INNER_LR_GRID
-    assert bench.llqr_config(bench.METHODS["llqr"], hp_value=3e-3).inner_lr == 3e-3
-    assert bench.llqr_config(bench.METHODS["llqr_sam_lr01"], hp_value=3e-3).inner_lr == 0.01  # ρ arm: not touched
-    assert bench.grid_for(cell, "base", 0) == (0.0,) and not bench.METHODS["base"].tuned
+    cell = protocol.Cell("digits", 0.4, "sgd", ("llqr",))
+    assert protocol.grid_for(cell, "llqr", 0) == protocol.INNER_LR_GRID
+    assert protocol.llqr_config(protocol.METHODS["llqr"], hp_value=3e-3).inner_lr == 3e-3
+    assert protocol.llqr_config(protocol.METHODS["llqr_sam_lr01"], hp_value=3e-3).inner_lr == 0.01  # ρ arm: untouched
+    assert protocol.grid_for(cell, "base", 0) == (0.0,) and not protocol.METHODS["base"].tuned
 
 
 def test_recipe_vit_is_the_recipes_model():
@@ -180,7 +183,7 @@ def test_recipe_vit_is_the_recipes_model():
     from recipes.image_classification.run_image_classification import ModelArguments
 
     torch.manual_seed(0)
-    model = bench.MODELS["digits_vit"](64, 10)
+    model = data.MODELS["digits_vit"](64, 10)
     cfg, args = model.vit.config, ModelArguments()
     assert (cfg.image_size, cfg.patch_size, cfg.hidden_size, cfg.num_hidden_layers) == (
         args.image_size,
@@ -188,7 +191,7 @@ def test_recipe_vit_is_the_recipes_model():
         args.hidden_size,
         args.num_hidden_layers,
     )
-    x = bench.load_task("digits_vit", 0.4).x_train[:5]
+    x = data.load_task("digits_vit", 0.4).x_train[:5]
     assert model(x).shape == (5, 10)
     seen = {}
     model.vit.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
@@ -211,19 +214,19 @@ def test_knob_selection_picks_best_validation_arm():
         }
 
     summary = {"c": {"sam": row(0.9, [0.9]), "llqr_sam": row(0.91, [0.95]), "llqr_sam_cg": row(0.93, [0.85])}}
-    sel = bench.knob_selection(summary)["c"]
+    sel = report.knob_selection(summary)["c"]
     assert sel["arm"] == "llqr_sam_cg" and sel["tuning_runs"] == 8 and sel["sam_tuning_runs"] == 4
-    assert bench.knob_selection({"c": {"sam": row(0.9, [0.9]), "llqr_sam": row(0.91, [0.95])}}) == {}  # one arm
+    assert report.knob_selection({"c": {"sam": row(0.9, [0.9]), "llqr_sam": row(0.91, [0.95])}}) == {}  # one arm
 
 
 def test_knob_arms_configs():
     """The knob arms' overrides reach LLQRConfig; an arm's own cadence replaces LLQR_INTERVAL."""
-    assert bench.llqr_config(bench.METHODS["llqr_sam"]).update_interval == bench.LLQR_INTERVAL
-    assert bench.llqr_config(bench.METHODS["llqr_sam_e20"]).update_interval == 20
-    cfgs = {arm: bench.llqr_config(bench.METHODS[arm]) for arm in bench.KNOB_ARMS}
+    assert protocol.llqr_config(protocol.METHODS["llqr_sam"]).update_interval == protocol.LLQR_INTERVAL
+    assert protocol.llqr_config(protocol.METHODS["llqr_sam_e20"]).update_interval == 20
+    cfgs = {arm: protocol.llqr_config(protocol.METHODS[arm]) for arm in protocol.KNOB_ARMS}
     assert cfgs["llqr_sam_newton"].divergence == "newton" and cfgs["llqr_sam_newton"].ema_decay == 0.9
     assert cfgs["llqr_sam_kfac"].structure == "kfac" and cfgs["llqr_sam_cg"].inner_solver == "cg"
-    cfgs.update({arm: bench.llqr_config(bench.METHODS[arm]) for arm in bench.KNOB_ARMS_2})
+    cfgs.update({arm: protocol.llqr_config(protocol.METHODS[arm]) for arm in protocol.KNOB_ARMS_2})
     assert cfgs["llqr_sam_ema05"].ema_decay == 0.5 and cfgs["llqr_sam_ema05"].inner_lr == 1e-3  # one knob at a time
     assert cfgs["llqr_sam_lr01"].inner_lr == 0.01 and cfgs["llqr_sam_lr01"].ema_decay == 0.95
     lrsched = cfgs["llqr_sam_lrsched"]
@@ -231,7 +234,7 @@ def test_knob_arms_configs():
     assert cfgs["llqr_sam_emawarm"].ema_schedule == "warmup" and cfgs["llqr_sam_emawarm"].update_interval == 100
     assert cfgs["llqr_sam_cg_pr"].cg_beta == "polak_ribiere" and cfgs["llqr_sam_renyi"].divergence == "renyi"
     assert {cfgs[a].structure for a in ("llqr_sam_ekfac", "llqr_sam_psd_ekfac")} == {"ekfac", "psd_ekfac"}
-    pre = bench.LLQRPreconditioner(_mlp(), cfgs["llqr_sam_sched"])
+    pre = LLQRPreconditioner(_mlp(), cfgs["llqr_sam_sched"])
     assert [k for k in range(301) if pre.is_due(k)] == [*range(0, 100, 10), 100, 200, 300]  # 10 to step 100, then 100
 
 
@@ -266,13 +269,13 @@ def test_readme_label_noise_tables_match_the_results_json():
 def test_cg_polak_ribiere_is_the_reference_cg_on_the_benchmark_mlp():
     """The README's claim for the CG-PR arm: on the benchmark's MLP and data, the first refresh with the Polak-Ribiere
     β gives exactly the reference CG's U (the raw PR β is never positive there, so PR+ clips it to 0)."""
-    data = bench.load_task("digits", 0.4)
-    batch = {"x": data.x_train[:64], "labels": data.y_train[:64]}
+    task = data.load_task("digits", 0.4)
+    batch = {"x": task.x_train[:64], "labels": task.y_train[:64]}
     us = []
     for beta in ("reference", "polak_ribiere"):
         torch.manual_seed(0)
-        model = bench.MLP()
-        pre = bench.LLQRPreconditioner(model, bench.LLQRConfig(inner_solver="cg", cg_beta=beta))
+        model = data.MLP()
+        pre = LLQRPreconditioner(model, LLQRConfig(inner_solver="cg", cg_beta=beta))
         pre.update(model, batch, step=0)
         us.append(torch.cat([p.flatten() for p in pre.structure.diagonal_parts()]))
     assert float((us[0] - 1).abs().max()) > 1e-2  # U moved

@@ -1,0 +1,1 @@
+"""The label-noise benchmark (`recipes/benchmarks/bench_label_noise.py` is its command line)."""
