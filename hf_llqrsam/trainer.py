@@ -90,6 +90,14 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._pending_state: tuple[str, dict[str, Any]] | None = None  # (path, contents) of a checkpoint's state
         self._llqr_shift: bool | None = None  # llqr_shift_labels, resolved at the first curvature batch
         self._configure()
+        self._where_u_enters()
+
+    def _where_u_enters(self) -> None:
+        # C = U and P = U from the LLQR config; a fixed U set as `trainer.preconditioner` enters both. Attributes,
+        # so a test or a subclass may change them before train().
+        llqr = self.llqr_config
+        self.u_in_perturbation = llqr.in_perturbation if llqr is not None else True
+        self.u_on_update = llqr.on_update and llqr.apply == "gradient" if llqr is not None else True
 
     def _configure(self) -> None:
         """(Re)validate `args` and (re)build the typed configs: at construction, at each `train()`, and after a
@@ -101,10 +109,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self.sam_config = self.args.to_sam_config()
         self.llqr_config = self.args.to_llqr_config()
         self.mode_spec = MODES.get(self.sam_config.mode)
-        llqr = self.llqr_config
-        # where U enters (C = U, P = U); a fixed U set as `trainer.preconditioner` enters both
-        self.u_in_perturbation = llqr.in_perturbation if llqr is not None else True
-        self.u_on_update = llqr.on_update and llqr.apply == "gradient" if llqr is not None else True
         one_pass = self.mode_spec is not None and self.mode_spec.passes == "one"
         if one_pass and self.sam_config.past_fsam_overlap > 0 and self.args.world_size > 1:
             raise ValueError(
@@ -154,7 +158,9 @@ class LLQRSAMTrainerMixin(_MixinBase):
 
     def _hp_search_setup(self, trial: Any) -> None:
         super()._hp_search_setup(trial)  # sets the trial's values on args: the configs follow them
-        self._configure()
+        if trial is not None:
+            self._configure()
+            self._where_u_enters()
 
     # ------------------------------------------------------------------ the loop override
 
@@ -189,11 +195,12 @@ class LLQRSAMTrainerMixin(_MixinBase):
     def _engine_ready(self) -> SAMEngine:
         if self.engine is None:  # built after `accelerator.prepare` (FSDP2 swaps the parameters there)
             sam = self.sam_config if self.mode_spec is not None else None
-            self.engine = SAMEngine(
-                unwrap(self.model), sam, llqr=self.llqr_config, preconditioner=self._fixed_preconditioner,
-                device=self.accelerator.device, agree=lambda flag: any_rank(flag, self.args.device),
-                u_in_perturbation=self.u_in_perturbation, u_on_update=self.u_on_update,
-            )  # fmt: skip
+            with _flag_names():
+                self.engine = SAMEngine(
+                    unwrap(self.model), sam, llqr=self.llqr_config, preconditioner=self._fixed_preconditioner,
+                    device=self.accelerator.device, agree=lambda flag: any_rank(flag, self.args.device),
+                    u_in_perturbation=self.u_in_perturbation, u_on_update=self.u_on_update,
+                )  # fmt: skip
         self.engine.scaler = self.accelerator.scaler
         if self.optimizer is not None:
             self.engine.attach(self._inner_optimizer())

@@ -142,7 +142,7 @@ def test_curvature_through_fsdp2_hooks_is_zero_and_exact_on_the_unsharded_view(f
 
 def test_unsupported_under_fsdp2_is_rejected_with_the_reason(fsdp2):
     errors = fsdp2["facts"][0]["errors"]
-    assert "Invalid llqr_structure='kfac' under FSDP2: Kronecker factors act on both sides" in errors["kfac"]
+    assert "Invalid LLQRConfig.structure='kfac' under FSDP2: Kronecker factors act on both sides" in errors["kfac"]
     assert "Invalid sam_scope='local' on an FSDP2 (fully_shard) model" in errors["local"]
 
 
