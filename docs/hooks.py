@@ -6,8 +6,8 @@ Nothing here is a hand copy. Each generated part is read from its one source at 
   links to other repository files shown as paths;
 * `reference/api.md`: one mkdocstrings block per public name of `hf_llqrsam` (its `__all__`, resolved to the defining
   module through the package's lazy-export table), so a new public name gets its page entry without an edit here;
-* `<!-- hf_llqrsam:flags -->`: the table of every `sam_*` / `fsam_*` / ... / `llqr_*` flag, from the dataclass field
-  metadata of [`LLQRSAMFields`] (`hf_llqrsam.args.flags_markdown()` where it exists; otherwise built here from the
+* `<!-- hf_llqrsam:flags -->`: every `sam_*` / `fsam_*` / ... / `llqr_*` flag, from the dataclass field metadata of
+  `LLQRSAMFields` (`hf_llqrsam.args.flags_markdown()`, the one renderer; `--help` and the class docstring read the
   same metadata);
 * `<!-- hf_llqrsam:mode_table -->`: the SAM-family template, `hf_llqrsam.modes.mode_table()` (one row per `ModeSpec`);
 * `<!-- hf_llqrsam:include PATH -->`: the committed markdown file PATH (relative to the repository root), e.g. a
@@ -20,10 +20,8 @@ Registered in `mkdocs.yml` (`hooks:`). `tests/unit/test_docs.py` checks the page
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -35,37 +33,11 @@ FIGURE_DIRS = ("recipes/benchmarks/results", "recipes/pothole/results")
 _MARKER = re.compile(r"<!--\s*hf_llqrsam:(?P<name>[a-z_]+)(?:\s+(?P<arg>\S+))?\s*-->")
 
 
-def _type_text(annotation: Any) -> str:
-    """A field's annotation as the flags table shows it: the allowed values of a `Literal`, else the type name."""
-    if isinstance(annotation, str):
-        return annotation
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Literal:
-        return " \\| ".join(f"`{a}`" for a in args)
-    if args:  # X | None
-        return " or ".join(_type_text(a) for a in args)
-    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
-
-
-def flags_from_fields() -> str:
-    """The flags table from `dataclasses.fields(LLQRSAMFields)`: name, type or allowed values, default, `help`."""
-    from hf_llqrsam.args import LLQRSAMFields
-
-    hints = typing.get_type_hints(LLQRSAMFields, include_extras=False)
-    lines = ["| flag | type / values | default | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(LLQRSAMFields):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
-        lines.append(f"| `{f.name}` | {_type_text(hints.get(f.name, f.type))} | `{default!r}` | {help_text} |")
-    return "\n".join(lines)
-
-
 def flags_table() -> str:
-    """The flags page's table: the package's own renderer when it has one, else the same metadata read here."""
-    from hf_llqrsam import args
+    """The flags page's list: `hf_llqrsam.args.flags_markdown()`, which reads every field's metadata."""
+    from hf_llqrsam.args import flags_markdown
 
-    render = getattr(args, "flags_markdown", None)
-    return rewrite_xrefs(render() if callable(render) else flags_from_fields())
+    return rewrite_xrefs(flags_markdown())
 
 
 def rewrite_xrefs(text: str) -> str:
