@@ -116,6 +116,10 @@ def complete_model_card(output_dir: str, args: Any) -> None:
     from huggingface_hub import ModelCard
 
     path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):  # no card written (a base class without one): the method section alone
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(method_card_section(args).lstrip("\n"))
+        return
     card = ModelCard.load(path)
     text = card.text.split(f"\n{METHOD_HEADER}\n")[0].rstrip("\n") + "\n"
 
@@ -144,4 +148,5 @@ def complete_model_card(output_dir: str, args: Any) -> None:
         text = re.sub(r"^(This model .*)$", lambda m: m[1] + "\n" + results.strip("\n"), text, count=1, flags=re.M)
     text = _STOCK_OPTIMIZER.sub(lambda _: f"- optimizer: {optimizer_description(args)}", text)
     card.text = text + method_card_section(args)
-    card.save(path)
+    with open(path, "w", encoding="utf-8") as f:  # no empty `{}` metadata block for a card that had none
+        f.write(str(card) if card.data.to_dict() else card.text)

@@ -109,3 +109,17 @@ def test_optimizer_description_without_a_model_for_galore(tmp_path):
     args = make_args(tmp_path)
     args.optim = "galore_adamw"
     assert optimizer_description(args).startswith("galore_adamw with optim_args=")
+
+
+def test_complete_model_card_without_metadata_or_card(tmp_path):
+    """A card without a metadata block stays without one; without a card, the method section is the card."""
+    args = make_args(tmp_path, sam_mode="sam")
+    (tmp_path / "README.md").write_text(
+        "# run\n\nThis model is a fine-tuned version of [a/b](https://huggingface.co/a/b).\n"
+    )
+    complete_model_card(str(tmp_path), args)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# run\n") and card.count("## Training method (hf_llqrsam)") == 1
+    (tmp_path / "README.md").unlink()
+    complete_model_card(str(tmp_path), args)
+    assert (tmp_path / "README.md").read_text().startswith("## Training method (hf_llqrsam)\n")
