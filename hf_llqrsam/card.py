@@ -27,6 +27,14 @@ def optimizer_description(args: Any) -> str:
     `learning_rate`, `optim_args`, the Adam betas and epsilon); the other arguments are the class's defaults, which
     the stock card leaves out (it reads "Use OptimizerNames.SGD and the args are:" with nothing but `optim_args`).
     `weight_decay` is the Trainer's: applied to every weight but biases and normalization weights.
+
+    Args:
+        args ([`~transformers.TrainingArguments`]):
+            The run's arguments (`optim`, `optim_args`, `learning_rate`, `weight_decay`, the Adam fields).
+
+    Returns:
+        `str`: `module.Class(name=value, ...)`, or `optim` and `optim_args` where the class cannot be built from the
+        arguments alone (e.g. GaLore, which needs the model).
     """
     from transformers import Trainer
 
@@ -112,6 +120,14 @@ def complete_model_card(output_dir: str, args: Any) -> None:
     - **Optimizer.** The stock "Use OptimizerNames.SGD and the args are: ..." line names the optimizer with its
       real arguments ([`optimizer_description`]).
     - **Method.** The [`method_card_section`] at the end, replacing an earlier one.
+
+    Without a card, the method section alone is written; a card without a metadata block keeps none.
+
+    Args:
+        output_dir (`str`):
+            The folder holding `README.md` and the `*_results.json` files.
+        args ([`~transformers.TrainingArguments`]):
+            The run's arguments, with the hf_llqrsam fields.
     """
     from huggingface_hub import ModelCard
 

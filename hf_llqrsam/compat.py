@@ -60,8 +60,11 @@ def launch_errors_exit() -> Iterator[None]:
     """Turn a [`LaunchError`] into one line, `<script>: error: <message>` on stderr, printed by the process of global
     rank 0 only, and exit code 2 on every process, instead of one traceback per rank inside the launcher's report.
 
-    Wrap a script's entry point; every process of the launch raises the error at trainer init, before any process
-    group exists, so each exits on its own and rank 0 speaks for them (rank from the launcher's `RANK`).
+    Wrap a script's entry point; every process of the launch raises the error at trainer init, and none waits for
+    another, so each exits on its own and rank 0 speaks for them (the rank is the launcher's `RANK`).
+
+    Raises:
+        `SystemExit`: code 2, on a [`LaunchError`]; any other exception passes through.
 
     Example:
 
@@ -167,6 +170,10 @@ def warn_sgd_without_momentum(args: Any) -> None:
 
     Python shows a warning once per place it is raised from, so a process that builds several argument objects
     sees it once.
+
+    Args:
+        args ([`~transformers.TrainingArguments`]):
+            The run's arguments (`sam_mode`, `optim`, `optim_args`).
     """
     if args.sam_mode == "none" or str(getattr(args.optim, "value", args.optim)) != "sgd":
         return

