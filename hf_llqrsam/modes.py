@@ -2,9 +2,11 @@
 
 Every place that needs to know something about a mode reads it here: argument validation (which flags belong to a
 mode, window-only modes, scope and normaliser restrictions, where LLQR may enter), [`~hf_llqrsam.sam.
-compute_perturbation`] (probe, geometry, normaliser, loss-scale convention, state), the trainer (the descent
-correction, which state a checkpoint must carry) and the README's template table ([`mode_table`], checked against
-the README by a test). Adding a mode is one record here, its branch in `sam.py` and its oracle test.
+compute_perturbation`] (probe, geometry, normaliser, loss-scale convention, state), the step engine
+([`~hf_llqrsam.engine.SAMEngine`]: the pass schedule, the descent, which state a checkpoint must carry) and the
+documentation's template table ([`mode_table`], generated into `docs/reference/modes.md` and checked by a test).
+Adding a mode is one record here, one branch in the math (`sam.py`: its probe, geometry or descent), and its oracle
+test; no other file names a mode.
 
 Pure Python: imports nothing but the standard library.
 """
@@ -44,7 +46,7 @@ class ModeSpec:
         llqr_descent (`bool`): LLQR may enter the descent as P = U (`llqr_on_update`).
         hyperparameters (`tuple[str, ...]`): the mode's own flags (warned about when set under another mode).
         source (`str`): the paper or code the record follows.
-        doc (`tuple[str, str, str, str, str]`): the README table cells: v, C, ν, P, state.
+        doc (`tuple[str, str, str, str, str]`): the template table's cells: v, C, ν, P, state.
         passes (`str`, *optional*, defaults to `"two"`): forward/backward passes per step after `sam_start_step`:
             `two` (pass 1 at θ, pass 2 at θ + ε), `one` (one pass at θ + ε, ε from the state) or `cadence` (two
             passes every `looksam_interval`-th step, one pass at θ between). Modes other than `two` set their own
@@ -251,7 +253,7 @@ SAM_MODE_NAMES: tuple[str, ...] = ("none", *MODES)
 
 
 def mode_table() -> str:
-    """The README's template table (one row per [`ModeSpec`]), as markdown.
+    """The SAM-family template table (one row per [`ModeSpec`]), as markdown (`docs/reference/modes.md`).
 
     Columns: probe v, geometry C, normaliser ν, descent P, state, passes per step, window-only, LLQR in C / P, fp16
     loss scale.

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from .args import LLQRSAMFields, LLQRSAMTrainingArguments, validate_llqrsam_args
+from .args import (
+    LLQRSAMFields,
+    LLQRSAMSeq2SeqTrainingArguments,
+    LLQRSAMTrainingArguments,
+    validate_llqrsam_args,
+)
 from .card import method_card_section
 from .checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state
 from .compat import llqrsam_active, validate_fsdp_plugin, validate_launch, validate_setup_model
@@ -76,8 +81,16 @@ class LLQRSAMTrainerMixin(_MixinBase):
     args: LLQRSAMTrainingArguments  # or the Seq2Seq variant: both carry LLQRSAMFields (checked in __init__)
     model: nn.Module
 
+    args_class: type = LLQRSAMTrainingArguments
+    """The arguments class built when `args=None` (as the stock trainer builds its own)."""
+    default_output_suffix: str | None = None
+    """`None`: `args=None` writes to `tmp_trainer` (stock Trainer); TRL's trainers name it `<model>-<suffix>`."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
+        if bound.arguments.get("args") is None:  # as stock: default arguments, of our class
+            bound.arguments["args"] = self._default_args(bound.arguments.get("model"))
+        super().__init__(*bound.args, **bound.kwargs)
         if not isinstance(self.args, LLQRSAMFields):
             raise TypeError(
                 f"Invalid args of type {type(self.args).__name__}: use LLQRSAMTrainingArguments or "
@@ -98,6 +111,14 @@ class LLQRSAMTrainerMixin(_MixinBase):
         llqr = self.llqr_config
         self.u_in_perturbation = llqr.in_perturbation if llqr is not None else True
         self.u_on_update = llqr.on_update and llqr.apply == "gradient" if llqr is not None else True
+
+    def _default_args(self, model: Any) -> Any:
+        output_dir = "tmp_trainer"  # the stock Trainer's own default
+        if self.default_output_suffix is not None:  # TRL: f"{model name}-SFT"
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            output_dir = f"{str(name).split('/')[-1]}-{self.default_output_suffix}"
+        logger.info(f"No `TrainingArguments` passed, using `output_dir={output_dir}`.")
+        return self.args_class(output_dir=output_dir)
 
     def _configure(self) -> None:
         """(Re)validate `args` and (re)build the typed configs: at construction, at each `train()`, and after a
@@ -568,3 +589,5 @@ class LLQRSAMTrainer(LLQRSAMTrainerMixin, Trainer):
 
 class LLQRSAMSeq2SeqTrainer(LLQRSAMTrainerMixin, Seq2SeqTrainer):
     """[`~transformers.Seq2SeqTrainer`] with SAM-family and LLQR steps; see [`LLQRSAMTrainerMixin`]."""
+
+    args_class = LLQRSAMSeq2SeqTrainingArguments

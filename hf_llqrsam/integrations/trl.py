@@ -125,6 +125,9 @@ class LLQRSAMSFTTrainer(_CleanPassMetrics, LLQRSAMTrainerMixin, SFTTrainer):
     completion-only, assistant-only); the label shift is decided by `llqr_shift_labels` (a causal LM: shifted).
     """
 
+    args_class = LLQRSAMSFTConfig
+    default_output_suffix = "SFT"
+
 
 class LLQRSAMDPOTrainer(_CleanPassMetrics, LLQRSAMTrainerMixin, DPOTrainer):
     """[`trl.DPOTrainer`] with SAM-family steps (no LLQR); use it with [`LLQRSAMDPOConfig`].
@@ -133,3 +136,6 @@ class LLQRSAMDPOTrainer(_CleanPassMetrics, LLQRSAMTrainerMixin, DPOTrainer):
     is never perturbed (it has no trainable parameters in the run), and with PEFT the reference is the base model
     with the adapter disabled, while ε lives on the adapter only.
     """
+
+    args_class = LLQRSAMDPOConfig
+    default_output_suffix = "DPO"

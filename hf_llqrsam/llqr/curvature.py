@@ -52,7 +52,8 @@ def logits_and_targets(
     `(B, T, V)` with labels `(B, T)`; `shift_labels=True` pairs position t with label t + 1 (causal LMs).
 
     Args:
-        model (`nn.Module`): called as `type(model).forward(model, **batch)`; returns `.logits` or a tensor.
+        model (`nn.Module`): called as `type(model).forward(model, **batch)`; returns a tensor of logits, or a dict
+            or `ModelOutput` with `logits`. Anything else (a tuple, a regression output) raises a `ValueError`.
         batch (`Mapping[str, Any]`): model inputs plus `labels`.
         shift_labels (`bool`, *optional*, defaults to `False`): shift by one for causal LMs.
 
@@ -62,7 +63,19 @@ def logits_and_targets(
     inputs = dict(batch)
     labels = inputs.pop("labels")
     out = type(model).forward(model, **inputs)
-    logits = out if isinstance(out, Tensor) else out.logits
+    logits = out if isinstance(out, Tensor) else out.get("logits") if isinstance(out, Mapping) else None
+    if logits is None and not isinstance(out, (Mapping, tuple, list)):
+        logits = getattr(out, "logits", None)
+    integer_labels = isinstance(labels, Tensor) and not labels.is_floating_point()
+    if not isinstance(logits, Tensor) or logits.dim() < 2 or not integer_labels:
+        kind = type(out).__name__ if not isinstance(logits, Tensor) else f"logits of shape {tuple(logits.shape)}"
+        kind += "" if integer_labels else " with non-integer labels"
+        raise ValueError(
+            f"Invalid model output for the LLQR curvature: {type(model).__name__} returned {kind}, but LLQR needs "
+            "class logits (a tensor, a dict or a ModelOutput with 'logits', shaped (batch, classes) or (batch, time, "
+            "vocab)) and integer labels: its Fisher/GGN is that of a softmax cross-entropy. Return logits, or "
+            "override `llqr_logits_and_targets` (the Trainer) / pass extractor= (hf_llqrsam.SAM) to map the output."
+        )
     if shift_labels:
         logits, labels = logits[..., :-1, :], labels[..., 1:]
     targets = labels.reshape(-1)
@@ -166,8 +179,9 @@ class _Piece:
         (jv,) = torch.autograd.grad(
             [t for _, t in self._jt], self.w0, grad_outputs=[v[i] for i, _ in self._jt], retain_graph=True
         )
-        # F_r (J v)_r = p ⊙ Jv − p (pᵀ Jv) = p ⊙ (Jv − pᵀJv), rows that count only: four passes over (rows, C)
-        u = self.p_counted * (jv - (self.p * jv).sum(dim=-1, keepdim=True))
+        # F_r (J v)_r = p ⊙ Jv − p (pᵀ Jv) = p ⊙ (Jv − pᵀJv), rows that count only: four passes over (rows, C),
+        # two of them in place on the fresh Jv (the same values as out of place, one (rows, C) buffer fewer each)
+        u = jv.sub_((self.p * jv).sum(dim=-1, keepdim=True)).mul_(self.p_counted)
         return _grads(self.logits, self.params, grad_outputs=u, retain_graph=True)
 
 
@@ -320,7 +334,7 @@ def curvature_problem(
                     del part
         if sharded:
             _all_reduce_(acc, all_reduce)
-        out = torch._foreach_mul(acc, scale)
+        out = acc if scale == 1.0 else list(torch._foreach_mul(acc, scale))  # ×1 is exact: skip the pass
         if damping:
             torch._foreach_add_(out, vs, alpha=damping)
         return dict(zip(names, out, strict=True))

@@ -203,9 +203,6 @@ def test_callback_lists_equal_stock(tmp_path, mode):
     assert [type(c) for c in ours.callback_handler.callbacks] == [type(c) for c in stock.callback_handler.callbacks]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 22 item 3 (the lead's trainer): args=None raises a TypeError; remove then"
-)
 def test_args_none_builds_default_arguments(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default output_dir is relative
     stock, ours = Trainer(model=tiny_vit()), LLQRSAMTrainer(model=tiny_vit())
@@ -289,15 +286,44 @@ def test_dict_and_tuple_outputs(tmp_path, mode, kind):
         assert not _same(params_of(stock.model), params_of(ours.model))  # SAM took other steps
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 item 6 (the lead's LLQR curvature): a dict output has no .logits")
+class _ModelOutputNet(_OutputNet):
+    """The same net returning a `ModelOutput` (what HF models return): the dict net's reference."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        out = super().forward(x, labels)
+        return SequenceClassifierOutput(loss=out["loss"], logits=out["logits"])
+
+
 def test_llqr_with_a_dict_output(tmp_path):
+    """A model returning a plain dict with "logits" learns the same U and weights as one returning a ModelOutput."""
+    runs = []
+    for net in (_OutputNet("dict"), _ModelOutputNet("dict")):
+        trainer = LLQRSAMTrainer(
+            model=net,
+            args=make_args(tmp_path, sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_batch_size=4),
+            train_dataset=_vector_dataset(),
+        )
+        trainer.train()
+        assert trainer.state.global_step == 3 and trainer.preconditioner.num_updates == 2
+        runs.append((params_of(net), trainer.preconditioner.state_dict()["blocks"]))
+    (p_dict, u_dict), (p_out, u_out) = runs
+    assert _same(p_dict, p_out)
+    assert all(torch.equal(u_dict[n][k], u_out[n][k]) for n in u_out for k in u_out[n])
+
+
+def test_llqr_with_a_tuple_output_is_refused_clearly_before_any_step(tmp_path):
+    model = _OutputNet("tuple")
+    before = params_of(model)
     ours = LLQRSAMTrainer(
-        model=_OutputNet("dict"),
+        model=model,
         args=make_args(tmp_path, sam_mode="sam", llqr=True, llqr_update_interval=2, llqr_batch_size=4),
         train_dataset=_vector_dataset(),
     )
-    ours.train()
-    assert ours.state.global_step == 3
+    with pytest.raises(ValueError, match="returned tuple, but LLQR needs class logits.*llqr_logits_and_targets"):
+        ours.train()
+    assert _same(params_of(model), before)  # the first refresh runs before step 0
 
 
 @pytest.mark.parametrize("mode", MODES_CHECKED)
