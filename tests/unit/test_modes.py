@@ -8,7 +8,7 @@ import typing
 import pytest
 
 from hf_llqrsam.args import LLQRSAMFields
-from hf_llqrsam.modes import MODES, SAM_MODE_NAMES, mode_table
+from hf_llqrsam.modes import MODES, SAM_MODE_NAMES
 
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
