@@ -1,6 +1,5 @@
-"""The mode records: one per SAM mode, consistent with the flags, the math and the README table."""
+"""The mode records: one per SAM mode, consistent with the flags and the math (the table is checked in test_docs)."""
 
-import pathlib
 import subprocess
 import sys
 import typing
@@ -9,8 +8,6 @@ import pytest
 
 from hf_llqrsam.args import LLQRSAMFields
 from hf_llqrsam.modes import MODES, SAM_MODE_NAMES
-
-README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_every_mode_hyperparameter_is_a_flag_of_that_mode():
