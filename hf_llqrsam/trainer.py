@@ -7,15 +7,12 @@ formula lives in `sam.py` and `llqr/`.
 
 import contextlib
 import inspect
-import json
 import os
-import re
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
+from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
 from .args import (
@@ -25,15 +22,13 @@ from .args import (
     validate_llqrsam_args,
 )
 from .card import method_card_section
-from .checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state
+from .checkpoint import last_complete_checkpoint
 from .compat import llqrsam_active, validate_fsdp_plugin, validate_launch, validate_setup_model
-from .data import curvature_indices
 from .distributed import (
     accelerate_all_reduce,
     accelerate_broadcast,
     any_rank,
     grad_sync,
-    is_fsdp2,
     sharded_update_probe,
     unsharded_view,
     unwrap,
@@ -43,11 +38,17 @@ from .modes import MODES
 from .sam import Preconditioner, SAMState
 from .schedules import rho_at
 from .step import StepState, rng_state, set_rng_state
+from .trainer_support import (
+    curvature_batch,
+    flag_names,
+    load_renamed_weights,
+    pad_token_id,
+    read_llqrsam_checkpoint,
+    save_llqrsam_files,
+    scheduled_lr,
+)
 
 logger = logging.get_logger(__name__)
-
-U_SUMMARY_FILE = "llqr_u_summary.json"
-"""The per-tensor summary of U written next to each checkpoint (`_save_llqrsam_state`)."""
 
 
 # mypy sees the mixin as a Trainer (it is only ever mixed into one); at run time it is a plain object.
@@ -66,7 +67,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
     is [`~hf_llqrsam.engine.SAMEngine`]'s (one per `train()` call, built at its first step); this class only runs the
     passes. `sam_mode="none"` with `llqr` off calls the stock `training_step` and nothing else.
 
-    Every Trainer-method override passes its arguments through to whatever base class the mixin is combined with.
+    Every override passes its arguments through to whatever base class the mixin is combined with.
 
     Example:
 
@@ -105,9 +106,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._configure()
         self._where_u_enters()
 
-    def _where_u_enters(self) -> None:
-        # C = U and P = U from the LLQR config; a fixed U set as `trainer.preconditioner` enters both. Attributes,
-        # so a test or a subclass may change them before train().
+    def _where_u_enters(self) -> None:  # C = U, P = U; attributes a subclass may change before train()
         llqr = self.llqr_config
         self.u_in_perturbation = llqr.in_perturbation if llqr is not None else True
         self.u_on_update = llqr.on_update and llqr.apply == "gradient" if llqr is not None else True
@@ -137,8 +136,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 f"{self.args.world_size}: the overlap window keeps each rank's own recent batches, and a checkpoint "
                 "holds rank 0's only, so it is single-process. Use past_fsam_overlap=0 with several processes."
             )
-
-    # ------------------------------------------------------------------ the engine's state, as attributes
 
     @property
     def sam_state(self) -> SAMState:
@@ -183,8 +180,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
             self._configure()
             self._where_u_enters()
 
-    # ------------------------------------------------------------------ the loop override
-
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
     ) -> Tensor:
@@ -216,7 +211,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
     def _engine_ready(self) -> SAMEngine:
         if self.engine is None:  # built after `accelerator.prepare` (FSDP2 swaps the parameters there)
             sam = self.sam_config if self.mode_spec is not None else None
-            with _flag_names():
+            with flag_names():
                 self.engine = SAMEngine(
                     unwrap(self.model), sam, llqr=self.llqr_config, preconditioner=self._fixed_preconditioner,
                     device=self.accelerator.device, agree=lambda flag: any_rank(flag, self.args.device),
@@ -228,20 +223,17 @@ class LLQRSAMTrainerMixin(_MixinBase):
         return self.engine
 
     def _begin_step(self, engine: SAMEngine, model: nn.Module) -> StepState:
-        if self._pending_state is not None:
-            path, state = self._pending_state
-            self._pending_state = None
-            with _flag_names():
-                engine.load_state_dict(state, source=path)
-        with _flag_names():
+        pending, self._pending_state = self._pending_state, None
+        with flag_names():
+            if pending is not None:
+                engine.load_state_dict(pending[1], source=pending[0])
             self._maybe_refresh(engine, model)
         return engine.begin(self.state.global_step)
 
-    def _rho(self, step: int) -> float:
-        cfg = self.sam_config
-        optimizer = self.optimizer
-        lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else self.args.learning_rate
-        return rho_at(cfg.rho_schedule, step, cfg.rho, cfg.rho_min, lr=lr, lr_max=self.args.learning_rate)
+    def _rho(self, step: int) -> float:  # the live LR for lr_proportional (the peak before an optimizer exists)
+        cfg, peak = self.sam_config, self.args.learning_rate
+        lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else peak
+        return rho_at(cfg.rho_schedule, step, cfg.rho, cfg.rho_min, lr=lr, lr_max=peak)
 
     def _one_pass_call(
         self, engine: SAMEngine, st: StepState, model: nn.Module, inputs: dict[str, Any], nitems: Any, last: bool
@@ -332,12 +324,10 @@ class LLQRSAMTrainerMixin(_MixinBase):
             with ctx:
                 st.perturbed_loss += super().training_step(model, inputs, nitems)
 
-    # ------------------------------------------------------------------ LLQR
-
     def _maybe_refresh(self, engine: SAMEngine, model: nn.Module) -> None:
         """Refresh U at global steps 0, E, 2E, … before `llqr_update_until` (`docs/algorithm.md` §5.4)."""
         llqr, step = self.llqr_config, self.state.global_step
-        lr_at = self._scheduled_lr if llqr is not None and llqr.apply == "update" else None
+        lr_at = (lambda s: scheduled_lr(self, s)) if llqr is not None and llqr.apply == "update" else None
         pre = engine.learned
         if llqr is None or pre is None or not engine.refresh_due(step, lr_at=lr_at):
             return
@@ -353,9 +343,9 @@ class LLQRSAMTrainerMixin(_MixinBase):
                 probe = sharded_update_probe(probe, dict(module.named_parameters()))
         # FSDP2: the curvature runs on a hook-free unsharded view (through FSDP2's hooks every product is zero)
         metrics = engine.refresh(
-            step, self._curvature_batch(step), model=unsharded_view(module) if fsdp2 else module,
+            step, curvature_batch(self, step), model=unsharded_view(module) if fsdp2 else module,
             broadcast=accelerate_broadcast, extractor=self.llqr_logits_and_targets, update_probe=probe,
-            pad_token_id=_pad_token_id(module) if llqr.include_pad_rows else None, all_reduce=accelerate_all_reduce,
+            pad_token_id=pad_token_id(module) if llqr.include_pad_rows else None, all_reduce=accelerate_all_reduce,
         )  # fmt: skip
         logger.info(
             f"LLQR refresh {pre.num_updates} at step {step}: {metrics['llqr/update_seconds']:.2f} s "
@@ -383,48 +373,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
             logger.info(f"LLQR curvature rows: {'shifted' if self._llqr_shift else 'unshifted'} labels ({why})")
         return logits_and_targets(model, batch, shift_labels=self._llqr_shift)
 
-    def _curvature_batch(self, step: int) -> dict[str, Any]:
-        """`llqr_batch_size` examples drawn as a pure function of (seed, step), through the training collator.
-
-        Transforms run under a forked RNG, so the training stream is untouched and resume needs no extra state
-        (`docs/algorithm.md` §5.5). Uses the Trainer's column filtering, as `get_train_dataloader` does. With
-        `llqr_curvature_sharding="sharded"` each rank takes every W-th example; the partial sums are all-reduced.
-        """
-        import datasets
-
-        llqr = cast(Any, self.llqr_config)
-        dataset, collator = self.train_dataset, self.data_collator
-        if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="training")
-        else:
-            collator = self._get_collator_with_removed_columns(collator, description="training")
-        indices = curvature_indices(self.args.seed, step, len(dataset), llqr.batch_size)  # type: ignore[arg-type]
-        if llqr.curvature_sharding == "sharded" and self.args.world_size > 1:
-            indices = indices[self.args.process_index :: self.args.world_size]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.args.seed + step)
-            batch = collator([dataset[i] for i in indices])  # type: ignore[index]
-        return self._prepare_inputs(batch)
-
-    def _scheduled_lr(self, step: int) -> float:
-        """The base optimizer's largest learning rate at optimizer step `step`, a pure function of the step.
-
-        From the LR scheduler's multiplier (`LambdaLR`: every schedule of `get_scheduler` but
-        `reduce_lr_on_plateau`): max over param groups of base_lr · λ(step). Other schedulers, or none yet, give the
-        optimizer's current LR at the current step and treat earlier steps as LR > 0 (a refresh at an LR-0 grid step
-        is then skipped, not deferred). Used by `llqr_apply="update"` to defer refreshes past LR 0
-        ([`~hf_llqrsam.llqr.LLQRPreconditioner.is_due`]).
-        """
-        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            return max(
-                float(base) * float(fn(step))
-                for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-            )
-        if step != self.state.global_step:
-            return 1.0
-        return max(float(group["lr"]) for group in self._inner_optimizer().param_groups)
-
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         # Accelerate wraps the torch optimizer in an AcceleratedOptimizer once the Trainer prepared it
         return cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
@@ -442,8 +390,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
             )
         return optimizer
 
-    # ------------------------------------------------------------------ other Trainer overrides
-
     def floating_point_ops(self, *args: Any, **kwargs: Any) -> int:
         """Every pass is counted: two on SAM steps, one on LookSAM's reuse steps, one (plus the stored batches of the
         overlap window) on past-FSAM's (the Trainer calls this once per `training_step`)."""
@@ -457,80 +403,19 @@ class LLQRSAMTrainerMixin(_MixinBase):
             logs.update(self.engine.metrics.drain())
         super().log(logs, *args, **kwargs)
 
-    # ------------------------------------------------------------------ checkpoints
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, *args: Any, **kwargs: Any) -> None:
+        """The stock load, with the transformers#43701 workaround (`trainer_support.load_renamed_weights`)."""
+        model = args[0] if args else kwargs.get("model")
+        if not load_renamed_weights(self, resume_from_checkpoint, self.model if model is None else model):
+            super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        self._save_llqrsam_state(output_dir)
-
-    def _save_llqrsam_state(self, output_dir: str) -> None:
-        """`llqrsam_state.pt` (rank 0) next to the optimizer state; under FSDP2 also every rank's shards of U and of
-        the SAM buffers, with DCP in `llqrsam_dcp/` (`hf_llqrsam/sharded_state.py`; the Trainer saves on all ranks).
-
-        With LLQR, also `llqr_u_summary.json` (written by the saving rank, read by nothing): per tensor of U its
-        structure, entries, min, max, mean, RMS displacement from I, fraction at `llqr_min_diag` and the step of
-        the last refresh ([`~hf_llqrsam.llqr.LLQRPreconditioner.u_summary`]).
-        """
-        if not self.llqrsam_enabled or self.engine is None:
-            return
-        from .sharded_state import save_sharded, split_dtensors
-
-        state, shards = split_dtensors(self.engine.state_dict())
-        if shards:
-            save_sharded(output_dir, shards)  # a collective
-        summary = self.preconditioner.u_summary() if self.preconditioner is not None else None  # FSDP2: a collective
-        if self.args.should_save:
-            save_state(output_dir, state, sharded=bool(shards))
-            if summary is not None:
-                with open(os.path.join(output_dir, U_SUMMARY_FILE), "w") as f:
-                    json.dump(summary, f, indent=1, allow_nan=True)
+        save_llqrsam_files(self, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        self._load_llqrsam_checkpoint(checkpoint)
-
-    def _load_llqrsam_checkpoint(self, checkpoint: str | None) -> None:
-        """Read `llqrsam_state.pt` of a checkpoint; it is materialised on the first `training_step`, after prepare."""
-        if checkpoint is None:
-            return
-        if not self.llqrsam_enabled:
-            if os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
-                logger.warning(
-                    f"{os.path.join(checkpoint, STATE_FILE)} holds SAM/LLQR state, but this run has sam_mode='none' "
-                    "and llqr=False: it is not used."
-                )
-            return
-        state = load_state(checkpoint)
-        if state is None:
-            if self.llqr_config is not None or (self.mode_spec is not None and self.mode_spec.state):
-                logger.warning(f"No {STATE_FILE} in {checkpoint}: starting with U = I and empty SAM state.")
-            return
-        # materialised on the first training_step, after prepare (FSDP2 swaps the parameters there)
-        self._pending_state = (os.path.join(checkpoint, STATE_FILE), state)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, *args: Any, **kwargs: Any) -> None:
-        """Work around huggingface/transformers#43701 (5.x): resume silently drops renamed weights (e.g. ViT).
-
-        `load_state_dict(strict=False)` skips checkpoint keys that 5.x `save_pretrained` wrote under their legacy
-        names; `from_pretrained` applies the renames. The workaround runs only where the bug bites: transformers 5.x,
-        a plain `PreTrainedModel` (no FSDP/DeepSpeed), and a checkpoint whose tensor names differ from the model's.
-        The canary test `test_vit_resume_canary_43701` fails once upstream fixes it.
-        """
-        model = args[0] if args else kwargs.get("model")
-        target = self.model if model is None else model
-        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
-        if (
-            _TRANSFORMERS_MAJOR >= 5
-            and isinstance(target, PreTrainedModel)
-            and os.path.isfile(weights)
-            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled or is_fsdp2(target))
-            and _renamed_keys(weights, target)
-        ):
-            dtype = next(target.parameters()).dtype
-            loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config, dtype=dtype)
-            target.load_state_dict(loaded.state_dict(), strict=True)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
+        self._pending_state = read_llqrsam_checkpoint(self, checkpoint)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The base class's card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`docs/integration.md` §9), plus a
@@ -549,38 +434,6 @@ class LLQRSAMTrainerMixin(_MixinBase):
         if self.is_world_process_zero():
             with open(os.path.join(str(self.args.output_dir), "README.md"), "a", encoding="utf-8") as f:
                 f.write(method_card_section(self.args))
-
-
-@contextlib.contextmanager
-def _flag_names() -> Iterator[None]:
-    """Errors of the math and the engine name config fields (`LLQRConfig.inner_lr`); the Trainer's user sets flags
-    (`llqr_inner_lr`), so a `ValueError` that names a field is raised again naming the flag."""
-    try:
-        yield
-    except ValueError as err:
-        text = re.sub(r"\bLLQRConfig\.(\w+)", r"llqr_\1", str(err))
-        if text == str(err):
-            raise
-        raise type(err)(text) from err
-
-
-_TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
-
-
-def _renamed_keys(weights: str, model: nn.Module) -> bool:
-    """Whether a checkpoint's tensor names differ from the model's own (the #43701 symptom)."""
-    from safetensors import safe_open
-
-    with safe_open(weights, framework="pt") as f:
-        saved = set(f.keys())
-    return bool(saved - set(model.state_dict()))
-
-
-def _pad_token_id(model: nn.Module) -> int | None:
-    """The target of pad rows with `llqr_include_pad_rows` (the reference's "predict pad"), from the model config."""
-    config = getattr(model, "config", None)
-    pad = getattr(config, "pad_token_id", None)
-    return pad if isinstance(pad, int) else None
 
 
 class LLQRSAMTrainer(LLQRSAMTrainerMixin, Trainer):

@@ -8,7 +8,7 @@ import torch
 
 from hf_llqrsam import LLQRSAMTrainer
 from hf_llqrsam.llqr.diagnostics import u_diagnostics
-from hf_llqrsam.trainer import U_SUMMARY_FILE
+from hf_llqrsam.trainer_support import U_SUMMARY_FILE
 from tests.utils import image_dataset, make_args, params_of, tiny_vit
 
 LLQR_FAST = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=5, llqr_inner_lr=1e-3)
