@@ -1,7 +1,7 @@
 """The SAM-family optimizer step, owned once: the engine the Trainer, the plain PyTorch API and the benchmarks drive.
 
 One [`SAMEngine`] per training run. It owns, for every mode, everything between the gradients a driver computed and
-the gradient the optimizer steps on (`docs/algorithm.md` §8.6):
+the gradient the optimizer steps on (`docs/algorithm.md` §8.7):
 
 - the schedule ([`step_kind`]): which steps take two passes, one pass at θ + ε (past-FSAM), or one pass at θ;
 - the ascent: ε from the pass-1 gradient in `p.grad` (or from the state), through
@@ -461,15 +461,7 @@ class SAMEngine:
         mode = self.config.mode if self.config is not None else "none"
         validate_sam_state(state, source, mode=mode, params=dict(self.named_params))
         saved_mode = state["config"]["sam_mode"]
-        if saved_mode == mode:
-            kinds = set(self.spec.state) if self.spec is not None else set()
-            extra = set(state["sam"]["buffers"]) - kinds
-            if extra:
-                raise LLQRSAMStateError(
-                    f"Invalid {source}: SAM buffers {sorted(extra)} do not belong to sam_mode={mode!r} "
-                    f"(expected {sorted(kinds) or 'none'}). The file does not match this run; resume from a "
-                    "checkpoint of this run or delete the file."
-                )
+        if saved_mode == mode:  # kinds, names, shapes and dtypes were checked by validate_sam_state
             try:
                 self.state.load_state_dict(state["sam"], device=self._device())
             except ValueError as err:
@@ -537,7 +529,7 @@ class SAMEngine:
         """(names, params, grads, clean) over the parameters with a gradient in either pass, in model order.
 
         A parameter with no pass-2 gradient gets a zero `p.grad`; one with no pass-1 gradient reads a zero clean
-        gradient (LayerDrop, unused branches, MoE routing: `docs/algorithm.md`, the skip rule).
+        gradient (LayerDrop, unused branches, MoE routing: `docs/algorithm.md` §8.7).
         """
         have = set(names)
         out_names: list[str] = []

@@ -5,18 +5,8 @@ One step of every method is
     v = probe (g, g − σḡ, or an EMA),  C = perturbation geometry,  ν = ‖Cv‖₂ or √(vᵀCv)
     ε = ρ · C v / √(ν² + eps),  g̃ = ∇L(θ + ε),  θ ← OuterOpt(θ, P g̃)      (θ restored by copy first)
 
-| mode          | v                 | C                               | ν            | P | state   |
-|---------------|-------------------|---------------------------------|--------------|---|---------|
-| sam           | g                 | I or U                          | ‖Cv‖ / √vᵀCv | I or U | –  |
-| asam          | g                 | T², T = |θ| + η (biases T = 1) | ‖T g‖        | I or U | –  |
-| fsam          | g − σ ḡ           | I or U                          | ‖Cv‖ / √vᵀCv | I or U | ḡ  |
-| fisher_sam    | g                 | 1/(g² + η) or 1/(1 + η g²)      | √(gᵀCg)      | I | –       |
-| gsam          | g                 | I                               | ‖g‖          | d = g̃ − α g⊥ | – |
-| vasso         | d = (1−θ)d + θ g  | I                               | ‖d‖          | I | d       |
-| infosam       | g                 | 1/(b + δ), b = noise estimate   | ‖Cg‖         | I | m (, v) |
-| past_fsam     | g̃ₜ₋₁ − σ ḡ        | I or U                          | ‖Cv‖ / √vᵀCv | I or U | ḡ, g̃ₜ₋₁ |
-| looksam       | g                 | I                               | ‖g‖          | g̃ / g + α‖g‖ĝ_v | g_v |
-| wsam          | g                 | I                               | ‖g‖          | g + γ/(1−γ)(g̃ − g) | – |
+Each mode's v, C, ν and P are fields of its record in `hf_llqrsam/modes.py`; `modes.mode_table()` renders them as the
+template table of `docs/reference/modes.md`.
 
 Sources: SAM arXiv 2010.01412; ASAM (Kwon et al., ICML 2021); FSAM (Li et al., CVPR 2024); Fisher-SAM (Kim et al.,
 ICML 2022); GSAM (Zhuang et al., ICLR 2022); VaSSO (Li & Giannakis, NeurIPS 2023); infoSAM arXiv 2501.06603 (built
@@ -294,7 +284,7 @@ def compute_perturbation(
             (`docs/integration.md` §6). GSAM's clean copy stays in the units of `grads`, the units of pass 2.
         commit (`bool`, *optional*, defaults to `True`): write the mode state and count the ascent when ε is finite.
             `False` leaves both in `Perturbation.pending` for [`commit_ascent`]: the step engine commits only when
-            the whole step (ε, g̃, the descent terms and the state) is finite (`docs/algorithm.md`, the skip rule).
+            the whole step (ε, g̃, the descent terms and the state) is finite (`docs/algorithm.md` §8.7).
     """
     spec = MODES.get(cfg.mode)
     if spec is None:
