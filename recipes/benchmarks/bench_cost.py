@@ -32,6 +32,7 @@ import torch
 from transformers import MarianConfig, MarianMTModel, ViTConfig, ViTForImageClassification
 
 from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
+from hf_llqrsam.trainer_support import curvature_batch
 
 # name -> (family, config kwargs). CPU sizes by default; the *-gpu sizes are ViT-B/16 and Marian-base.
 MODELS: dict[str, tuple[str, dict]] = {
@@ -264,7 +265,7 @@ def trainer_stepper(model: torch.nn.Module, batch: dict, overrides: dict, args: 
                 trainer.state.global_step += 1
 
     def refresh() -> float:
-        curvature = trainer._curvature_batch(0)
+        curvature = curvature_batch(trainer, 0)
         start = time.perf_counter()
         trainer.preconditioner.update(trainer.model, curvature, step=0)
         _sync(args.device)

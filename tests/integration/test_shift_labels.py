@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from hf_llqrsam import LLQRSAMTrainer
 from hf_llqrsam.causal import resolve_shift_labels, underlying_model
 from hf_llqrsam.llqr import LLQRPreconditioner
+from hf_llqrsam.trainer_support import curvature_batch
 from tests.lm_utils import VOCAB, lm_dataset, lora, shifted_grads, tiny_gpt2, tiny_llama
 from tests.utils import image_dataset, make_args, tiny_marian, tiny_tokenizer, tiny_vit, translation_dataset
 
@@ -207,7 +208,7 @@ def test_refresh_fits_u_to_the_shifted_problem(tmp_path, monkeypatch, factory):
         model=model, args=make_args(tmp_path, max_steps=1, sam_mode="sam", **LLQR), train_dataset=lm_dataset()
     )
     trainer.train()
-    batch = trainer._curvature_batch(0)  # a pure function of (seed, step)
+    batch = curvature_batch(trainer, 0)  # a pure function of (seed, step)
     shifted, unshifted = shifted_grads(initial, batch), shifted_grads(copy.deepcopy(initial), batch, shift=False)
     g = captured["g"]
     assert list(g) == trainer.preconditioner.names == list(shifted)

@@ -31,6 +31,7 @@ import hf_llqrsam.engine as engine_module
 from hf_llqrsam import LLQRSAMTrainer
 from hf_llqrsam.distributed import unsharded_view
 from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner, curvature_problem
+from hf_llqrsam.trainer_support import read_llqrsam_checkpoint, save_llqrsam_files
 from tests.utils import SequentialTrainer, image_dataset, make_args, tiny_vit
 
 LLQR = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=5, llqr_inner_lr=1e-2, llqr_update_interval=2)
@@ -234,8 +235,8 @@ class DCPCheckpoints:
 
     transformers refuses to checkpoint the optimizer of a model sharded before the Trainer (it supports
     `save_strategy="no"` or `save_only_model=True` there), so this test harness saves model and optimizer itself,
-    at `save_at`, and stops; the SAM/LLQR state goes through the mixin's own `_save_llqrsam_state` /
-    `_load_llqrsam_checkpoint`, the code under test. RNG states and trainer_state.json are the Trainer's own.
+    at `save_at`, and stops; the SAM/LLQR state goes through the package's own `save_llqrsam_files` /
+    `read_llqrsam_checkpoint` (`hf_llqrsam/trainer_support.py`), the code under test. RNG states and trainer_state.json are the Trainer's own.
     """
 
     save_at: int | None = None
@@ -254,7 +255,7 @@ class DCPCheckpoints:
         dcp_save(sd, checkpoint_id=os.path.join(output_dir, "optimizer_dcp"))
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
-        self._save_llqrsam_state(output_dir)
+        save_llqrsam_files(self, output_dir)
 
     def _load_from_checkpoint(self, checkpoint: str, model: Any = None) -> None:
         sd = dcp_state.get_model_state_dict(self.model)
@@ -268,7 +269,7 @@ class DCPCheckpoints:
         dcp_load(sd, checkpoint_id=os.path.join(checkpoint, "optimizer_dcp"))
         dcp_state.set_optimizer_state_dict(self.model, self.optimizer.optimizer, sd)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
-        self._load_llqrsam_checkpoint(checkpoint)
+        self._pending_state = read_llqrsam_checkpoint(self, checkpoint)
 
 
 class ResumeTrainer(DCPCheckpoints, LLQRSAMTrainer):
