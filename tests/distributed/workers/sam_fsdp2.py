@@ -236,7 +236,8 @@ class DCPCheckpoints:
     transformers refuses to checkpoint the optimizer of a model sharded before the Trainer (it supports
     `save_strategy="no"` or `save_only_model=True` there), so this test harness saves model and optimizer itself,
     at `save_at`, and stops; the SAM/LLQR state goes through the package's own `save_llqrsam_files` /
-    `read_llqrsam_checkpoint` (`hf_llqrsam/trainer_support.py`), the code under test. RNG states and trainer_state.json are the Trainer's own.
+    `read_llqrsam_checkpoint` (`hf_llqrsam/trainer_support.py`), the code under test. RNG states and
+    trainer_state.json are the Trainer's own.
     """
 
     save_at: int | None = None
