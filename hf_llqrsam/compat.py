@@ -161,6 +161,9 @@ def validate_setup_args(args: Any) -> None:
     validate_fsdp2(args, "with fsdp")
 
 
+_WARNED: set[str] = set()  # the once-per-process warnings already given
+
+
 def warn_sgd_without_momentum(args: Any) -> None:
     """Warn when `optim="sgd"` runs with zero momentum under a SAM mode: transformers' `sgd` is `torch.optim.SGD` with
     its default `momentum=0` unless `optim_args` says otherwise, while the SAM paper trains with SGD and momentum
@@ -168,8 +171,8 @@ def warn_sgd_without_momentum(args: Any) -> None:
     names the flag that adds momentum. `optim_args` is read as the Trainer reads it
     ([`~transformers.Trainer.get_optimizer_cls_and_kwargs`]).
 
-    Python shows a warning once per place it is raised from, so a process that builds several argument objects
-    sees it once.
+    Once per process and message: the arguments are checked when built and again by the trainer, and Python's own
+    once-per-place filter is reset whenever any library changes the warning filters.
 
     Args:
         args ([`~transformers.TrainingArguments`]):
@@ -180,14 +183,13 @@ def warn_sgd_without_momentum(args: Any) -> None:
     from transformers import Trainer
 
     _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-    if float(kwargs.get("momentum", 0.0)) == 0.0:
-        warnings.warn(
-            f"optim='sgd' with sam_mode={args.sam_mode!r} runs torch.optim.SGD with momentum=0 (its default): SAM is "
-            'usually trained with momentum 0.9. Pass --optim_args "momentum=0.9" (optim_args="momentum=0.9") to '
-            "use it.",
-            UserWarning,
-            stacklevel=2,
-        )
+    message = (
+        f"optim='sgd' with sam_mode={args.sam_mode!r} runs torch.optim.SGD with momentum=0 (its default): SAM is "
+        'usually trained with momentum 0.9. Pass --optim_args "momentum=0.9" (optim_args="momentum=0.9") to use it.'
+    )
+    if float(kwargs.get("momentum", 0.0)) == 0.0 and message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def validate_fsdp_plugin(args: Any, plugin: Any) -> None:

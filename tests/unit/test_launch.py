@@ -114,14 +114,19 @@ def test_torchrun_without_use_cpu_prints_one_line_from_rank_0(tmp_path):
         ({"optim": "adamw_torch", "sam_mode": "sam"}, False),
     ],
 )
-def test_sgd_without_momentum_under_sam_warns_once_naming_optim_args(tmp_path, overrides, warns):
-    """The Trainer's SGD gets momentum only from optim_args; two argument objects built at one place: one warning."""
+def test_sgd_without_momentum_under_sam_warns_once_naming_optim_args(tmp_path, monkeypatch, overrides, warns):
+    """The Trainer's SGD gets momentum only from optim_args. Once per process, whatever the filters: two argument
+    objects and the trainer's re-check of one give one warning."""
     import warnings
 
+    from hf_llqrsam.args import validate_llqrsam_args
+
+    monkeypatch.setattr(compat, "_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")  # Python's own filter: once per place raised from
+        warnings.simplefilter("always")
         for _ in range(2):
             args = make_args(tmp_path, **overrides)
+            validate_llqrsam_args(args)
     messages = [str(w.message) for w in caught if "momentum=0" in str(w.message)]
     assert len(messages) == int(warns), messages
     if warns:
