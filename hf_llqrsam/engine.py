@@ -138,6 +138,7 @@ class SAMEngine:
         self._post: list[tuple[Tensor, Tensor]] = []  # WSAM decoupled: (param, a(g̃ − g) in true units)
         self._before_update: list[Tensor] = []  # llqr.apply="update": θ before the optimizer step
         self._attached: set[int] = set()
+        self._refreshed_at: int | None = None  # the step of this engine's last refresh
 
     # ------------------------------------------------------------------ queries
 
@@ -186,13 +187,16 @@ class SAMEngine:
     def refresh_due(self, step: int, lr_at: Callable[[int], float] | None = None) -> bool:
         """Whether U is refreshed before optimizer step `step` (`docs/algorithm.md` §5.4); at most once per step.
 
+        "Once" is counted by this engine: after an out-of-memory retry the Trainer's step counter restarts at 0,
+        and U is refreshed on its cadence again, from the weights and U the failed attempt left.
+
         Args:
             step (`int`): the optimizer step about to run.
             lr_at (`Callable[[int], float]`, *optional*): the scheduled LR at a step (`apply="update"` defers
                 refreshes past LR 0).
         """
         pre = self.learned
-        return pre is not None and pre.is_due(step, lr_at=lr_at) and pre.last_update_step != step
+        return pre is not None and pre.is_due(step, lr_at=lr_at) and self._refreshed_at != step
 
     def refresh(
         self,
@@ -216,6 +220,7 @@ class SAMEngine:
         pre = self.learned
         if pre is None:
             raise RuntimeError("SAMEngine.refresh needs an LLQR config (llqr=...).")
+        self._refreshed_at = step
         start = time.perf_counter()
         metrics = pre.update(model if model is not None else self.module, batch, step=step, **update_kwargs)
         if broadcast is not None:

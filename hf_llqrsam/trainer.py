@@ -331,6 +331,9 @@ class LLQRSAMTrainerMixin(_MixinBase):
         pre = engine.learned
         if llqr is None or pre is None or not engine.refresh_due(step, lr_at=lr_at):
             return
+        if self.train_dataset is None:  # a bare training_step, outside train(): no curvature batch to draw
+            logger.warning_once("LLQR: no train_dataset to draw the curvature batch from; U is not refreshed.")
+            return
         from .llqr import make_update_probe
 
         if pre.num_updates == 0:

@@ -168,3 +168,29 @@ def test_sam_mode_none_resume_is_stock_bit_for_bit(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(results["stock"][1], results["ours"][1], strict=True))
     assert not (tmp_path / "ours" / "checkpoint-3" / "llqrsam_state.pt").exists()
+
+
+def test_oom_retry_after_step_0_keeps_sam_state_and_u_with_the_weights(tmp_path):
+    """`auto_find_batch_size`, OOM in pass 2 of step 2 (batch 8 → 7): one clock. The retry restarts the Trainer's step
+    counter at 0 and keeps the weights (stock), and the SAM state and U carry on with them: the ascents of the two
+    finished steps count on, and U's refreshes of the failed attempt (steps 0 and 2, the second before the OOM) are
+    kept while the retry adds its own (steps 0 and 2). The docs' checkpoints guide states the same."""
+    ds = image_dataset(48)
+    common = dict(sam_mode="fsam", max_steps=3, llqr=True, llqr_update_interval=2, llqr_batch_size=8)
+    model = tiny_vit()
+    retried = OOMOnce(
+        model=model,
+        args=make_args(tmp_path / "oom", per_device_train_batch_size=8, auto_find_batch_size=True, **common),
+        train_dataset=ds,
+    )
+    retried.fail_at = 6  # GA 1: calls 1-4 are steps 0 and 1, call 5 is step 2's pass 1, call 6 its pass 2
+    retried.train()
+    assert retried._train_batch_size < 8 and retried.state.global_step == 3
+    assert retried.sam_state.ascents == 2 + 3  # two steps of the failed attempt, three of the retry
+    assert retried.preconditioner.num_updates == 2 + 2
+    fresh = SequentialTrainer(
+        model=tiny_vit(), args=make_args(tmp_path / "fresh", per_device_train_batch_size=7, **common), train_dataset=ds
+    )
+    fresh.train()
+    assert fresh.sam_state.ascents == 3 and fresh.preconditioner.num_updates == 2  # what a reset would have given
+    assert all(torch.isfinite(p).all() for p in model.parameters())
