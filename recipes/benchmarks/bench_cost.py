@@ -6,9 +6,10 @@ step + `zero_grad`. LookSAM (two passes every k-th step, one between) is timed o
 reported per step; WSAM is two passes plus its decoupled sharpness step. LLQR variants are timed between refreshes;
 the refresh is timed on its own and amortised at the refresh interval E (default 1000): amortised = step + refresh /
 E. Peers on the same model, data and batch: a hand-written SAM loop and `pytorch_optimizer.SAM` (optional extra
-`peers`). `base_again` is a second, identical base instance: its ratio to `base` shows how much of a ratio is machine
-noise. The training batch defaults to the LLQR curvature batch (64), as in every reference preset
-(`docs/algorithm.md` §12.2); the refresh cost scales with the latter.
+`peers`), and the same loop on the plain API `hf_llqrsam.SAM` (`api_sam`). `base_again` is a second, identical base
+instance: its ratio to `base` shows how much of a ratio is machine noise. The training batch defaults to the LLQR
+curvature batch (64), as in every reference preset (`docs/algorithm.md` §12.2); the refresh cost scales with the
+latter.
 
 Peak memory is measured per variant in a fresh subprocess: on GPU `torch.cuda.max_memory_allocated`; on CPU the
 persistent tensors (params, optimizer and SAM/LLQR state) plus the peak running sum of the tensor allocations that
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from transformers import MarianConfig, MarianMTModel, ViTConfig, ViTForImageClassification
 
+import hf_llqrsam
 from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
 from hf_llqrsam.trainer_support import curvature_batch
 
@@ -134,6 +136,7 @@ VARIANTS: dict[str, dict | None] = {
     "hand_base": None,
     "hand_sam": None,
     "peer_sam": None,
+    "api_sam": None,  # hf_llqrsam.SAM, the plain-PyTorch API, in the same loop as hand_sam
 }
 SEQ_LEN = 24
 
@@ -283,9 +286,22 @@ def trainer_stepper(model: torch.nn.Module, batch: dict, overrides: dict, args: 
 
 
 def hand_stepper(model: torch.nn.Module, batch: dict, variant: str, rho: float = 0.1) -> Stepper:
-    """The textbook loops: base, SAM (davda54-style, restore by copy) and pytorch_optimizer.SAM."""
+    """The textbook loops: base, SAM (davda54-style, restore by copy), pytorch_optimizer.SAM, and the same loop on
+    the package's plain API (`hf_llqrsam.SAM`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
+    if variant == "api_sam":
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        sam = hf_llqrsam.SAM(model, opt, "sam", rho)
+
+        def api() -> None:
+            model(**batch).loss.backward()
+            with sam.perturbed():
+                model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return Stepper(api, lambda: _state_tensors(model, opt))
     if variant == "peer_sam":
         from pytorch_optimizer import SAM
 
@@ -385,7 +401,9 @@ def time_model(model_name: str, args: argparse.Namespace) -> dict:
 TARGETS: dict[str, tuple[str, str, str, float | None]] = {
     "A/A noise floor: a second base instance / base": ("base_again", "base", "time", None),
     "SAM step / base step": ("sam", "base", "time", 2.05),
-    "Trainer SAM / hand-written SAM loop": ("sam", "hand_sam", "time", 1.03),
+    "Trainer SAM / hand-written SAM loop": ("sam", "hand_sam", "time", 1.00),
+    "plain API SAM / hand-written SAM loop": ("api_sam", "hand_sam", "time", 1.00),
+    "Trainer SAM / pytorch_optimizer SAM": ("sam", "peer_sam", "time", 1.00),
     "Trainer base / hand-written base (for scale)": ("base", "hand_base", "time", None),
     "pytorch_optimizer SAM / hand-written SAM loop": ("peer_sam", "hand_sam", "time", None),
     "LLQR+SAM / SAM, amortised at E": ("llqr_sam", "sam", "amortised", 1.05),
