@@ -118,6 +118,16 @@ class LLQRSAMFields:
         default=0,
         metadata={"help": "Optimizer steps before this one are plain (one-pass) steps."},
     )
+    sam_end_step: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optimizer steps from this one on are plain again: SAM (every SAM-family mode) runs only in the "
+                "window [`sam_start_step`, `sam_end_step`), the sharpness-aware mid-training recipe "
+                "(arXiv 2605.02105). `None`: no end. Must be > `sam_start_step`."
+            )
+        },
+    )
     sam_interval: int = field(
         default=1,
         metadata={"help": "Run SAM on every k-th step after `sam_start_step`; the other steps are plain."},
@@ -513,6 +523,7 @@ class LLQRSAMFields:
             rho_schedule=self.sam_rho_schedule,
             rho_min=self.sam_rho_min,
             start_step=self.sam_start_step,
+            end_step=self.sam_end_step,
             interval=self.sam_interval,
             norm=self.sam_norm,
             eps=self.sam_eps,
@@ -646,6 +657,7 @@ if any(default is MISSING for default in _DEFAULTS.values()):  # pragma: no cove
 _RANGES: dict[str, _Rule] = {
     "sam_rho_min": (lambda x: x >= 0, ">= 0"),
     "sam_start_step": (lambda x: x >= 0, ">= 0"),
+    "sam_end_step": (lambda x: x >= 1, ">= 1 (or None), and > sam_start_step"),
     "sam_interval": (lambda x: x >= 1, ">= 1"),
     "sam_eps": (lambda x: x > 0, "> 0"),
     "asam_eta": (lambda x: x >= 0, ">= 0"),
@@ -807,6 +819,12 @@ def _validate_sam_rules(args: Any) -> None:
             args.sam_rho_min <= args.sam_rho,
             f"Invalid sam_rho_min={args.sam_rho_min!r}. Must be <= sam_rho={args.sam_rho!r} for lr_proportional.",
         )
+    end = args.sam_end_step
+    _check(
+        end is None or end > args.sam_start_step,
+        f"Invalid sam_end_step={end!r}. Must be None or > sam_start_step={args.sam_start_step!r}: the SAM window is "
+        "[sam_start_step, sam_end_step).",
+    )
     spec = MODES.get(mode)
     if spec is None:
         return

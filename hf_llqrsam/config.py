@@ -56,9 +56,10 @@ class SAMConfig:
     """The SAM-family settings of one run (defaults from `docs/algorithm.md` §12.1).
 
     Each field mirrors a CLI field of [`~hf_llqrsam.args.LLQRSAMFields`]: `mode`, `rho`, `rho_schedule`, `rho_min`,
-    `start_step`, `interval`, `norm`, `eps`, `accumulation`, `scope`, `bn_stats` and `same_dropout` are `sam_<name>`;
-    the per-mode fields keep their CLI names. The defaults equal the CLI defaults, except `mode` (`"sam"` here, as
-    the config is only consulted for a SAM run; `"none"` on the CLI) and `fisher_sam_eta`, which is resolved.
+    `start_step`, `end_step`, `interval`, `norm`, `eps`, `accumulation`, `scope`, `bn_stats` and `same_dropout` are
+    `sam_<name>`; the per-mode fields keep their CLI names. The defaults equal the CLI defaults, except `mode`
+    (`"sam"` here, as the config is only consulted for a SAM run; `"none"` on the CLI) and `fisher_sam_eta`, which is
+    resolved.
 
     Args:
         mode (`str`, *optional*, defaults to `"sam"`): the SAM variant (`none`, `sam`, `asam`, `fsam`, `fisher_sam`,
@@ -68,6 +69,8 @@ class SAMConfig:
             `lr_proportional`.
         rho_min (`float`, *optional*, defaults to `0.0`): lower end of the `lr_proportional` schedule.
         start_step (`int`, *optional*, defaults to `0`): plain (one-pass) optimizer steps before this one.
+        end_step (`int`, *optional*): optimizer steps from this one on are plain again: the SAM window is
+            [`start_step`, `end_step`) (sharpness-aware mid-training, arXiv 2605.02105); `None`: no end.
         interval (`int`, *optional*, defaults to `1`): SAM on every k-th step after `start_step`.
         norm (`str`, *optional*, defaults to `"euclidean"`): ν = ‖Cv‖₂ (`euclidean`) or √(vᵀCv) (`matrix`), or the
             same per layer, each layer scaled by 1/√L (`layer_euclidean`, `layer_matrix`).
@@ -105,6 +108,7 @@ class SAMConfig:
     rho_schedule: RhoSchedule = "constant"
     rho_min: float = 0.0
     start_step: int = 0
+    end_step: int | None = None
     interval: int = 1
     norm: Norm = "euclidean"
     eps: float = 1e-12

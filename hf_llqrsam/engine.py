@@ -61,12 +61,15 @@ COUNTERS = ("sam/skipped", "sam/skipped_ascent", "llqr/nonfinite_ugrad", "llqr/s
 def step_kind(config: SAMConfig | None, step: int) -> StepKind:
     """What optimizer step `step` runs under `config` (`None`, or mode `none`: every step is `plain`).
 
-    Before `start_step` every step is `plain`. After it, a mode whose record has `passes="two"` takes two passes on
-    every `interval`-th step; `passes="cadence"` (LookSAM) two passes every `looksam_interval`-th step and `reuse`
-    between; `passes="one"` (past-FSAM) one pass at θ + ε on every step.
+    Outside the window [`start_step`, `end_step`) every step is `plain` (`end_step=None`: no end). Inside it, a mode
+    whose record has `passes="two"` takes two passes on every `interval`-th step; `passes="cadence"` (LookSAM) two
+    passes every `looksam_interval`-th step and `reuse` between; `passes="one"` (past-FSAM, Flat-LoRA, Bi-LoRA) one
+    pass at θ + ε on every step.
     """
     spec = MODES.get(config.mode) if config is not None else None
     if config is None or spec is None or step < config.start_step:
+        return "plain"
+    if config.end_step is not None and step >= config.end_step:
         return "plain"
     offset = step - config.start_step
     if spec.passes == "one":

@@ -372,6 +372,7 @@ _SAM_PREFIXED = {
     "rho_schedule",
     "rho_min",
     "start_step",
+    "end_step",
     "interval",
     "norm",
     "eps",
