@@ -46,6 +46,7 @@ def main(out_dir: str, modes: list[str]) -> None:
         assert torch.equal(gathered[0], gathered[1]), f"{mode}: ranks diverged"
         if rank == 0:
             torch.save(params_of(model), f"{out_dir}/{mode}.pt")
+    dist.barrier()  # both ranks are done before either tears the group down (a gloo teardown race hung once)
     dist.destroy_process_group()
 
 
