@@ -16,13 +16,15 @@ from torch import Tensor
 
 from .config import CGBeta, InnerSolver
 from .solvers import FitStats, fit_cg, make_optimizer
-from .structures import Structure
+from .structures import DiagonalStructure, Structure
 
 __all__ = [
     "FitStats",
     "clip_by_groups_",
     "count_nonfinite",
+    "diagonal_surrogate_gradient",
     "fit_structure",
+    "gradient_route",
     "group_index",
     "sanitize_",
     "surrogate_gradient",
@@ -72,21 +74,76 @@ def surrogate_gradient(
     return value.detach(), [torch.zeros_like(p) if t is None else t for p, t in zip(params, got, strict=True)]
 
 
-def _scan_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
-    """The count of NaN/±Inf entries, or `None` when all are finite (one host sync on the finite path).
+def diagonal_surrogate_gradient(
+    structure: DiagonalStructure,
+    g: Sequence[Tensor],
+    gv: ProductFn,
+    probe: Sequence[Tensor] | None = None,
+    objective: bool = True,
+) -> tuple[Tensor, list[Tensor]]:
+    """[`surrogate_gradient`] in closed form for U = diag(d): the same values, bit for bit, without autograd.
+
+    With s the identity scaling, δ = −(d ⊙ x)/s for x = `probe` (or g) and r = g + (G + λI)δ, so ∂s/∂d = (−r/s) ⊙ x,
+    which is the chain autograd runs through [`~DiagonalStructure.apply`] (multiply, divide by s, negate), in the
+    same order. It replaces per-tensor autograd nodes by a few fused multiplies: the refresh's bookkeeping outside
+    the products (issue 20). The tensors of `g` and `probe` must have the structure's dtype.
+    """
+    x = list(g if probe is None else probe)
+    d = [blk["d"] for blk in structure.blocks]
+    with torch.no_grad():
+        delta = torch._foreach_mul(d, x)
+        if structure.scale != 1.0:
+            torch._foreach_div_(delta, structure.scale)
+        torch._foreach_neg_(delta)
+        g_delta = gv(list(delta))
+        value = _dot(g, delta) + 0.5 * _dot(delta, g_delta) if objective else torch.tensor(float("nan"))
+        grads = torch._foreach_neg(torch._foreach_add(list(g), g_delta))
+        if structure.scale != 1.0:
+            torch._foreach_div_(grads, structure.scale)
+        torch._foreach_mul_(grads, x)
+    return value, list(grads)
+
+
+def gradient_route(
+    structure: Structure, g: Sequence[Tensor], probe: Sequence[Tensor] | None = None
+) -> Callable[..., tuple[Tensor, list[Tensor]]]:
+    """The U-gradient function of an inner loop: [`diagonal_surrogate_gradient`] where it applies (a diagonal
+    structure whose dtype the vectors share), else the autograd [`surrogate_gradient`], which stays its oracle."""
+    x = g if probe is None else probe
+    if isinstance(structure, DiagonalStructure) and all(t.dtype == structure.dtype for t in x):
+        return diagonal_surrogate_gradient
+    return surrogate_gradient
+
+
+def _scan_nonfinite(tensors: Sequence[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    """The count of NaN/±Inf entries, or `None` when all are finite (one host sync on the finite path), and the
+    stacked per-tensor norms (`None` without tensors), which on the finite path are those of the tensors as they are.
 
     A finite norm proves a tensor finite, so the per-tensor scan runs only when some norm is not (a finite tensor
     whose norm overflows is scanned, and counted correctly as 0).
     """
-    if not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()):
-        return None
-    return torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum()
+    if not tensors:
+        return None, None
+    norms = torch.stack(torch._foreach_norm(list(tensors)))
+    if bool(torch.isfinite(norms).all()):
+        return None, norms
+    return torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum(), norms
 
 
 def count_nonfinite(tensors: Sequence[Tensor]) -> int:
     """The number of NaN/±Inf entries over `tensors` (exact; a norm-based fast path when all are finite)."""
-    bad = _scan_nonfinite(tensors)
+    bad, _ = _scan_nonfinite(tensors)
     return 0 if bad is None else int(bad)
+
+
+def _sanitize_(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """[`sanitize_`], and the per-tensor norms of the result when no entry was replaced (else `None`)."""
+    bad, norms = _scan_nonfinite(tensors)
+    if bad is None:
+        return torch.zeros((), dtype=torch.long, device=tensors[0].device if tensors else None), norms
+    for t in tensors:
+        torch.nan_to_num_(t, nan=0.0, posinf=1.0, neginf=-1.0)
+    return bad, None
 
 
 def sanitize_(tensors: Sequence[Tensor]) -> Tensor:
@@ -94,12 +151,7 @@ def sanitize_(tensors: Sequence[Tensor]) -> Tensor:
 
     A finite norm proves a tensor finite, so the per-tensor scan runs only when some norm is not.
     """
-    bad = _scan_nonfinite(tensors)
-    if bad is None:
-        return torch.zeros((), dtype=torch.long, device=tensors[0].device if tensors else None)
-    for t in tensors:
-        torch.nan_to_num_(t, nan=0.0, posinf=1.0, neginf=-1.0)
-    return bad
+    return _sanitize_(tensors)[0]
 
 
 def group_index(groups: Sequence[Sequence[int]], device: torch.device | None = None) -> Tensor:
@@ -113,18 +165,22 @@ def group_index(groups: Sequence[Sequence[int]], device: torch.device | None = N
     return out.to(device)
 
 
-def clip_by_groups_(tensors: Sequence[Tensor], group_of: Tensor, clip_norm: float) -> tuple[Tensor, Tensor]:
+def clip_by_groups_(
+    tensors: Sequence[Tensor], group_of: Tensor, clip_norm: float, norms: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Scale each group by min(1, clip_norm / ‖group‖₂) in place (`docs/algorithm.md` §5.2, §6.3).
 
     Args:
         tensors (`Sequence[Tensor]`): the U-gradient, one tensor per structure parameter.
         group_of (`Tensor`): group index of each tensor (from [`group_index`]).
         clip_norm (`float`): the per-group bound.
+        norms (`Tensor`, *optional*): the stacked per-tensor norms of `tensors` when the caller has them (the
+            sanitising pass computes them); computed here otherwise.
 
     Returns:
         `tuple[Tensor, Tensor]`: the global norm before clipping and whether any group was clipped (0-dim, no sync).
     """
-    sq = torch.stack(torch._foreach_norm(list(tensors))) ** 2
+    sq = (torch.stack(torch._foreach_norm(list(tensors))) if norms is None else norms) ** 2
     # at most one group per tensor; unused group slots have norm 0 and factor 1
     group_norm = torch.zeros(len(sq), dtype=sq.dtype, device=sq.device).index_add_(0, group_of, sq).sqrt()
     factor = (clip_norm / group_norm).clamp(max=1.0)  # ‖group‖ = 0 gives inf, hence 1
@@ -168,10 +224,11 @@ def fit_structure(
     params = structure.parameters()
     for p in params:
         p.requires_grad_(True)
+    route = gradient_route(structure, g, probe)
     if solver == "cg":
 
         def value_and_grad() -> tuple[Tensor, list[Tensor], int]:
-            value, grads = surrogate_gradient(structure, g, gv, probe)
+            value, grads = route(structure, g, gv, probe)
             return value, grads, int(sanitize_(grads))
 
         stats = fit_cg(structure, value_and_grad, steps, stop_if_nonfinite=stop_if_nonfinite, beta=cg_beta)
@@ -188,7 +245,7 @@ def fit_structure(
     norms, clipped, bad = [], [], []
     for step in range(steps):
         # J is reported only at the first and last inner steps: skip its two dots in between
-        objective, grads = surrogate_gradient(structure, g, gv, probe, objective=step in (0, steps - 1))
+        objective, grads = route(structure, g, gv, probe, objective=step in (0, steps - 1))
         if step == 0:
             first = objective
             if stop_if_nonfinite and not bool(torch.isfinite(objective)):  # one host sync per call
@@ -196,8 +253,9 @@ def fit_structure(
                     p.requires_grad_(False)
                 return FitStats(float(objective), float("nan"), float("nan"), 0.0, 0, stopped=True)
         last = objective
-        bad.append(sanitize_(grads))
-        norm, any_clipped = clip_by_groups_(grads, group_of, clip_norm)
+        replaced, grad_norms = _sanitize_(grads)  # the norms of a finite U-gradient serve the clip as well
+        bad.append(replaced)
+        norm, any_clipped = clip_by_groups_(grads, group_of, clip_norm, norms=grad_norms)
         norms.append(norm)
         clipped.append(any_clipped)
         for p, grad in zip(params, grads, strict=True):
