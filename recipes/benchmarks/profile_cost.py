@@ -9,17 +9,22 @@ Three measurements on one model of `bench_cost.py`, each as a median over repeti
 3. Jv, the costlier half of a GGN product, three ways: the double-VJP the package uses, forward-mode `torch.func.jvp`
    (recomputes the forward), and `torch.func.linearize` (traces once per refresh; may fail on models with
    data-dependent control flow).
+4. One refresh under `torch.profiler`, split by phase ([`refresh_phases`]): the forward that builds the curvature
+   problem, the products (G + λI)·v, the rest of the surrogate U-gradient, sanitising, clipping, the solver step,
+   the schedules, the EMA merge and clamp, the finiteness checks and the diagnostics; with the top operators.
 
     python recipes/benchmarks/profile_cost.py --model marian-s --output_dir runs/profile_cost
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: this checkout's root first, for `recipes` and its `hf_llqrsam`
@@ -28,11 +33,16 @@ if __package__ in (None, ""):  # run as a script: this checkout's root first, fo
 import torch  # noqa: E402
 from torch.func import functional_call, jvp, linearize  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import hf_llqrsam  # noqa: E402
 from hf_llqrsam import SAMState, compute_perturbation  # noqa: E402
 from hf_llqrsam.config import SAMConfig  # noqa: E402
 from hf_llqrsam.llqr import LLQRConfig, LLQRPreconditioner, curvature_problem  # noqa: E402
+from hf_llqrsam.llqr import fit as llqr_fit  # noqa: E402
+from hf_llqrsam.llqr import refresh as llqr_refresh  # noqa: E402
+from hf_llqrsam.llqr import state as llqr_state  # noqa: E402
+from hf_llqrsam.llqr.structures import Structure  # noqa: E402
 from hf_llqrsam.sam import apply_perturbation_, restore_, total_norm  # noqa: E402
 from recipes.benchmarks.bench_cost import MODELS, build_model, synthetic_batch  # noqa: E402
 
@@ -139,6 +149,165 @@ def jv_ways(model: torch.nn.Module, batch: dict, reps: int) -> dict[str, float |
     return out
 
 
+# phase label → (object, attribute): each is wrapped in a `record_function` range while profiling. The library carries
+# no profiling code; the wrappers are installed here and removed afterwards.
+PHASES: dict[str, tuple[object, str]] = {
+    "build": (llqr_refresh, "curvature_problem"),
+    "surrogate_gradient": (llqr_fit, "surrogate_gradient"),
+    "surrogate_gradient_diagonal": (llqr_fit, "diagonal_surrogate_gradient"),
+    "sanitize": (llqr_fit, "_sanitize_"),
+    "clip": (llqr_fit, "clip_by_groups_"),
+    "finite_checks": (llqr_refresh, "count_nonfinite"),
+    "schedules": (llqr_refresh, "inner_lr_at"),
+    "schedules_ema": (llqr_refresh, "ema_decay_at"),
+    "ema_merge": (Structure, "ema_"),
+    "clamp": (Structure, "clamp_"),
+    "diagnostics_floor": (llqr_refresh, "floor_fractions"),
+    "diagnostics_metrics": (llqr_state.UState, "metrics"),
+    "solver_step": (torch.optim.SGD, "step"),
+}
+
+
+def _labelled(label: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        with record_function(f"llqr::{label}"):
+            out = fn(*args, **kwargs)
+        if label == "build":  # the products are the returned closure: label each call
+            g, gv = out  # type: ignore[misc]
+            return g, _labelled("product", gv)
+        return out
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _phase_ranges() -> Iterator[None]:
+    saved = [(obj, name, getattr(obj, name)) for obj, name in PHASES.values()]
+    try:
+        for label, (obj, name) in PHASES.items():
+            setattr(obj, name, _labelled(label, getattr(obj, name)))
+        yield
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+def refresh_phases(model: torch.nn.Module, batch: dict, inner_steps: int = 50, top: int = 15) -> dict:
+    """One refresh (after a warm-up one) under `torch.profiler`, split by phase.
+
+    Returns:
+        `dict`: `wall_s` of the profiled refresh; `phases_ms`, the inclusive CPU time of each phase (the products run
+        inside `surrogate_gradient`, so `surrogate_gradient_excl_products` is its own part); `phases_share` of the
+        wall time; and `top_ops`, the operators with the most self CPU time.
+    """
+    pre = LLQRPreconditioner(model, LLQRConfig(inner_steps=inner_steps))
+    with _phase_ranges():
+        pre.update(model, batch, step=0)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            pre.update(model, batch, step=1)
+            wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    phases = {e.key.removeprefix("llqr::"): e.cpu_time_total / 1e3 for e in averages if e.key.startswith("llqr::")}
+    phases["schedules"] = phases.get("schedules", 0.0) + phases.pop("schedules_ema", 0.0)
+    phases["surrogate_gradient"] = phases.get("surrogate_gradient", 0.0) + phases.pop(
+        "surrogate_gradient_diagonal", 0.0
+    )
+    phases["surrogate_gradient_excl_products"] = phases.get("surrogate_gradient", 0.0) - phases.get("product", 0.0)
+    named = sum(v for k, v in phases.items() if k not in ("surrogate_gradient", "product"))
+    phases["unlabelled"] = 1e3 * wall - named - phases.get("product", 0.0)
+    ops = sorted((e for e in averages if not e.key.startswith("llqr::")), key=lambda e: -e.self_cpu_time_total)
+    return {
+        "wall_s": wall,
+        "phases_ms": {k: round(v, 2) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
+        "phases_share": {k: round(v / (1e3 * wall), 4) for k, v in phases.items() if k != "surrogate_gradient"},
+        "top_ops": [
+            {"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in ops[:top]
+        ],
+    }
+
+
+@contextlib.contextmanager
+def _old_route() -> Iterator[None]:
+    """The refresh as before issue 20: the autograd U-gradient for diagonal U, and a clip that computes its own
+    norms. (The GGN product's in-place F multiply and the skipped ×1 pass are not toggled: both routes have them.)"""
+    saved = llqr_fit.gradient_route, llqr_fit._sanitize_
+    llqr_fit.gradient_route = lambda *args: llqr_fit.surrogate_gradient  # type: ignore[assignment]
+    llqr_fit._sanitize_ = lambda tensors: (saved[1](tensors)[0], None)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        llqr_fit.gradient_route, llqr_fit._sanitize_ = saved
+
+
+def bookkeeping_routes(model: torch.nn.Module, batch: dict, rounds: int, inner_steps: int = 50) -> dict:
+    """CPU milliseconds per inner step of everything but the product: the inner loop run on the model's g with a
+    product that returns a stored (G + λI)·g, old route (A, A′) against new, interleaved as [`refresh_routes`]."""
+    from hf_llqrsam.llqr.fit import fit_structure
+    from hf_llqrsam.llqr.state import UState
+
+    u = UState(model, LLQRConfig(inner_steps=inner_steps))
+    g_dict, gv_dict = curvature_problem(model, batch)
+    g = [g_dict[n] for n in u.names]
+    stored = [gv_dict(g_dict)[n] for n in u.names]
+
+    def product(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.clone() for t in stored]  # a fresh result, as the real product returns
+
+    routes = {"old_a": _old_route, "old_a2": _old_route, "new": contextlib.nullcontext}
+    cpu: dict[str, list[float]] = {k: [] for k in routes}
+    order, gen = list(routes), torch.Generator().manual_seed(1)
+    for r in range(rounds + 1):
+        for i in torch.randperm(len(order), generator=gen).tolist():
+            v = u.structure.clone()
+            with routes[order[i]]():
+                start = time.process_time()
+                fit_structure(v, g, product, inner_steps, 1e-3, 0.9, 5.0, stop_if_nonfinite=True)
+                if r:
+                    cpu[order[i]].append(1e3 * (time.process_time() - start) / inner_steps)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    return {
+        "cpu_ms_per_inner_step": {k: round(v, 3) for k, v in med.items()},
+        "aa_ratio": round(med["old_a2"] / med["old_a"], 4),
+        "new_over_old": round(med["new"] / med["old_a"], 4),
+    }
+
+
+def refresh_routes(model: torch.nn.Module, batch: dict, rounds: int, inner_steps: int = 50) -> dict:
+    """Seconds of one whole refresh by the old route (twice, A and A′: the noise floor) and the new one, interleaved
+    in a shuffled order within each round, in one process; medians and their ratios to A."""
+    routes = {"old_a": _old_route, "old_a2": _old_route, "new": contextlib.nullcontext}
+    wall: dict[str, list[float]] = {k: [] for k in routes}
+    cpu: dict[str, list[float]] = {k: [] for k in routes}
+    order = list(routes)
+    gen = torch.Generator().manual_seed(0)
+    load = [os.getloadavg()[0]]
+    for r in range(rounds + 1):  # round 0 warms up and is dropped
+        for i in torch.randperm(len(order), generator=gen).tolist():
+            name = order[i]
+            pre = LLQRPreconditioner(model, LLQRConfig(inner_steps=inner_steps))
+            with routes[name]():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                pre.update(model, batch, step=0)
+                elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if r:
+                wall[name].append(elapsed)
+                cpu[name].append(elapsed_cpu)
+    load.append(os.getloadavg()[0])
+
+    def summary(times: dict[str, list[float]]) -> dict:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        return {
+            "median_s": {k: round(v, 4) for k, v in med.items()},
+            "aa_ratio": round(med["old_a2"] / med["old_a"], 4),
+            "new_over_old": round(med["new"] / med["old_a"], 4),
+        }
+
+    # the process's CPU time is what a shared machine disturbs least (threads waiting for a core do not count)
+    return {"rounds": rounds, "wall": summary(wall), "cpu": summary(cpu), "load_avg_1m": load}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
@@ -160,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sam_work": sam_work(model, reps=20 * args.reps),
         "refresh": refresh_split(model, batch, reps=max(1, args.reps // 2), inner_steps=args.inner_steps),
         "jv": jv_ways(model, batch, reps=args.reps),
+        "phases": refresh_phases(model, batch, inner_steps=args.inner_steps),
     }
     with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
         json.dump(results, fh, indent=1)
