@@ -12,6 +12,10 @@ Three measurements on one model of `bench_cost.py`, each as a median over repeti
 4. One refresh under `torch.profiler`, split by phase ([`refresh_phases`]): the forward that builds the curvature
    problem, the products (G + λI)·v, the rest of the surrogate U-gradient, sanitising, clipping, the solver step,
    the schedules, the EMA merge and clamp, the finiteness checks and the diagnostics; with the top operators.
+5. The refresh before and after issue 20 (the diagonal U-gradient by autograd and a clip with its own norms, against
+   the closed form and shared norms), interleaved with an A/A pair in one process: the inner loop's bookkeeping alone
+   ([`bookkeeping_routes`], process CPU time per inner step) and whole refreshes ([`refresh_routes`]). On a shared
+   machine read the CPU-time ratios, and the A/A ratio beside them, and record `uptime`'s load.
 
     python recipes/benchmarks/profile_cost.py --model marian-s --output_dir runs/profile_cost
 """
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=64, help="the curvature batch of the refresh and Jv")
     parser.add_argument("--inner_steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved old/new route comparison")
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     model = build_model(args.model)
@@ -330,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         "refresh": refresh_split(model, batch, reps=max(1, args.reps // 2), inner_steps=args.inner_steps),
         "jv": jv_ways(model, batch, reps=args.reps),
         "phases": refresh_phases(model, batch, inner_steps=args.inner_steps),
+        "bookkeeping_routes": bookkeeping_routes(model, batch, rounds=args.rounds, inner_steps=args.inner_steps),
+        "refresh_routes": refresh_routes(model, batch, rounds=args.rounds, inner_steps=args.inner_steps),
     }
     with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
         json.dump(results, fh, indent=1)
