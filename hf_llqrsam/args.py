@@ -272,6 +272,25 @@ class LLQRSAMFields:
             )
         },
     )
+    flat_lora_ramp_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Flat-LoRA's ramp length T in optimizer steps (>= 1): the noise std σₜ = `sam_rho`·½(1 − cos(π·t/T)) "
+                "grows from 0 to `sam_rho` over T steps and stays there (Li et al., ICML 2025: T is the whole run). "
+                "`None`: `max_steps`, which must then be set."
+            )
+        },
+    )
+    bi_lora_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Bi-LoRA's ascent step η₂ (> 0) of the auxiliary adapter θ₂: θ₂ ← Π(θ₂ + η₂·g₂/‖g₂‖) onto the "
+                "ball ‖θ₂‖ <= `sam_rho`. `None`: `sam_rho`."
+            )
+        },
+    )
 
     llqr: bool = field(
         default=False,
@@ -508,15 +527,26 @@ class LLQRSAMFields:
         @property
         def label_smoothing_factor(self) -> float: ...
 
+        @property
+        def max_steps(self) -> int: ...
+
+        @property
+        def seed(self) -> int: ...
+
     def to_sam_config(self) -> SAMConfig:
-        """The frozen [`~hf_llqrsam.config.SAMConfig`] of these arguments, with `fisher_sam_eta` resolved.
+        """The frozen [`~hf_llqrsam.config.SAMConfig`] of these arguments, with `fisher_sam_eta` and
+        `flat_lora_ramp_steps` resolved.
 
         `sam_<x>` becomes `x`; the per-mode fields keep their names. `fisher_sam_eta=None` becomes 0.1 for the
-        reference form and 1.0 for the paper form (`docs/algorithm.md` §8.4).
+        reference form and 1.0 for the paper form (`docs/algorithm.md` §8.4); `flat_lora_ramp_steps=None` becomes
+        `max_steps` (when > 0); `seed` is the run's `seed`.
         """
         eta = self.fisher_sam_eta
         if eta is None:
             eta = 0.1 if self.fisher_sam_form == "reference" else 1.0
+        ramp = self.flat_lora_ramp_steps
+        if ramp is None:  # the whole run
+            ramp = self.max_steps if self.max_steps > 0 else None
         return SAMConfig(
             mode=self.sam_mode,
             rho=self.sam_rho,
@@ -548,6 +578,9 @@ class LLQRSAMFields:
             looksam_alpha=self.looksam_alpha,
             wsam_gamma=self.wsam_gamma,
             wsam_decouple=self.wsam_decouple,
+            flat_lora_ramp_steps=ramp,
+            bi_lora_lr=self.bi_lora_lr,
+            seed=self.seed,
         )
 
     def to_llqr_config(self) -> LLQRConfig | None:
@@ -675,6 +708,8 @@ _RANGES: dict[str, _Rule] = {
     "looksam_interval": (lambda x: x >= 1, ">= 1"),
     "looksam_alpha": (lambda x: x >= 0, ">= 0"),
     "wsam_gamma": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "flat_lora_ramp_steps": (lambda x: x >= 1, ">= 1 (or None)"),
+    "bi_lora_lr": (lambda x: x > 0, "> 0 (or None)"),
     "llqr_renyi_alpha": (lambda x: x > 0 and x != 1, "> 0 and != 1"),
     "llqr_update_interval": (lambda x: x >= 1, ">= 1"),
     "llqr_update_until": (
@@ -808,6 +843,21 @@ def validate_llqrsam_fields(args: Any) -> None:
         if unsupported:
             _fail(f"Invalid llqr=True with {unsupported}")
         _validate_llqr_rules(args)
+    _validate_run_length(args)
+
+
+def _validate_run_length(args: Any) -> None:
+    """Flat-LoRA's ramp needs the run's length (after the mode/LLQR rules, which name the more basic mistake)."""
+    spec = MODES.get(args.sam_mode)
+    if spec is None:
+        return
+    if "flat_lora_ramp_steps" in spec.hyperparameters and args.flat_lora_ramp_steps is None:
+        _check(
+            getattr(args, "max_steps", -1) > 0,
+            f"Invalid flat_lora_ramp_steps=None with sam_mode={args.sam_mode!r} and no max_steps: Flat-LoRA's noise "
+            "std ramps to sam_rho over the run, whose length in optimizer steps is not known here. Set --max_steps, "
+            "or --flat_lora_ramp_steps (the ramp's length).",
+        )
 
 
 def _validate_sam_rules(args: Any) -> None:

@@ -26,7 +26,19 @@ __all__ = [
 
 # Must list exactly `hf_llqrsam.modes.SAM_MODE_NAMES` (a test checks it; mypy needs the values spelled out).
 SAMMode = Literal[
-    "none", "sam", "asam", "fsam", "fisher_sam", "gsam", "vasso", "infosam", "past_fsam", "looksam", "wsam"
+    "none",
+    "sam",
+    "asam",
+    "fsam",
+    "fisher_sam",
+    "gsam",
+    "vasso",
+    "infosam",
+    "past_fsam",
+    "looksam",
+    "wsam",
+    "flat_lora",
+    "bi_lora",
 ]
 RhoSchedule = Literal["constant", "iwslt14_cosine_ramp", "lr_proportional"]
 Norm = Literal["euclidean", "matrix", "layer_euclidean", "layer_matrix"]
@@ -63,7 +75,7 @@ class SAMConfig:
 
     Args:
         mode (`str`, *optional*, defaults to `"sam"`): the SAM variant (`none`, `sam`, `asam`, `fsam`, `fisher_sam`,
-            `gsam`, `vasso`, `infosam`, `past_fsam`, `looksam`, `wsam`).
+            `gsam`, `vasso`, `infosam`, `past_fsam`, `looksam`, `wsam`, `flat_lora`, `bi_lora`).
         rho (`float`, *optional*, defaults to `0.1`): radius ρ of ε = ρ·Cv/√(ν² + eps).
         rho_schedule (`str`, *optional*, defaults to `"constant"`): `constant`, `iwslt14_cosine_ramp` or
             `lr_proportional`.
@@ -101,6 +113,12 @@ class SAMConfig:
         wsam_gamma (`float`, *optional*, defaults to `0.9`): WSAM's γ; the sharpness weight is γ / (1 − γ).
         wsam_decouple (`bool`, *optional*, defaults to `True`): WSAM's sharpness term as a separate SGD step after
             the base optimizer's step (the paper's Algorithm 1), or mixed into the gradient.
+        flat_lora_ramp_steps (`int`, *optional*): Flat-LoRA's T: σₜ = ρ·½(1 − cos(π·min(t/T, 1))). Required with
+            `mode="flat_lora"` (the CLI resolves `None` to `max_steps`).
+        bi_lora_lr (`float`, *optional*): Bi-LoRA's ascent step η₂ of the auxiliary adapter; `None`: ρ.
+        seed (`int`, *optional*, defaults to `42`): the run's seed (`TrainingArguments.seed`, same default):
+            Flat-LoRA's noise and Bi-LoRA's auxiliary adapter are drawn from (seed, step), so a resumed run draws what
+            the uninterrupted one drew.
     """
 
     mode: SAMMode = "sam"
@@ -133,3 +151,6 @@ class SAMConfig:
     looksam_alpha: float = 0.7
     wsam_gamma: float = 0.9
     wsam_decouple: bool = True
+    flat_lora_ramp_steps: int | None = None
+    bi_lora_lr: float | None = None
+    seed: int = 42

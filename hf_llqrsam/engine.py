@@ -32,6 +32,18 @@ from torch import Tensor, nn
 from .checkpoint import LLQRSAMStateError, describe_state, validate_sam_state
 from .config import SAMConfig, past_fsam_window
 from .llqr import LLQRConfig, LLQRPreconditioner
+from .lora_sam import (
+    LoRALayer,
+    NoisePlan,
+    aux_forwards,
+    bi_lora_ascent,
+    bi_lora_init,
+    flat_lora_plan,
+    flat_lora_sigma,
+    lora_forwards,
+    lora_layers,
+    noisy_forwards,
+)
 from .modes import MODES, ModeSpec
 from .sam import (
     Preconditioner,
@@ -142,6 +154,13 @@ class SAMEngine:
         self._before_update: list[Tensor] = []  # llqr.apply="update": θ before the optimizer step
         self._attached: set[int] = set()
         self._refreshed_at: int | None = None  # the step of this engine's last refresh
+        # LoRA-aware modes (record.acts_on_lora): the LoRA layers they perturb, and this step's noise or auxiliary
+        # adapter (leaf tensors whose gradient the one pass fills)
+        self.lora: list[LoRALayer] = []
+        self._lora_step: NoisePlan | dict[str, Tensor] | None = None
+        self._lora_rho = 0.0  # this step's ρ (Bi-LoRA's ball)
+        if self.spec is not None and self.spec.acts_on_lora:
+            self._setup_lora()
 
     # ------------------------------------------------------------------ queries
 
@@ -181,9 +200,38 @@ class SAMEngine:
 
     def overlap_window(self) -> list[dict[str, Any]]:
         """The stored steps of past-FSAM's overlap window the one pass also runs on (at most K − 1, newest last)."""
-        config = self.config
-        keep = past_fsam_window(config.past_fsam_overlap) - 1 if config is not None else 0
+        keep = self._overlap_keep()
         return self.state.batches[-keep:] if keep > 0 else []
+
+    def _overlap_keep(self) -> int:
+        """K − 1 for a mode that reads `past_fsam_overlap` (past-FSAM), else 0."""
+        config, spec = self.config, self.spec
+        if config is None or spec is None or "past_fsam_overlap" not in spec.hyperparameters:
+            return 0
+        return past_fsam_window(config.past_fsam_overlap) - 1
+
+    def _setup_lora(self) -> None:
+        """Find the LoRA layers a LoRA-aware mode perturbs; refuse what it cannot run on, naming `sam_mode`."""
+        config, spec = self.config, self.spec
+        assert config is not None and spec is not None
+        if self.sharded:
+            raise ValueError(
+                f"Invalid sam_mode={config.mode!r} with FSDP2: {config.mode} perturbs each LoRA layer's whole merged "
+                "weight W + sBA in its forward, and FSDP2 shards W by rows across ranks. Use DDP (or one process)."
+            )
+        if spec.probe == "noise" and config.flat_lora_ramp_steps is None:
+            raise ValueError(
+                "Invalid flat_lora_ramp_steps=None with sam_mode='flat_lora': the noise std ramps to rho over "
+                "flat_lora_ramp_steps optimizer steps (set it to the run's length)."
+            )
+        dist = torch.distributed
+        if spec.probe == "auxiliary" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                f"Invalid sam_mode={config.mode!r} with {dist.get_world_size()} processes: the auxiliary adapter is "
+                "not a model parameter, so DDP does not all-reduce its gradient and each rank would ascend on its "
+                "own. Run it on one process."
+            )
+        self.lora = lora_layers(self.module, config.mode)
 
     # ------------------------------------------------------------------ LLQR
 
@@ -239,6 +287,7 @@ class SAMEngine:
         """Start optimizer step `step`: its kind, and the BatchNorm snapshot a skipped step is restored to (taken
         now, or `bn_at_begin` when the driver took it before the step's first forward)."""
         self._post = []
+        self._lora_step = None
         bn = bn_at_begin if bn_at_begin is not None else self.batchnorm_snapshot()
         self.current = StepState(step=step, kind=step_kind(self.config, step), bn_at_begin=bn)
         return self.current
@@ -248,6 +297,8 @@ class SAMEngine:
         is finite. The mode state it would write is kept pending until [`descend`] commits the step."""
         st, config = self._current(), self.config
         assert config is not None
+        if self.lora:
+            return self._ascend_lora(st, config, rho)
         if st.kind == "one":
             names = [n for n, _ in self.named_params]
             params: list[Tensor] = [p for _, p in self.named_params]
@@ -275,6 +326,38 @@ class SAMEngine:
         self.metrics.record("sam/rho", rho)
         if self.spec is not None and self.spec.probe != "gradient":
             self.metrics.record("sam/probe_norm", pert.probe_norm)
+        return True
+
+    def _ascend_lora(self, st: StepState, config: SAMConfig, rho: float) -> bool:
+        """The one pass's perturbation of a LoRA-aware mode: Flat-LoRA's noise plan (seeds and per-row stds from the
+        merged weights), or Bi-LoRA's auxiliary adapter from the state (drawn from the seed on the first step) as
+        leaf tensors whose gradient the pass fills."""
+        spec = self.spec
+        assert spec is not None
+        if spec.probe == "noise":
+            assert config.flat_lora_ramp_steps is not None
+            sigma = flat_lora_sigma(rho, st.step, config.flat_lora_ramp_steps)
+            plan = flat_lora_plan(self.lora, sigma, config.seed, st.step)
+            finite = bool(torch.isfinite(total_norm(plan.stds)))
+            self._lora_step = plan
+            self.metrics.record("sam/noise_sigma", sigma)
+        else:
+            names = [n for layer in self.lora for pair in layer.adapters for n in pair]
+            if self.state.has("aux"):
+                like = [dict(self.named_params)[n] for n in names]
+                start = dict(zip(names, self.state.get("aux", names, like), strict=True))
+            else:
+                start = bi_lora_init(self.lora, rho, config.seed)
+            self._lora_step = {n: t.detach().clone().requires_grad_(True) for n, t in start.items()}
+            finite = bool(torch.isfinite(total_norm(list(start.values()))))
+            self.metrics.record("sam/perturbation_norm", float(total_norm(list(start.values()))))
+        if not finite:
+            st.drop, self._lora_step = True, None
+            self.metrics.record("sam/skipped_ascent", 1.0)
+            return False
+        st.ascents += 1
+        self._lora_rho = rho
+        self.metrics.record("sam/rho", rho)
         return True
 
     def stash_grads(self) -> dict[int, Tensor]:
@@ -321,12 +404,27 @@ class SAMEngine:
         policy = config.bn_stats if st.kind == "two" else "none"
         self.in_perturbed_pass = True
         try:
-            with batchnorm_policy(self._bn, policy, bn_before), replayed_rng(config.same_dropout and st.kind == "two"):
+            with (
+                batchnorm_policy(self._bn, policy, bn_before),
+                replayed_rng(config.same_dropout and st.kind == "two"),
+                self._lora_perturbed(),
+            ):
                 yield
         finally:
             self.in_perturbed_pass = False
             if backups is not None:
                 restore_(st.params, backups)
+
+    @contextmanager
+    def _lora_perturbed(self) -> Iterator[None]:
+        """The LoRA layers' base layers run with the step's noise or auxiliary adapter (W itself is never written)."""
+        step = self._lora_step
+        if step is None:
+            yield
+            return
+        forwards = noisy_forwards(self.lora, step) if isinstance(step, NoisePlan) else aux_forwards(self.lora, step)
+        with lora_forwards(self.lora, forwards):
+            yield
 
     def descend(self) -> bool:
         """The mode's descent on the gradient in `p.grad`, P = U, and the skip rule; whether the step is taken.
@@ -344,11 +442,18 @@ class SAMEngine:
             pending += [(kind, st.names, tensors) for kind, tensors in pert.pending.items()]
         post: list[tuple[Tensor, Tensor]] = []
         if spec is not None and config is not None:
-            if st.kind == "one":
+            if st.kind == "one" and spec.probe == "past_difference":
                 if st.extra_passes:  # past-FSAM's overlap window: the mean over its K steps
                     torch._foreach_mul_(grads, 1.0 / (1 + st.extra_passes))
                 fp32 = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in grads]
                 pending.append(("g_last", names, list(torch._foreach_div(fp32, scale))))
+            elif st.kind == "one" and isinstance(self._lora_step, dict):  # Bi-LoRA: the auxiliary adapter ascends
+                aux = self._lora_step
+                aux_names = list(aux)
+                aux_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in aux.values()]
+                rho = self._lora_rho
+                moved = bi_lora_ascent(list(aux.values()), aux_grads, config.bi_lora_lr or rho, rho)
+                pending.append(("aux", aux_names, moved))
             elif pert is not None and spec.keeps_clean:
                 names, params, grads, clean = self._aligned_clean(names, params, st.clean)
                 match spec.descent:
@@ -376,8 +481,8 @@ class SAMEngine:
 
     def end(self, record_losses: bool = True) -> None:
         """Close the current step: advance past-FSAM's overlap window and log the step's losses."""
-        st, config = self._current(), self.config
-        keep = past_fsam_window(config.past_fsam_overlap) - 1 if config is not None and st.kind == "one" else 0
+        st = self._current()
+        keep = self._overlap_keep() if st.kind == "one" else 0
         if keep > 0:  # the data window advances whether or not the step was taken (the reference's loader)
             self.state.batches.append({"inputs": list(st.inputs), "num_items": st.num_items})
             del self.state.batches[:-keep]
@@ -396,6 +501,7 @@ class SAMEngine:
         self.current = None
         self.in_perturbed_pass = False
         self._post = []
+        self._lora_step = None
 
     # ------------------------------------------------------------------ the optimizer's side
 

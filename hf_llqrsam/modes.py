@@ -16,7 +16,7 @@ from typing import Literal
 
 __all__ = ["MODES", "SAM_MODE_NAMES", "ModeSpec", "mode_table"]
 
-Probe = Literal["gradient", "ema_difference", "ema", "past_difference"]
+Probe = Literal["gradient", "ema_difference", "ema", "past_difference", "noise", "auxiliary"]
 Geometry = Literal["preconditioner", "identity", "asam", "fisher", "infosam"]
 LossScale = Literal["invariant", "true_units"]
 Descent = Literal["plain", "gsam", "looksam", "wsam"]
@@ -74,6 +74,12 @@ class ModeSpec:
     passes: Passes = "two"
     borrows: tuple[str, ...] = ()
     keeps_clean: bool = False
+
+    @property
+    def acts_on_lora(self) -> bool:
+        """The mode perturbs the LoRA layers of a PEFT model, not the trainable tensors: it needs LoRA layers, a
+        full-precision base weight and no FSDP2 (`hf_llqrsam/lora_sam.py`)."""
+        return self.probe in ("noise", "auxiliary")
 
 
 MODES: dict[str, ModeSpec] = {
@@ -245,6 +251,53 @@ MODES: dict[str, ModeSpec] = {
             source="Yue et al., KDD 2023 (WSAM), Alg. 1",
             doc=("g", "I", "‖g‖", "g + γ/(1−γ)·(g̃ − g)", "–"),
             keeps_clean=True,
+        ),
+        ModeSpec(
+            name="flat_lora",
+            probe="noise",
+            geometry="identity",
+            own_normaliser=False,
+            descent="plain",
+            state=(),
+            window_only=True,
+            global_only=True,
+            loss_scale="invariant",
+            llqr_geometry=False,
+            llqr_descent=False,
+            hyperparameters=("flat_lora_ramp_steps",),
+            source="Li et al., ICML 2025 (Flat-LoRA), arXiv 2409.14396; github.com/nblt/Flat-LoRA "
+            "`logTrainer.py:FlatLoraTrainer.training_step`",
+            doc=(
+                "ξ on W + sBA, row i ~ 𝒩(0, σₜ²‖(W + sBA)ᵢ‖²/n), σₜ = ρ·½(1 − cos πt/T)",
+                "–",
+                "–",
+                "I (the adapter's gradient at W + sBA + ξ)",
+                "–",
+            ),
+            passes="one",
+        ),
+        ModeSpec(
+            name="bi_lora",
+            probe="auxiliary",
+            geometry="identity",
+            own_normaliser=False,
+            descent="plain",
+            state=("aux",),
+            window_only=True,
+            global_only=True,
+            loss_scale="invariant",
+            llqr_geometry=False,
+            llqr_descent=False,
+            hyperparameters=("bi_lora_lr",),
+            source="Liu et al., ICLR 2026 (Bi-LoRA), arXiv 2508.19564",
+            doc=(
+                "g₂, the gradient of the auxiliary adapter θ₂ = (A₂, B₂), ε = sB₂A₂",
+                "I",
+                "θ₂ ← Π_ρ(θ₂ + η₂ g₂/‖g₂‖), ‖θ₂‖ ≤ ρ",
+                "I (the adapter's gradient at W + sBA + sB₂A₂)",
+                "θ₂",
+            ),
+            passes="one",
         ),
     )
 }

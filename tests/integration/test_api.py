@@ -22,7 +22,12 @@ TOL = 1e-6
 RHO, LR, STEPS = 0.1, 0.1, 4
 LLQR_ARGS = dict(llqr=True, llqr_batch_size=8, llqr_inner_steps=3, llqr_update_interval=2)
 LLQR_CONFIG = LLQRConfig(batch_size=8, inner_steps=3, update_interval=2)
-MODE_ARGS = {"looksam": {"looksam_interval": 2}}  # a full step and a reuse step within 4 steps
+MODE_ARGS = {  # LookSAM: a full step and a reuse step within 4 steps; Flat-LoRA: the ramp over the 4 steps, and the
+    # Trainer's seed (make_args: 0), which Flat-LoRA's noise and Bi-LoRA's auxiliary adapter are drawn from
+    "looksam": {"looksam_interval": 2},
+    "flat_lora": {"flat_lora_ramp_steps": STEPS, "seed": 0},
+    "bi_lora": {"seed": 0},
+}
 LLQR_MODES = [m for m, spec in MODES.items() if spec.llqr_geometry or spec.llqr_descent]
 
 
@@ -84,13 +89,22 @@ def test_api_step_equals_the_hand_written_efficient_loops(mode, oracle_kwargs):
     assert max_abs_diff(params_of(model), params_of(ref)) < TOL
 
 
+def _model(mode):
+    """A tiny ViT; with LoRA on q/v (and a trained classifier copy) for the modes that perturb LoRA layers."""
+    if mode in MODES and MODES[mode].acts_on_lora:
+        from tests.lm_utils import lora
+
+        return lora(tiny_vit(), ["q_proj", "v_proj"], modules_to_save=["classifier"])
+    return tiny_vit()
+
+
 @pytest.mark.parametrize(
     ("mode", "llqr"), [(m, False) for m in MODES] + [(m, True) for m in LLQR_MODES] + [("none", True)]
 )
 def test_api_equals_the_trainer(tmp_path, mode, llqr):
     """Same model, data, order and seed: the plain API and `LLQRSAMTrainer` give the same weights (and U)."""
     ds = image_dataset(16)
-    model, ref = tiny_vit(), tiny_vit()
+    model, ref = _model(mode), _model(mode)
     extra = MODE_ARGS.get(mode, {})
     in_c = mode in MODES and MODES[mode].llqr_geometry  # U enters C only where the record allows it
     llqr_args = {**LLQR_ARGS, "llqr_in_perturbation": in_c} if llqr and mode != "none" else LLQR_ARGS if llqr else {}

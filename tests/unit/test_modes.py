@@ -16,7 +16,7 @@ def test_every_mode_hyperparameter_is_a_flag_of_that_mode():
         assert set(spec.hyperparameters) <= flags, spec.name
         assert all(h.startswith(spec.name + "_") for h in spec.hyperparameters), spec.name
     owned = [h for spec in MODES.values() for h in spec.hyperparameters]
-    prefixes = {"asam", "fsam", "fisher", "gsam", "vasso", "infosam", "past", "looksam", "wsam"}
+    prefixes = {"asam", "fsam", "fisher", "gsam", "vasso", "infosam", "past", "looksam", "wsam", "flat", "bi"}
     per_mode = {f for f in flags if f.split("_")[0] in prefixes}
     assert sorted(owned) == sorted(per_mode)  # every per-mode flag has exactly one owner
     for spec in MODES.values():  # a borrowed flag is another mode's own flag

@@ -340,7 +340,7 @@ def test_the_table_covers_every_literal_and_float_flag():
     for bad in (math.inf, math.nan):
         hit = {name for kwargs, _ in BAD for name, v in kwargs.items() if isinstance(v, float) and v is bad}
         assert hit == set(FLOATS), set(FLOATS) - hit
-    assert len(LITERALS) == 22 and len(FLOATS) == 24  # 22: llqr_update_probe_scale
+    assert len(LITERALS) == 22 and len(FLOATS) == 25  # 22: llqr_update_probe_scale; 25: bi_lora_lr
 
 
 def test_every_number_has_a_range_rule():
