@@ -27,13 +27,14 @@ PINNED_TRAINER = {
     "_remove_unused_columns": ["self", "dataset", "description"],  # the curvature batch's column filtering
     "_get_collator_with_removed_columns": ["self", "data_collator", "description"],
     "_prepare_inputs": ["self", "inputs"],  # the curvature batch onto the device
+    "_hp_search_setup": ["self", "trial"],  # overridden: a trial's values reach the SAM/LLQR configs
 }
 
 # Call sites inside Trainer that must still reach the overrides (method -> the private calls in its body).
 CALLERS = {
     "_save_checkpoint": ["self._save_optimizer_and_scheduler("],
     "_prepare_for_training": ["self._load_optimizer_and_scheduler(", "self._load_from_checkpoint("],
-    "train": ["self._load_from_checkpoint("],
+    "train": ["self._load_from_checkpoint(", "self._hp_search_setup("],
 }
 
 
