@@ -282,7 +282,8 @@ def bi_lora_ascent(aux: Sequence[Tensor], grads: Sequence[Tensor], lr: float, rh
     Liu et al., ICLR 2026 (arXiv 2508.19564): the auxiliary module follows normalized gradient ascent and stays in a
     ρ-ball, so that s·B₂A₂ plays SAM's ε = ρ·g/‖g‖.
     """
-    g32 = [g.float() for g in grads]
+    g32 = [g.detach().float() for g in grads]
+    aux = [a.detach() for a in aux]
     gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g32]))
     step = lr / (gnorm + 1e-12)
     moved = [a.float() + step * g for a, g in zip(aux, g32, strict=True)]

@@ -172,6 +172,9 @@ def test_a_nonfinite_step_is_skipped_with_weights_and_state_intact(tmp_path, mod
         assert torch.equal(p, q), n
     for kind, buffers in one.sam_state.buffers.items():
         assert all(torch.equal(t, bad.sam_state.buffers[kind][n]) for n, t in buffers.items())
+    opt_bad, opt_one = bad.optimizer.state_dict()["state"], one.optimizer.state_dict()["state"]
+    assert opt_bad.keys() == opt_one.keys() and opt_one
+    assert all(torch.equal(opt_bad[k][s], opt_one[k][s]) for k in opt_one for s in ("exp_avg", "exp_avg_sq", "step"))
     assert sum(e.get("sam/skipped", 0) for e in bad.state.log_history) == 1
 
 
@@ -199,3 +202,32 @@ def test_flat_lora_settings_that_do_not_fit_are_refused_at_argument_time(tmp_pat
 def test_bi_lora_lr_is_validated(tmp_path):
     with pytest.raises(ValueError, match=r"Invalid bi_lora_lr=0\.0\. Must be > 0"):
         _args(tmp_path, "bi_lora", bi_lora_lr=0.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.filterwarnings("ignore:`[a-z_]*gradient_checkpointing[a-z_]*` is deprecated:FutureWarning")
+def test_trl_sft_trainer_keeps_the_base_and_resumes_bit_exact(tmp_path, mode):
+    """Through TRL's SFT trainer on a PEFT model: W bit-identical, and 3 + 3 steps == 6 (the auxiliary adapter too)."""
+    pytest.importorskip("trl")
+    from hf_llqrsam.integrations.trl import LLQRSAMSFTTrainer
+    from tests.integration.test_trl import _sft_config, _texts
+    from tests.utils import tiny_tokenizer
+
+    tokenizer, ds = tiny_tokenizer(), _texts()
+    extra = {"sam_mode": mode, "bi_lora_lr": 0.05 if mode == "bi_lora" else None}
+    model = lora(tiny_gpt2(), ["c_attn", "c_fc"])
+    frozen = _frozen(model)
+    full = LLQRSAMSFTTrainer(
+        model=model, args=_sft_config(tmp_path / "full", **extra), train_dataset=ds, processing_class=tokenizer
+    )
+    full.train()
+    assert all(torch.equal(p, frozen[n]) for n, p in full.model.named_parameters() if not p.requires_grad)
+    resumed = LLQRSAMSFTTrainer(
+        model=lora(tiny_gpt2(), ["c_attn", "c_fc"], seed=4), args=_sft_config(tmp_path / "resumed", **extra),
+        train_dataset=ds, processing_class=tokenizer,
+    )  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    for kind, buffers in full.sam_state.buffers.items():
+        assert all(torch.equal(t, resumed.sam_state.buffers[kind][n]) for n, t in buffers.items())

@@ -118,6 +118,23 @@ def test_noisy_linear_matches_dense_autograd_at_w_plus_noise(transposed):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
 
 
+def test_noisy_linear_under_bf16_autocast_matches_dense_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, requires_grad=True)
+    w, b, std = torch.randn(7, 5), torch.randn(7), torch.rand(7, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _NoisyLinear.apply(x, w, b, std, 2, False)
+        xr = x.detach().clone().requires_grad_(True)
+        yr = F.linear(xr, w + flat_lora_noise(std, 5, 2), b)
+    assert y.dtype == yr.dtype == torch.bfloat16
+    torch.testing.assert_close(y, yr, rtol=0, atol=0)
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    (rx,) = torch.autograd.grad(yr, xr, gy)
+    assert gx.dtype == rx.dtype == torch.float32
+    torch.testing.assert_close(gx, rx, rtol=2e-2, atol=2e-2)  # bf16 products, summed in another order
+
+
 def test_flat_lora_pass_equals_the_reference_in_place_noise():
     """The engine's one pass gives the adapter gradient of the reference (`logTrainer.py`: W += ξ; loss; backward),
     run here on a copy, while the engine's own W stays bit-identical."""
@@ -231,6 +248,7 @@ def test_bi_lora_engine_step_commits_the_projected_ascent():
     engine.end()
     want = bi_lora_ascent([start[n] for n in start], grads, 0.02, 0.05)
     stored = engine.state.buffers["aux"]
+    assert all(not t.requires_grad and t.grad_fn is None for t in stored.values())  # no graph kept in the state
     for n, w in zip(start, want, strict=True):
         torch.testing.assert_close(stored[n], w, rtol=0, atol=0)
 
