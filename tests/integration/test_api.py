@@ -374,3 +374,30 @@ def test_api_under_ddp_equals_one_process_on_the_union_batch(tmp_path):
         run_api(ref, image_dataset(16), mode, **MODE_ARGS.get(mode, {}))
         got = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
         assert max_abs_diff(got, params_of(ref)) < TOL, mode
+
+
+def test_api_under_bf16_autocast_equals_the_trainer_in_bf16(tmp_path):
+    """`torch.autocast` (bf16 on CPU) around both passes: the same weights as the Trainer with `bf16=True`, which
+    runs its forward under the same autocast (fp32 master weights, fp32 SAM math)."""
+    ds = image_dataset(16)
+    model, ref = tiny_vit(), tiny_vit()
+    trainer = SequentialTrainer(
+        model=ref, args=make_args(tmp_path, sam_mode="fsam", sam_rho=RHO, max_steps=STEPS, bf16=True), train_dataset=ds
+    )
+    trainer.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    sam = SAM(model, optimizer, "fsam", RHO)
+    for batch in batches(ds, 4)[:STEPS]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model, batch)
+        loss.backward()
+        with sam.perturbed():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                perturbed = _loss(model, batch)
+            perturbed.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert max_abs_diff(params_of(model), params_of(ref)) < TOL
+    for kind, buffers in trainer.sam_state.buffers.items():
+        assert all(torch.equal(t, sam.engine.state.buffers[kind][n]) for n, t in buffers.items())
