@@ -85,7 +85,8 @@ def flag_names() -> Iterator[None]:
     try:
         yield
     except ValueError as err:
-        text = re.sub(r"\bLLQRConfig\.(\w+)", r"llqr_\1", str(err))
+        text = re.sub(r"\bLLQRConfig\.label_smoothing\b", "label_smoothing_factor", str(err))  # the stock flag
+        text = re.sub(r"\bLLQRConfig\.(\w+)", r"llqr_\1", text)
         if text == str(err):
             raise
         raise type(err)(text) from err
