@@ -1,6 +1,6 @@
 """LLQR: the learned, block-structured inverse preconditioner U of arXiv 2605.04230, in pure torch.
 
-Modules, from the bottom up (each imports only modules above it in this list; `tests/unit/test_llqr_layering.py`):
+Modules, from the bottom up (each imports only modules above it in this list; `tests/unit/llqr/test_layering.py`):
 `config` (LLQRConfig), `sharding` (DTensor helpers), `layout` (tensor views, clip groups), `schedules` (inner LR,
 EMA decay, refresh interval and cadence as functions of the step), `curvature` (g and G·v), `structures` (the
 parameterisations of U), `structures_ext` (the reference's constrained Kronecker ones), `registry` (structure by

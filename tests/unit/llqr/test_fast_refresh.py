@@ -17,7 +17,7 @@ from hf_llqrsam.llqr.curvature import _Piece, curvature_context, logits_and_targ
 from hf_llqrsam.llqr.fit import clip_by_groups_, diagonal_surrogate_gradient, group_index, surrogate_gradient
 from hf_llqrsam.llqr.layout import clip_groups, tensor_layouts, trainable_parameters
 from tests.oracles.dense_llqr import TanhNet
-from tests.unit.test_llqr_hf_smoke import marian_batch, tiny_marian, tiny_vit, vit_batch
+from tests.unit.llqr.test_hf_smoke import marian_batch, tiny_marian, tiny_vit, vit_batch
 
 
 def _problem(dtype: torch.dtype, seed: int = 0):
