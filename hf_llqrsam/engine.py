@@ -42,6 +42,7 @@ from .lora_sam import (
     flat_lora_sigma,
     lora_forwards,
     lora_layers,
+    mean_over_ranks,
     noisy_forwards,
 )
 from .modes import MODES, ModeSpec
@@ -223,13 +224,6 @@ class SAMEngine:
             raise ValueError(
                 "Invalid flat_lora_ramp_steps=None with sam_mode='flat_lora': the noise std ramps to rho over "
                 "flat_lora_ramp_steps optimizer steps (set it to the run's length)."
-            )
-        dist = torch.distributed
-        if spec.probe == "auxiliary" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError(
-                f"Invalid sam_mode={config.mode!r} with {dist.get_world_size()} processes: the auxiliary adapter is "
-                "not a model parameter, so DDP does not all-reduce its gradient and each rank would ascend on its "
-                "own. Run it on one process."
             )
         self.lora = lora_layers(self.module, config.mode)
 
@@ -450,7 +444,9 @@ class SAMEngine:
             elif st.kind == "one" and isinstance(self._lora_step, dict):  # Bi-LoRA: the auxiliary adapter ascends
                 aux = self._lora_step
                 aux_names = list(aux)
-                aux_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in aux.values()]
+                aux_grads = mean_over_ranks(
+                    [t.grad if t.grad is not None else torch.zeros_like(t) for t in aux.values()]
+                )
                 rho = self._lora_rho
                 moved = bi_lora_ascent(list(aux.values()), aux_grads, config.bi_lora_lr or rho, rho)
                 pending.append(("aux", aux_names, moved))

@@ -30,6 +30,7 @@ __all__ = [
     "flat_lora_sigma",
     "lora_forwards",
     "lora_layers",
+    "mean_over_ranks",
     "merged_weight",
     "noise_seed",
 ]
@@ -290,6 +291,23 @@ def bi_lora_ascent(aux: Sequence[Tensor], grads: Sequence[Tensor], lr: float, rh
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in moved]))
     shrink = torch.clamp(rho / (norm + 1e-12), max=1.0)
     return [t * shrink for t in moved]
+
+
+def mean_over_ranks(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The mean of `tensors` over the ranks of the default process group, in one all-reduce (themselves on one
+    process). The auxiliary adapter is not a model parameter, so DDP does not reduce its gradient: this does, so that
+    every rank takes the same ascent, that of one process on the union batch."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
 
 
 def _aux_forward(layer: LoRALayer, pairs: list[tuple[Tensor, Tensor, float]]) -> Callable[..., Tensor]:
