@@ -43,6 +43,7 @@ from .trainer_support import (
     load_renamed_weights,
     pad_token_id,
     read_llqrsam_checkpoint,
+    refresh_progress,
     save_llqrsam_files,
     scheduled_lr,
 )
@@ -348,6 +349,7 @@ class LLQRSAMTrainerMixin(_MixinBase):
             step, curvature_batch(self, step), model=unsharded_view(module) if fsdp2 else module,
             broadcast=accelerate_broadcast, extractor=self.llqr_logits_and_targets, update_probe=probe,
             pad_token_id=pad_token_id(module) if llqr.include_pad_rows else None, all_reduce=accelerate_all_reduce,
+            progress=refresh_progress(logger, step),
         )  # fmt: skip
         logger.info(
             f"LLQR refresh {pre.num_updates} at step {step}: {metrics['llqr/update_seconds']:.2f} s "

@@ -164,6 +164,7 @@ class LLQRPreconditioner:
         update_probe: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
         pad_token_id: int | None = None,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, float]:
         """One LLQR refresh of U on the curvature batch (`docs/algorithm.md` §5.2–5.3); leaves every `p.grad`
         untouched.
@@ -185,6 +186,9 @@ class LLQRPreconditioner:
                 nothing to the loss numerator. Ignored when `include_pad_rows` is off.
             all_reduce (`Callable`, *optional*): the sum over ranks used by `curvature_sharding="sharded"`,
                 `t ↦ Σ_ranks t` (the trainer passes Accelerate's `reduce`); defaults to `torch.distributed`.
+            progress (`Callable[[int, int], None]`, *optional*): called after each curvature product (G + λI)·v,
+                the bulk of a refresh's time, as `progress(done, inner_steps)` (one product per inner step for the
+                momentum, SGD and Adam solvers). The Trainer logs it, so a long refresh is not a silent pause.
 
         Under FSDP2 pass an unsharded view of the model (`hf_llqrsam.distributed.unsharded_view`): the inner loop
         then runs on whole tensors of U, identical on every rank, and each rank keeps its shards of the result.
@@ -204,6 +208,8 @@ class LLQRPreconditioner:
             pad_token_id=pad_token_id,
             all_reduce=all_reduce,
         )
+        if progress is not None:
+            gv_dict = _counted(gv_dict, lambda done: progress(done, self.config.inner_steps))
         metrics = self.fit_problem(
             g_dict,
             gv_dict,
@@ -231,3 +237,17 @@ class LLQRPreconditioner:
         problem comes from elsewhere (an analytic quadratic, as in the pothole toy).
         """
         return self._fit.fit_problem(g_dict, gv_dict, step, update, rows=rows, nonfinite_rows=nonfinite_rows)
+
+
+def _counted(fn: ProblemFn, report: Callable[[int], None]) -> ProblemFn:
+    """`fn`, reporting how many times it has returned after each call."""
+    calls = 0
+
+    def wrapped(v: dict[str, Tensor]) -> Mapping[str, Tensor]:
+        nonlocal calls
+        out = fn(v)
+        calls += 1
+        report(calls)
+        return out
+
+    return wrapped

@@ -217,3 +217,21 @@ def test_seq2seq_llqr_sam_updates_u_with_tied_and_frozen_params(tmp_path):
     names = trainer.preconditioner.names
     assert not set(frozen) & set(names)
     assert "model.shared.weight" in names and "lm_head.weight" not in names  # tied once
+
+
+def test_a_refresh_logs_its_progress(tmp_path, caplog):
+    """A refresh (a pause of seconds to minutes on a real model) is not silent: the Trainer logs its first curvature
+    product at INFO, naming the step and the number of inner steps, before the refresh line."""
+    import logging
+
+    trainer = SequentialTrainer(
+        model=tiny_vit(),
+        args=make_args(tmp_path, sam_mode="sam", llqr=True, llqr_inner_steps=4, llqr_batch_size=8, max_steps=1),
+        train_dataset=image_dataset(16),
+    )
+    with caplog.at_level(logging.INFO, logger="hf_llqrsam"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_llqrsam.trainer"]
+    first = next(i for i, line in enumerate(lines) if "curvature product 1 of 4" in line)
+    done = next(i for i, line in enumerate(lines) if line.startswith("LLQR refresh 1 at step 0"))
+    assert "before step 0" in lines[first] and first < done

@@ -629,3 +629,16 @@ def test_update_passes_pad_token_id_to_the_curvature_problem(monkeypatch):
     off.update(model, batch, step=0, pad_token_id=0)  # ignored without include_pad_rows: N = the valid rows
     g_valid = _hand_g(model, batch, pad_target=None) * batch["labels"].numel() / int((batch["labels"] != -100).sum())
     torch.testing.assert_close(seen[-1], g_valid, rtol=1e-12, atol=1e-14)
+
+
+def test_progress_reports_every_curvature_product_and_changes_nothing():
+    """`update(progress=...)` is called after each (G + λI)·v, one per inner step of the momentum solver; U is the
+    same bit for bit as without it."""
+    model, batch = TanhNet((3, 4, 3)), _data()
+    cfg = LLQRConfig(inner_steps=6, ema_decay=0.0, inner_lr=0.05)
+    quiet, reported = LLQRPreconditioner(model, cfg), LLQRPreconditioner(model, cfg)
+    quiet.update(model, batch, step=0)
+    calls: list[tuple[int, int]] = []
+    reported.update(model, batch, step=0, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 6) for i in range(1, 7)]
+    assert _equal(_u(quiet), _u(reported))
