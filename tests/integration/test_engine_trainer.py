@@ -74,6 +74,10 @@ def test_layerdrop_bart_trains_under_every_mode(tmp_path, mode, llqr):
     have the same number of tensors" crashed GSAM, LookSAM and WSAM at step 0). Every mode takes its 6 steps with
     finite weights, none skipped, and the pass-2 gradient sets did differ."""
     model = _bart_classifier()
+    if MODES[mode].acts_on_lora:  # Flat-LoRA and Bi-LoRA perturb LoRA layers
+        from tests.lm_utils import lora
+
+        model = lora(model, ["q_proj", "v_proj"])
     before = params_of(model)
     extra = {"looksam_interval": 2} if mode == "looksam" else {}
     if llqr:
