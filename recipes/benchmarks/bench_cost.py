@@ -34,6 +34,7 @@ from transformers import MarianConfig, MarianMTModel, ViTConfig, ViTForImageClas
 
 import hf_llqrsam
 from hf_llqrsam import LLQRSAMTrainer, LLQRSAMTrainingArguments
+from hf_llqrsam.modes import MODES
 from hf_llqrsam.trainer_support import curvature_batch
 
 # name -> (family, config kwargs). CPU sizes by default; the *-gpu sizes are ViT-B/16 and Marian-base.
@@ -259,7 +260,8 @@ def trainer_stepper(model: torch.nn.Module, batch: dict, overrides: dict, args: 
 
     # LookSAM's cost depends on the step (two passes every k-th, one between): time whole cycles of k steps, the
     # global step advancing, so every timed call holds exactly one full step
-    cycle = overrides.get("looksam_interval", 1) if overrides.get("sam_mode") == "looksam" else 1
+    spec = MODES.get(overrides.get("sam_mode", "none"))  # a cadence mode is timed over whole cycles
+    cycle = overrides.get("looksam_interval", 1) if spec is not None and spec.passes == "cadence" else 1
 
     def step() -> None:
         for _ in range(cycle):
