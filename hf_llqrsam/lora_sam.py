@@ -188,7 +188,7 @@ def flat_lora_noise(std: Tensor, in_features: int, seed: int) -> Tensor:
     """The (out, in) fp32 noise N(0, std²) of one layer, from its seed (on `std`'s device)."""
     g = torch.Generator(device=std.device)
     g.manual_seed(seed)
-    return torch.randn((std.shape[0], in_features), generator=g, device=std.device, dtype=torch.float32) * std
+    return torch.randn((std.shape[0], in_features), generator=g, device=std.device, dtype=torch.float32).mul_(std)
 
 
 class _NoisyLinear(torch.autograd.Function):
@@ -200,7 +200,7 @@ class _NoisyLinear(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, std: Tensor, seed: int, transposed: bool
     ) -> Tensor:
         w = weight.t() if transposed else weight
-        noisy = (w.float() + flat_lora_noise(std, w.shape[1], seed)).to(w.dtype)
+        noisy = flat_lora_noise(std, w.shape[1], seed).add_(w).to(w.dtype)  # ξ + W: one buffer
         ctx.save_for_backward(x if weight.requires_grad else None, weight, std)
         ctx.seed, ctx.transposed, ctx.x_dtype, ctx.has_bias = seed, transposed, x.dtype, bias is not None
         return F.linear(x, noisy, bias)
@@ -211,7 +211,7 @@ class _NoisyLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             w = weight.t() if ctx.transposed else weight
-            noisy = (w.float() + flat_lora_noise(std, w.shape[1], ctx.seed)).to(gy.dtype)
+            noisy = flat_lora_noise(std, w.shape[1], ctx.seed).add_(w).to(gy.dtype)
             grad_x = (gy @ noisy).to(ctx.x_dtype)
         flat = gy.reshape(-1, gy.shape[-1])
         if ctx.needs_input_grad[1]:
