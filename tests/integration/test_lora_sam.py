@@ -190,6 +190,7 @@ def test_a_model_without_lora_is_refused_naming_the_mode(tmp_path):
         ({"llqr": True}, r"Invalid llqr=True with sam_mode='flat_lora': LLQR enters neither"),
         ({"sam_accumulation": "micro"}, r"Invalid sam_accumulation='micro' with sam_mode='flat_lora'"),
         ({"sam_interval": 2}, r"Invalid sam_interval=2 with sam_mode='flat_lora'"),
+        ({"sam_norm": "matrix"}, r"Invalid sam_norm='matrix' with sam_mode='flat_lora'"),
         ({"max_steps": -1, "num_train_epochs": 1}, r"Invalid flat_lora_ramp_steps=None with sam_mode='flat_lora'"),
         ({"flat_lora_ramp_steps": 0}, r"Invalid flat_lora_ramp_steps=0\. Must be >= 1"),
     ],

@@ -33,8 +33,8 @@ def test_record_is_consistent(name):
         assert spec.global_only  # the clean g (or the stored g̃) must be in the all-reduced units of the descent
     if spec.llqr_geometry:
         assert spec.geometry == "preconditioner"  # C = U replaces C = I, nothing else
-    if spec.own_normaliser:
-        assert spec.geometry in ("asam", "fisher")
+    if spec.own_normaliser:  # ASAM, Fisher SAM; Flat-LoRA and Bi-LoRA build no ε = ρ·Cv/ν at all
+        assert spec.geometry in ("asam", "fisher") or spec.acts_on_lora
 
 
 def test_math_modules_import_without_transformers():
