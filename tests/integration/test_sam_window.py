@@ -16,7 +16,14 @@ from tests.utils import image_dataset, make_args, params_of, tiny_vit
 
 @pytest.mark.parametrize(
     ("mode", "inside"),
-    [("sam", "two"), ("fsam", "two"), ("past_fsam", "one"), ("looksam", "two")],
+    [
+        ("sam", "two"),
+        ("fsam", "two"),
+        ("past_fsam", "one"),
+        ("looksam", "two"),
+        ("flat_lora", "one"),
+        ("bi_lora", "one"),
+    ],
 )
 def test_step_kind_at_the_window_edges(mode, inside):
     cfg = SAMConfig(mode=mode, start_step=3, end_step=9, looksam_interval=2)
