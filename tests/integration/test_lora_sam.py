@@ -232,3 +232,17 @@ def test_trl_sft_trainer_keeps_the_base_and_resumes_bit_exact(tmp_path, mode):
     assert all(torch.equal(a[n], b[n]) for n in a)
     for kind, buffers in full.sam_state.buffers.items():
         assert all(torch.equal(t, resumed.sam_state.buffers[kind][n]) for n, t in buffers.items())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_equals_eager(tmp_path, mode):
+    """`torch_compile=True` (aot_eager): the forward-time noise and the auxiliary branch run through the compiled
+    model (the base layers' forwards are swapped under it) and give the eager weights."""
+    weights = []
+    for compiled in (False, True):
+        model = lora(tiny_gpt2(), ["c_attn", "c_fc"])
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        args = _args(tmp_path / str(compiled), mode, max_steps=3, gradient_accumulation_steps=1, **extra)
+        LLQRSAMTrainer(model=model, args=args, train_dataset=lm_dataset(12)).train()
+        weights.append(_trainable(model))
+    assert all(torch.allclose(weights[0][n], weights[1][n], rtol=0, atol=1e-6) for n in weights[0])
