@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .modes import MODES
+
 _SEE = "See the support matrix in the hf_llqrsam README."
 
 
@@ -228,6 +230,12 @@ def validate_fsdp2(args: Any, where: str) -> None:
             "whole unsynced gradient and its own copy of θ + ε). Use sam_scope='global' (ε from the all-reduced "
             f"gradient), or DDP for m-sharpness. {_SEE}"
         )
+    spec = MODES.get(args.sam_mode)
+    if spec is not None and spec.acts_on_lora:
+        raise ValueError(
+            f"Invalid sam_mode={args.sam_mode!r} {where}: it perturbs each LoRA layer's whole merged weight W + sBA, "
+            f"which FSDP2 shards by rows, so no rank holds a whole row to filter the noise by. Use DDP. {_SEE}"
+        )
     if args.llqr and args.llqr_structure not in ("diagonal", "scalar"):
         raise ValueError(
             f"Invalid llqr_structure={args.llqr_structure!r} {where}: Kronecker factors act on both sides of each "
@@ -241,10 +249,15 @@ def validate_setup_model(args: Any, model: nn.Module, train_dataset: Any) -> Non
     """Reject the model- and data-level setups SAM/LLQR cannot run on (`docs/integration.md` §10), including a model
     the user already sharded with FSDP2's `fully_shard` ([`validate_fsdp2`])."""
     if llqrsam_active(args):
-        from .distributed import is_fsdp2
+        from .distributed import is_fsdp2, unwrap
 
         if is_fsdp2(model):
             validate_fsdp2(args, "on an FSDP2 (fully_shard) model")
+        spec = MODES.get(args.sam_mode)
+        if spec is not None and spec.acts_on_lora:  # no LoRA layer, a quantized base, LoRA on a non-linear layer
+            from .lora_sam import lora_layers
+
+            lora_layers(unwrap(model), args.sam_mode)
     if not args.llqr:
         return
     trainable = [p for p in model.parameters() if p.requires_grad]

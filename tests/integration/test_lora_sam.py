@@ -178,10 +178,10 @@ def test_a_nonfinite_step_is_skipped_with_weights_and_state_intact(tmp_path, mod
     assert sum(e.get("sam/skipped", 0) for e in bad.state.log_history) == 1
 
 
-def test_a_model_without_lora_is_refused_naming_the_mode(tmp_path):
-    trainer = LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path, "flat_lora"), train_dataset=image_dataset(8))
-    with pytest.raises(ValueError, match=r"Invalid sam_mode='flat_lora': the model has no LoRA layer"):
-        trainer.train()
+@pytest.mark.parametrize("mode", ["flat_lora", "bi_lora"])
+def test_a_model_without_lora_is_refused_when_the_trainer_is_built(tmp_path, mode):
+    with pytest.raises(ValueError, match=rf"Invalid sam_mode='{mode}': the model has no LoRA layer"):
+        LLQRSAMTrainer(model=tiny_vit(), args=_args(tmp_path, mode), train_dataset=image_dataset(8))
 
 
 @pytest.mark.parametrize(
@@ -246,3 +246,15 @@ def test_torch_compile_equals_eager(tmp_path, mode):
         LLQRSAMTrainer(model=model, args=args, train_dataset=lm_dataset(12)).train()
         weights.append(_trainable(model))
     assert all(torch.allclose(weights[0][n], weights[1][n], rtol=0, atol=1e-6) for n in weights[0])
+
+
+@pytest.mark.parametrize("mode", ["flat_lora", "bi_lora"])
+def test_fsdp2_is_refused_for_the_lora_modes_naming_the_mode(mode):
+    """The same check runs for `fsdp` arguments and for a model sharded with `fully_shard` before the Trainer."""
+    from types import SimpleNamespace
+
+    from hf_llqrsam.compat import validate_fsdp2
+
+    args = SimpleNamespace(sam_mode=mode, sam_scope="global", llqr=False)
+    with pytest.raises(ValueError, match=rf"Invalid sam_mode='{mode}' under FSDP2: .*merged weight.*Use DDP"):
+        validate_fsdp2(args, "under FSDP2")
