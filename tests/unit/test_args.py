@@ -445,3 +445,16 @@ def test_configs_stay_pure():
             if line.startswith(("import ", "from ")) and not line.startswith("from .")
         }
         assert imports <= {"dataclasses", "typing"}, (path, imports)
+
+
+def test_the_typed_configs_do_not_repeat_the_flag_descriptions():
+    """One source per flag description (issue 18): SAMConfig and LLQRConfig name the flags their fields mirror and
+    carry no second copy of the help texts."""
+    from hf_llqrsam.config import SAMConfig
+    from hf_llqrsam.llqr import LLQRConfig
+
+    helps = [f.metadata.get("help", "") for f in dataclasses.fields(LLQRSAMFields)]
+    for cls in (SAMConfig, LLQRConfig):
+        doc = cls.__doc__ or ""
+        assert "Args:" not in doc and "docs/reference/flags.md" in doc
+        assert not [h for h in helps if len(h) > 40 and h[:40] in doc]
