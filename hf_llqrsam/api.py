@@ -19,6 +19,7 @@ use [`SAM.step`] with a closure instead, which runs exactly the passes the step 
 """
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from .checkpoint import FORMAT_VERSION, LLQRSAMStateError
 from .config import SAMConfig
 from .distributed import accelerate_broadcast, any_rank, grad_sync, unwrap
-from .engine import SAMEngine
+from .engine import SAMEngine, refresh_progress
 from .llqr import LLQRConfig
 from .modes import SAM_MODE_NAMES
 from .sam import Preconditioner
@@ -38,6 +39,8 @@ from .schedules import rho_at
 from .step import rng_state, set_rng_state
 
 __all__ = ["SAM"]
+
+logger = logging.getLogger(__name__)
 
 
 class SAM:
@@ -130,6 +133,11 @@ class SAM:
 
         return step_kind(self.config if self.config.mode != "none" else None, self.step_count)
 
+    @property
+    def two_pass(self) -> bool:
+        """Whether every step of this run takes two passes, so [`perturbed`] can drive it (else use [`step`])."""
+        return self._not_two_pass() is None
+
     @contextmanager
     def perturbed(self) -> Iterator[None]:
         """One two-pass step, after pass 1's backward: θ ← θ + ε (from `p.grad`) inside the block, θ restored by copy
@@ -138,12 +146,11 @@ class SAM:
         A non-finite step is skipped: `p.grad` is cleared (or marked for the scaler), the weights, BatchNorm
         statistics, mode state and U stay as they were, and `sam.skipped` counts it.
         """
-        kind = self.kind
-        if kind != "two" or self.config.same_dropout:
+        problem = self._not_two_pass()
+        if problem is not None:  # refused at the first call, not at the first step of another shape
             raise RuntimeError(
-                f"SAM.perturbed() runs two-pass steps; step {self.step_count} of sam_mode={self.config.mode!r} is "
-                f"{kind!r}" + (" (same_dropout needs the pass-1 RNG state)" if kind == "two" else "") + ". Use "
-                "sam.step(closure), which runs exactly the passes each step needs."
+                f"SAM.perturbed() runs two-pass steps only, and {problem}. Use sam.step(closure), which runs exactly "
+                "the passes each step needs."
             )
         engine = self._begin()
         engine.ascend(self._rho())
@@ -187,7 +194,7 @@ class SAM:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach() if isinstance(loss, Tensor) else loss
 
     @contextmanager
     def sync(self, enabled: bool) -> Iterator[None]:
@@ -237,6 +244,19 @@ class SAM:
 
     # ------------------------------------------------------------------ internals
 
+    def _not_two_pass(self) -> str | None:
+        """Why not every step of this schedule is a two-pass step (`perturbed()` needs that), or `None`."""
+        cfg, spec = self.config, self.engine.spec
+        if spec is None:
+            return "mode='none' takes plain steps"
+        if spec.passes != "two":
+            return f"mode={cfg.mode!r} has steps of other shapes (its passes: {spec.passes!r})"
+        if cfg.start_step > 0 or cfg.interval > 1 or cfg.end_step is not None:
+            return "start_step / interval / end_step make some steps plain ones"
+        if cfg.same_dropout:
+            return "same_dropout needs the RNG state before pass 1"
+        return None
+
     def _begin(self) -> SAMEngine:
         engine = self.engine
         if engine.current is not None:  # a block that raised: drop that step
@@ -251,8 +271,19 @@ class SAM:
                 kwargs["update_probe"] = make_update_probe(
                     getattr(self.optimizer, "optimizer", self.optimizer), engine.module
                 )
-            engine.refresh(
-                self.step_count, self.curvature_batch(self.step_count), broadcast=accelerate_broadcast, **kwargs
+            if engine.learned is not None and engine.learned.num_updates == 0:
+                logger.info(f"LLQR: fitting U before step {self.step_count} (a pause of seconds to minutes).")
+            metrics = engine.refresh(
+                self.step_count,
+                self.curvature_batch(self.step_count),
+                broadcast=accelerate_broadcast,
+                progress=refresh_progress(logger, self.step_count),
+                **kwargs,
+            )
+            logger.info(
+                f"LLQR refresh {metrics.get('llqr/updates', 0):.0f} at step {self.step_count}: "
+                f"{metrics['llqr/update_seconds']:.2f} s (J {metrics.get('llqr/objective_start', float('nan')):.4g} "
+                f"-> {metrics.get('llqr/objective_end', float('nan')):.4g})"
             )
         engine.begin(self.step_count, bn_at_begin=self._bn_before)
         return engine
@@ -300,5 +331,5 @@ def _validate(config: SAMConfig, llqr: LLQRConfig | None, curvature_batch: Any) 
     except ValueError as err:  # name the config field, not the CLI flag
         text = str(err)
         for f in dataclasses.fields(SAMConfig):
-            text = text.replace(f"sam_{f.name}=", f"{f.name}=")
+            text = text.replace(f"sam_{f.name}", f.name)
         raise ValueError(text) from err

@@ -20,6 +20,7 @@ between modes is read from the record. Pure torch: imports no Hugging Face packa
 """
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,7 +64,7 @@ from .sam import (
 )
 from .step import RunningMetrics, StepKind, StepState, batchnorm_policy, replayed_rng
 
-__all__ = ["COUNTERS", "SAMEngine", "step_kind"]
+__all__ = ["COUNTERS", "SAMEngine", "refresh_progress", "step_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,20 @@ def step_kind(config: SAMConfig | None, step: int) -> StepKind:
     if offset % period == 0:
         return "two"
     return "reuse" if spec.passes == "cadence" else "plain"
+
+
+def refresh_progress(log: logging.Logger | Any, step: int, every_s: float = 5.0) -> Callable[[int, int], None]:
+    """A `progress(done, total)` for the LLQR refresh before `step`: one INFO line at the first curvature product
+    and then at most every `every_s` seconds, so a refresh of seconds to minutes shows where it is."""
+    last = [-math.inf]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= every_s or done == 1:
+            last[0] = now
+            log.info(f"LLQR refresh before step {step}: curvature product {done} of {total}")
+
+    return report
 
 
 class SAMEngine:

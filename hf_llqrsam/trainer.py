@@ -32,7 +32,7 @@ from .distributed import (
     unsharded_view,
     unwrap,
 )
-from .engine import SAMEngine
+from .engine import SAMEngine, refresh_progress
 from .modes import MODES
 from .sam import Preconditioner, SAMState
 from .schedules import rho_at
@@ -43,7 +43,6 @@ from .trainer_support import (
     load_renamed_weights,
     pad_token_id,
     read_llqrsam_checkpoint,
-    refresh_progress,
     save_llqrsam_files,
     scheduled_lr,
 )

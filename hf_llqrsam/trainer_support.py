@@ -7,11 +7,9 @@ They take the trainer as their first argument and change nothing on it.
 import contextlib
 import json
 import logging
-import math
 import os
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -71,20 +69,6 @@ def scheduled_lr(trainer: Any, step: int) -> float:
         return 1.0
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     return max(float(group["lr"]) for group in optimizer.param_groups)
-
-
-def refresh_progress(log: Any, step: int, every_s: float = 5.0) -> Callable[[int, int], None]:
-    """A `progress(done, total)` for the LLQR refresh before `step`: one INFO line at the first curvature product
-    and then at most every `every_s` seconds, so a refresh of seconds to minutes shows where it is."""
-    last = [-math.inf]
-
-    def report(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] >= every_s or done == 1:
-            last[0] = now
-            log.info(f"LLQR refresh before step {step}: curvature product {done} of {total}")
-
-    return report
 
 
 def pad_token_id(model: nn.Module) -> int | None:

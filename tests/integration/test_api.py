@@ -50,7 +50,7 @@ def run_api(model, ds, mode, *, llqr=None, steps=STEPS, bs=4, closure=None, **op
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     sam = SAM(model, optimizer, mode, RHO, llqr=llqr, curvature_batch=_curvature(ds) if llqr else None, **options)
     for batch in batches(ds, bs)[:steps]:
-        if closure or sam.kind != "two":
+        if closure or not sam.two_pass:
             sam.step(lambda b=batch: _backward(model, b))
             continue
         _loss(model, batch).backward()
@@ -401,3 +401,38 @@ def test_api_under_bf16_autocast_equals_the_trainer_in_bf16(tmp_path):
     assert max_abs_diff(params_of(model), params_of(ref)) < TOL
     for kind, buffers in trainer.sam_state.buffers.items():
         assert all(torch.equal(t, sam.engine.state.buffers[kind][n]) for n, t in buffers.items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"mode": "looksam"}, "steps of other shapes"),
+        ({"mode": "past_fsam"}, "steps of other shapes"),
+        ({"mode": "sam", "start_step": 2}, "plain ones"),
+        ({"mode": "sam", "interval": 2}, "plain ones"),
+    ],
+)
+def test_perturbed_refuses_a_schedule_with_other_steps_at_its_first_call(kwargs, why):
+    """LookSAM's step 0 is a two-pass step, but its step 1 is not: the refusal comes at the first call, not later."""
+    model = tiny_vit()
+    sam = SAM(model, torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, **kwargs)
+    assert not sam.two_pass
+    with pytest.raises(RuntimeError, match=why), sam.perturbed():
+        pass
+    assert sam.step_count == 0
+
+
+def test_api_logs_each_refresh(caplog):
+    """The plain loop shows the LLQR refresh like the Trainer: a first line, the products, the refresh line."""
+    import logging
+
+    ds = image_dataset(16)
+    with caplog.at_level(logging.INFO, logger="hf_llqrsam"):
+        run_api(tiny_vit(), ds, "sam", llqr=LLQR_CONFIG)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_llqrsam.api"]
+    assert any("fitting U before step 0" in line for line in lines)
+    assert any("curvature product 1 of 3" in line for line in lines)
+    assert [line.split(":")[0] for line in lines if line.startswith("LLQR refresh ") and " at step " in line] == [
+        "LLQR refresh 1 at step 0",
+        "LLQR refresh 2 at step 2",
+    ]

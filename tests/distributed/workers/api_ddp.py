@@ -32,7 +32,7 @@ def main(out_dir: str, modes: list[str]) -> None:
                 loss.backward()
                 return loss
 
-            if sam.kind == "two":
+            if sam.two_pass:
                 closure()
                 with sam.perturbed():
                     closure()
