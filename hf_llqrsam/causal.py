@@ -75,8 +75,8 @@ def _decide(model: nn.Module, labels: Tensor | None) -> tuple[bool, str] | None:
         for mapping_name in _NOT_SHIFTED:
             heads = _head_classes(mapping_name, config)
             if heads and isinstance(model, heads):
-                kind = mapping_name.removeprefix("MODEL_FOR_").removesuffix("_MAPPING").lower()
-                return False, f"{name} is a {kind} head"
+                kind = mapping_name.removeprefix("MODEL_FOR_").removesuffix("_MAPPING").lower().replace("_", "-")
+                return False, f"{name}: {kind} head"
         can_generate = getattr(model, "can_generate", None)
         if callable(can_generate) and can_generate():
             return True, f"{name} is a decoder-only generative model (can_generate, not encoder-decoder)"
