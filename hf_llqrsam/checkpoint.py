@@ -278,7 +278,8 @@ def validate_sam_state(state: Mapping[str, Any], path: str, *, mode: str, params
 
 def _check_batches(batches: Any, path: str, saved_mode: str) -> None:
     """past-FSAM's overlap window: `[{"inputs": [dict, ...], "num_items": int | Tensor | None}, ...]`."""
-    if saved_mode != "past_fsam":
+    spec = MODES.get(saved_mode)
+    if spec is None or spec.probe != "past_difference":  # the window belongs to the stored-gradient probe
         raise _sam_refused(path, f"sam.batches (past-FSAM's overlap window) in a file of sam_mode={saved_mode!r}")
     if not isinstance(batches, list):
         raise _sam_refused(path, f"sam.batches is a {type(batches).__name__}, not a list")
