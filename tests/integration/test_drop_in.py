@@ -71,7 +71,8 @@ def killed_run(tmp_path_factory):
     """An output dir with checkpoint-2 complete and checkpoint-4 from a save killed half-way (SIGKILL)."""
     base = tmp_path_factory.mktemp("killed")
     out, marker = base / "out", base / "saving"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    # the child trains the first steps that the parent's runs are compared with bit for bit: the same thread count
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": REPO}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(out), str(marker), json.dumps(KILL_ARGS)],
         cwd=REPO,
