@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .checkpoint import FORMAT_VERSION, LLQRSAMStateError
 from .config import SAMConfig
 from .distributed import accelerate_broadcast, any_rank, grad_sync, unwrap
-from .engine import SAMEngine, refresh_progress
+from .engine import SAMEngine, refresh_progress, step_kind
 from .llqr import LLQRConfig
 from .modes import SAM_MODE_NAMES
 from .sam import Preconditioner
@@ -129,9 +129,7 @@ class SAM:
     @property
     def kind(self) -> str:
         """What the next optimizer step runs: `plain`, `two`, `one` or `reuse` ([`~hf_llqrsam.engine.step_kind`])."""
-        from .engine import step_kind
-
-        return step_kind(self.config if self.config.mode != "none" else None, self.step_count)
+        return step_kind(self.engine.config, self.step_count)
 
     @property
     def two_pass(self) -> bool:

@@ -283,8 +283,9 @@ def compute_perturbation(
             `loss_scale="invariant"` build ε from the scaled g (ε does not change); `true_units` modes work on g / S
             (`docs/integration.md` §6). GSAM's clean copy stays in the units of `grads`, the units of pass 2.
         commit (`bool`, *optional*, defaults to `True`): write the mode state and count the ascent when ε is finite.
-            `False` leaves both in `Perturbation.pending` for [`commit_ascent`]: the step engine commits only when
-            the whole step (ε, g̃, the descent terms and the state) is finite (`docs/algorithm.md` §8.7).
+            `False` leaves both to the caller (`Perturbation.pending`; [`commit_ascent`] commits one ascent alone): the
+            step engine commits them with the rest of the step, only when the whole step (ε, g̃, the descent terms
+            and the state) is finite (`docs/algorithm.md` §8.7).
     """
     spec = MODES.get(cfg.mode)
     if spec is None:

@@ -1,8 +1,8 @@
-"""The per-optimizer-step state of the trainer, the BatchNorm and RNG policies, and the running metrics.
+"""The per-optimizer-step state of the step engine, the BatchNorm and RNG policies, and the running metrics.
 
-A [`StepState`] is made on the first micro-batch call of an optimizer step and dropped at its last one, or when a
-call raises (an out-of-memory retry under `auto_find_batch_size` must not replay a stale window). Nothing of one
-step is left behind for the next. Pure torch.
+A [`StepState`] is made by [`~hf_llqrsam.engine.SAMEngine.begin`] (in the Trainer, at the first micro-batch call of an
+optimizer step) and dropped by `end`, or by `abort` when a call raises (an out-of-memory retry under
+`auto_find_batch_size` must not replay a stale window). Nothing of one step is left behind for the next. Pure torch.
 """
 
 from collections.abc import Iterator, Sequence
@@ -21,7 +21,6 @@ __all__ = [
     "StepKind",
     "StepState",
     "batchnorm_policy",
-    "copy_into_",
     "replayed_rng",
     "rng_state",
     "set_rng_state",
@@ -40,12 +39,6 @@ def set_rng_state(state: RNGState) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1])
-
-
-def copy_into_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
-    """dst ← src, tensor by tensor (bit-exact): fused for plain tensors, per tensor for FSDP2 DTensors
-    ([`~hf_llqrsam.sam.copy_tensors_`])."""
-    copy_tensors_(dst, src)
 
 
 StepKind = Literal["plain", "two", "one", "reuse"]
@@ -107,13 +100,13 @@ def batchnorm_policy(buffers: Sequence[Tensor], policy: str, before_pass1: Seque
     `first`: snapshot after pass 1 and restore it after pass 2, so pass 1's update is the one kept.
     """
     if policy == "second" and before_pass1 is not None and buffers:
-        copy_into_(buffers, before_pass1)
+        copy_tensors_(buffers, before_pass1)
     after_pass1 = [b.clone() for b in buffers] if policy == "first" else None
     try:
         yield
     finally:
         if after_pass1 is not None:
-            copy_into_(buffers, after_pass1)
+            copy_tensors_(buffers, after_pass1)
 
 
 @contextmanager
